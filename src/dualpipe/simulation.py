@@ -1,0 +1,221 @@
+"""Cost-model simulator: when would each step of a schedule run?
+
+Semantics (one source of truth for the pictures, the comparison table and the
+runtime's "simulated" figures):
+
+* every rank starts at 0 and runs its steps strictly in order;
+* a step starts when its rank is free and its inputs have arrived: a forward
+  needs the previous stage's forward of the same micro-batch, a backward (full
+  or input-only) needs the next stage's backward of the same micro-batch (the
+  last stage's backward needs its own forward), plus ``comm`` when that action
+  ran on another rank;
+* an overlapped pair waits for both parts' inputs, takes ``fb``, and both
+  results exist at its end; a ``W`` needs nothing more;
+* durations: F ``f``, B ``b``, I ``b - w``, W ``w``, pair ``fb`` (``fb - w`` when
+  its backward is input-only).
+
+Per rank it reports busy time, bubble (makespan - busy) and peak activations
+(micro-batches whose forward has started and whose backward has not finished).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .schedules.actions import Action, Op, Overlap, Step, step_actions
+from .schedules.schedule import Schedule, ScheduleError
+
+__all__ = ["Costs", "TimedStep", "SimResult", "simulate", "step_duration", "seed_bubble"]
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-action times (any unit, milliseconds in the CLI).
+
+    Attributes:
+        f: forward of one stage for one micro-batch.
+        b: full backward (input + weight gradients).
+        w: weight-gradient part of a backward; an input-only backward takes ``b - w``.
+        fb: an overlapped forward+backward pair; defaults to ``f + b``.
+        comm: latency of a message between two different ranks.
+    """
+
+    f: float = 1.0
+    b: float = 2.0
+    w: float = 1.0
+    fb: float | None = None
+    comm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("f", "b", "w", "comm"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"cost {name} must be >= 0, got {value}")
+        if self.fb is not None and not self.fb >= 0:
+            raise ValueError(f"cost fb must be >= 0, got {self.fb}")
+        if self.w > self.b:
+            raise ValueError(f"cost w ({self.w}) cannot exceed the full backward b ({self.b})")
+
+    @property
+    def pair(self) -> float:
+        """Time of an overlapped pair (``fb``, or ``f + b`` when not given)."""
+        return self.f + self.b if self.fb is None else self.fb
+
+
+def step_duration(step: Step, costs: Costs) -> float:
+    """Time a step takes under ``costs``."""
+    if isinstance(step, Overlap):
+        return costs.pair - (costs.w if step.backward.op is Op.INPUT else 0.0)
+    return {
+        Op.FORWARD: costs.f,
+        Op.BACKWARD: costs.b,
+        Op.INPUT: costs.b - costs.w,
+        Op.WEIGHT: costs.w,
+    }[step.op]
+
+
+@dataclass(frozen=True)
+class TimedStep:
+    """A step of ``rank`` placed on the time axis."""
+
+    rank: int
+    step: Step
+    start: float
+    end: float
+
+
+@dataclass
+class SimResult:
+    """Outcome of :func:`simulate`."""
+
+    schedule: Schedule
+    costs: Costs
+    timeline: list[list[TimedStep]]
+    makespan: float
+    busy: list[float]
+    bubble: list[float]
+    peak_activations: list[int]
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready summary (no timeline)."""
+        return {
+            "schedule": self.schedule.name,
+            "num_ranks": self.schedule.num_ranks,
+            "num_chunks": self.schedule.num_chunks,
+            "makespan": self.makespan,
+            "busy": self.busy,
+            "bubble": self.bubble,
+            "peak_activations": self.peak_activations,
+        }
+
+
+def _key(schedule: Schedule, rank: int, action: Action) -> tuple[int, int, int]:
+    """(stream, position, chunk): identifies one stage of one micro-batch."""
+    stream, pos = schedule.layout.locate(rank, action.phase)
+    return stream, pos, action.chunk
+
+
+def simulate(schedule: Schedule, costs: Costs) -> SimResult:
+    """Place every step of ``schedule`` on the time axis under ``costs``.
+
+    Raises:
+        ScheduleError: if some rank can never proceed (a dependency cycle, or an
+            action whose input is never produced).
+    """
+    layout = schedule.layout
+    n = schedule.num_ranks
+    done_f: dict[tuple[int, int, int], tuple[float, int]] = {}  # key -> (end, rank)
+    done_b: dict[tuple[int, int, int], tuple[float, int]] = {}
+    cursor = [0] * n
+    free_at = [0.0] * n
+    timeline: list[list[TimedStep]] = [[] for _ in range(n)]
+
+    def ready_time(rank: int, action: Action) -> float | None:
+        stream, pos, chunk = _key(schedule, rank, action)
+        last = len(layout.paths[stream]) - 1
+        if action.op is Op.FORWARD:
+            if pos == 0:
+                return 0.0
+            dep = done_f.get((stream, pos - 1, chunk))
+        elif action.op.is_backward:
+            if pos == last:
+                dep = done_f.get((stream, pos, chunk))
+            else:
+                dep = done_b.get((stream, pos + 1, chunk))
+        else:
+            return 0.0
+        if dep is None:
+            return None
+        return dep[0] + (costs.comm if dep[1] != rank else 0.0)
+
+    remaining = sum(len(s) for s in schedule.steps)
+    while remaining:
+        progressed = False
+        for rank in range(n):
+            while cursor[rank] < len(schedule.steps[rank]):
+                step = schedule.steps[rank][cursor[rank]]
+                times = [ready_time(rank, a) for a in step_actions(step)]
+                if any(t is None for t in times):
+                    break
+                start = max([free_at[rank], *[t for t in times if t is not None]])
+                end = start + step_duration(step, costs)
+                for a in step_actions(step):
+                    if a.op is Op.FORWARD:
+                        done_f[_key(schedule, rank, a)] = (end, rank)
+                    elif a.op.is_backward:
+                        done_b[_key(schedule, rank, a)] = (end, rank)
+                timeline[rank].append(TimedStep(rank, step, start, end))
+                free_at[rank] = end
+                cursor[rank] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = {
+                r: str(schedule.steps[r][cursor[r]])
+                for r in range(n)
+                if cursor[r] < len(schedule.steps[r])
+            }
+            raise ScheduleError(f"schedule cannot make progress; blocked steps: {stuck}")
+
+    makespan = max(free_at, default=0.0)
+    busy = [sum(t.end - t.start for t in row) for row in timeline]
+    return SimResult(
+        schedule=schedule,
+        costs=costs,
+        timeline=timeline,
+        makespan=makespan,
+        busy=busy,
+        bubble=[makespan - x for x in busy],
+        peak_activations=[peak_activations(schedule, r) for r in range(n)],
+    )
+
+
+def peak_activations(schedule: Schedule, rank: int) -> int:
+    """Most micro-batches with a started forward and an unfinished backward on ``rank``.
+
+    A rank is sequential, so issue order is time order; in a pair the forward
+    counts before the backward releases its micro-batch.
+    """
+    live = peak = 0
+    for action in schedule.actions(rank):
+        if action.op is Op.FORWARD:
+            live += 1
+            peak = max(peak, live)
+        elif action.op.is_backward:
+            live -= 1
+    return peak
+
+
+def seed_bubble(name: str, num_stages: int, costs: Costs) -> float | None:
+    """The seed table's bubble formula for ``num_stages`` pipeline stages, or None
+    where the table gives none (GPipe)."""
+    pp = num_stages
+    f, b, w, fb = costs.f, costs.b, costs.w, costs.pair
+    if name == "1f1b":
+        return (pp - 1) * (f + b)
+    if name == "zb1p":
+        return (pp - 1) * (f + b - 2 * w)
+    if name in ("dualpipe", "dualpipev"):
+        return (pp / 2 - 1) * (fb + b - 3 * w)
+    return None
