@@ -1,0 +1,1 @@
+"""Runtime: communication, micro-batching, split backward, executor."""

@@ -1,0 +1,43 @@
+"""Splitting a batch into micro-batches and putting results back together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["split_batch", "concat_chunks"]
+
+
+def split_batch(
+    tensors: Sequence[torch.Tensor], num_chunks: int, batch_dim: int, what: str
+) -> list[tuple[torch.Tensor, ...]]:
+    """Split every tensor into ``num_chunks`` equal slices along ``batch_dim``.
+
+    Returns one tuple per micro-batch. Raises ``ValueError`` naming ``what``
+    (``inputs``/``labels``) when a tensor does not split evenly.
+    """
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what}[{i}] must be a tensor, got {type(t).__name__}")
+        if t.dim() <= batch_dim:
+            raise ValueError(
+                f"{what}[{i}] has {t.dim()} dims; batch_dim={batch_dim} is out of range"
+            )
+        size = t.shape[batch_dim]
+        if size % num_chunks or size == 0:
+            raise ValueError(
+                f"{what}[{i}] has {size} samples along batch_dim={batch_dim}, which does not "
+                f"split into {num_chunks} equal micro-batches"
+            )
+    pieces = [t.tensor_split(num_chunks, dim=batch_dim) for t in tensors]
+    return [tuple(p[k] for p in pieces) for k in range(num_chunks)]
+
+
+def concat_chunks(
+    chunks: Sequence[Sequence[torch.Tensor]], batch_dim: int
+) -> tuple[torch.Tensor, ...]:
+    """Concatenate per-micro-batch outputs back along ``batch_dim``."""
+    if not chunks:
+        return ()
+    return tuple(torch.cat([c[i] for c in chunks], dim=batch_dim) for i in range(len(chunks[0])))

@@ -1,0 +1,354 @@
+"""User-facing pipelines: :class:`DualPipe`, :class:`DualPipeV` and the generic
+:class:`Pipeline` that runs any named schedule (``1f1b``, ``zb1p``, ``gpipe``...).
+
+Drop-in for the original DualPipe API::
+
+    model = DualPipe((stage_a, stage_b), batch_dim=0, process_group=None, rank_mapping=None)
+    loss, outputs = model.step(*inputs, num_chunks=20, criterion=criterion, labels=(label,))
+
+Beyond it: any device and backend, no declared shapes, automatic weight-gradient
+split, mirrored-stage gradients summed for you, bounded failure detection, and a
+measured timeline on request.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..schedules.generators import SCHEDULES, generate
+from ..schedules.schedule import Schedule, ScheduleError, layout_for
+from .executor import Executor, StepData, StepRecord
+from .microbatch import concat_chunks, split_batch
+from .p2p import PipelineError, Transport
+from .timeline import MeasuredTimeline, gather_timeline
+
+__all__ = ["Pipeline", "DualPipe", "DualPipeV", "PipelineError"]
+
+_instances = itertools.count()
+
+
+def _module_device(modules: Sequence[nn.Module]) -> torch.device:
+    devices = {
+        t.device for m in modules for t in itertools.chain(m.parameters(), m.buffers())
+    }
+    if len(devices) > 1:
+        raise ValueError(
+            f"all modules of a rank must be on one device, found {sorted(map(str, devices))}"
+        )
+    return devices.pop() if devices else torch.device("cpu")
+
+
+class Pipeline(nn.Module):
+    """Runs a named schedule over the ranks of a process group.
+
+    Args:
+        modules: the stage modules this rank holds (one for ``1f1b``/``zb1p``/``gpipe``;
+            two for ``dualpipe`` — stages r and N-1-r — and ``dualpipev`` — stages r and
+            2N-1-r).
+        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``).
+        batch_dim: dimension along which inputs and labels are split into micro-batches.
+        process_group: the pipeline's process group (default: the world).
+        rank_mapping: ``rank_mapping[i]`` is the group rank that acts as pipeline rank ``i``
+            (default: identity).
+        timeout: seconds a rank waits for a message before the step fails; a failure on
+            another rank is noticed within a fraction of a second.
+        split_backward: defer weight-gradient work of input-only backwards to the ``W``
+            actions (automatic for ordinary autograd stages). False runs full backwards.
+        sync_mirrored_grads: DualPipe only: after each training step, sum the gradients
+            of the two copies of every stage so both hold the true gradient.
+        mirrored_weights: DualPipe only: ``"check"`` (default) raises if the two copies of
+            a stage differ at construction, ``"sync"`` copies the lower rank's weights to
+            the higher rank, ``"ignore"`` skips the check.
+    """
+
+    def __init__(
+        self,
+        modules: nn.Module | Sequence[nn.Module],
+        schedule: str = "dualpipev",
+        *,
+        batch_dim: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        rank_mapping: Sequence[int] | None = None,
+        timeout: float = 120.0,
+        split_backward: bool = True,
+        sync_mirrored_grads: bool = True,
+        mirrored_weights: str = "check",
+    ) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialized: call dist.init_process_group first"
+            )
+        if isinstance(modules, nn.Module):
+            modules = (modules,)
+        self.schedule_name = schedule.lower()
+        self.group = process_group
+        size = dist.get_world_size(process_group)
+        group_rank = dist.get_rank(process_group)
+        mapping = list(rank_mapping) if rank_mapping is not None else list(range(size))
+        if sorted(mapping) != list(range(size)):
+            raise ValueError(f"rank_mapping must be a permutation of 0..{size - 1}, got {mapping}")
+        self.num_ranks = size
+        self.rank = mapping.index(group_rank)
+        if self.schedule_name not in SCHEDULES:
+            raise ScheduleError(
+                f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.schedule_name == "dualpipe" and size % 2:
+            raise ScheduleError(f"dualpipe: the number of ranks must be even, got {size}")
+        self.layout = layout_for(self.schedule_name, size)
+        expected = len(self.layout.rank_stages[self.rank])
+        if len(modules) != expected:
+            raise ValueError(
+                f"schedule {self.schedule_name} needs {expected} module(s) per rank, "
+                f"got {len(modules)}"
+            )
+        self.module_list = nn.ModuleList(modules)
+        self.device = _module_device(modules)
+        self.batch_dim = batch_dim
+        if process_group is None:
+            global_ranks = mapping
+        else:
+            global_ranks = [dist.get_global_rank(process_group, g) for g in mapping]
+        uid = next(_instances)
+        self.transport = Transport(
+            process_group, global_ranks, self.device, timeout, f"dualpipe/{uid}/error"
+        )
+        self.executor = Executor(self.rank, modules, self.transport, split_backward)
+        self.sync_mirrored_grads = sync_mirrored_grads
+        self._schedules: dict[int, Schedule] = {}
+        self.last_record: StepRecord | None = None
+        if self.schedule_name == "dualpipe" and mirrored_weights != "ignore":
+            if mirrored_weights not in ("check", "sync"):
+                raise ValueError("mirrored_weights must be 'check', 'sync' or 'ignore'")
+            self._mirror_weights(sync=mirrored_weights == "sync")
+
+    # --------------------------------------------------------------- compat
+    def set_p2p_tensor_shapes(self, shapes: Any) -> None:
+        """Accepted for compatibility with the original DualPipe; shapes are discovered."""
+
+    def set_p2p_tensor_dtype(self, dtype: Any) -> None:
+        """Accepted for compatibility with the original DualPipe; dtypes are discovered."""
+
+    # --------------------------------------------------------------- helpers
+    def _schedule(self, num_chunks: int) -> Schedule:
+        if num_chunks not in self._schedules:
+            self._schedules[num_chunks] = generate(self.schedule_name, self.num_ranks, num_chunks)
+        return self._schedules[num_chunks]
+
+    def _ends(self) -> tuple[int | None, int | None]:
+        """(stream starting on this rank, stream ending on this rank)."""
+        start = end = None
+        for s, path in enumerate(self.layout.paths):
+            if path[0][0] == self.rank:
+                start = s
+            if path[-1][0] == self.rank:
+                end = s
+        return start, end
+
+    def _partner(self) -> int:
+        return self.num_ranks - 1 - self.rank
+
+    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros(0, device=self.transport.device)
+        return torch.cat([t.detach().reshape(-1).to(self.transport.device) for t in tensors])
+
+    def _exchange(self, flat: torch.Tensor) -> torch.Tensor:
+        other = torch.empty_like(flat)
+        peer = self._partner()
+        works = self.transport.post([(flat, peer, 0)], [(other, peer, 0)])
+        for w in works:
+            self.transport.wait(w, f"mirrored stage data from rank {peer}")
+        return other
+
+    def _mirror_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Parameters of (module 0, module 1); module 0 of this rank mirrors module 1 of
+        the partner."""
+        return list(self.module_list[0].parameters()), list(self.module_list[1].parameters())
+
+    def _mirror_weights(self, sync: bool) -> None:
+        mine0, mine1 = self._mirror_params()
+        flat = self._flat(mine0 + mine1)
+        other = self._exchange(flat)
+        n0 = sum(p.numel() for p in mine0)
+        theirs1, theirs0 = other[: other.numel() - n0], other[other.numel() - n0 :]
+        # partner sends (its module0 = my module1, its module1 = my module0)
+        n1 = sum(p.numel() for p in mine1)
+        if theirs1.numel() != n1 or theirs0.numel() != n0:
+            raise ValueError(
+                f"rank {self.rank}: the two copies of a DualPipe stage have different "
+                f"parameter counts (ranks {self.rank} and {self._partner()})"
+            )
+        if sync:
+            if self.rank > self._partner():
+                with torch.no_grad():
+                    self._unflatten(theirs0, mine0)
+                    self._unflatten(theirs1, mine1)
+            return
+        if not (torch.equal(theirs0, flat[:n0]) and torch.equal(theirs1, flat[n0:])):
+            raise ValueError(
+                f"rank {self.rank}: the two copies of a DualPipe stage differ between ranks "
+                f"{self.rank} and {self._partner()}; build them from the same weights or pass "
+                "mirrored_weights='sync'"
+            )
+
+    @staticmethod
+    def _unflatten(flat: torch.Tensor, params: list[torch.Tensor], add: bool = False) -> None:
+        offset = 0
+        for p in params:
+            piece = flat[offset : offset + p.numel()].view_as(p).to(p.device)
+            if add:
+                p.grad = piece.clone() if p.grad is None else p.grad + piece
+            else:
+                p.copy_(piece)
+            offset += p.numel()
+
+    def sync_grads(self) -> None:
+        """DualPipe: sum the gradients of the two copies of every stage (both copies end
+        with the same, summed gradient). Called after each training step unless
+        ``sync_mirrored_grads=False``."""
+        if self.schedule_name != "dualpipe":
+            return
+        mine0, mine1 = self._mirror_params()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine0 + mine1]
+        flat = self._flat(grads)
+        other = self._exchange(flat)
+        n0 = sum(p.numel() for p in mine0)
+        n1 = flat.numel() - n0
+        theirs1, theirs0 = other[:n1], other[n1:]
+        total0 = flat[:n0] + theirs0
+        total1 = flat[n0:] + theirs1
+        for params, total in ((mine0, total0), (mine1, total1)):
+            offset = 0
+            for p in params:
+                p.grad = total[offset : offset + p.numel()].view_as(p).to(p.device).clone()
+                offset += p.numel()
+
+    # --------------------------------------------------------------- step
+    def step(
+        self,
+        *inputs: torch.Tensor,
+        num_chunks: int = 0,
+        criterion: Callable[..., torch.Tensor] | None = None,
+        labels: Sequence[torch.Tensor] = (),
+        return_outputs: bool = False,
+        record: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | tuple[torch.Tensor, ...] | None]:
+        """Run one step: forward and backward of every micro-batch (or forward only
+        under ``torch.no_grad()``).
+
+        Inputs are given on the ranks where a stream starts and labels where it ends
+        (DualPipe: rank 0 and rank N-1, each with half the batch; others: rank 0 / the
+        last rank). Returns ``(loss, outputs)``: where a stream ends, ``loss`` holds the
+        per-micro-batch losses (shape ``[C]``) and, with ``return_outputs``, ``outputs``
+        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum of
+        the per-micro-batch losses. ``record=True`` keeps a measured timeline in
+        :attr:`last_record` (see :meth:`gather_timeline`).
+        """
+        training = torch.is_grad_enabled()
+        schedule = self._schedule(num_chunks)  # raises ScheduleError on bad counts
+        chunks = schedule.chunks_per_stream
+        start, end = self._ends()
+        labels = tuple(labels)
+        if start is None and inputs:
+            raise ValueError(f"rank {self.rank} takes no inputs in {self.schedule_name}")
+        if start is not None and not inputs:
+            raise ValueError(f"rank {self.rank} needs the inputs of the stream that starts there")
+        if training and criterion is None:
+            raise ValueError("training (grad enabled) needs a criterion; use torch.no_grad() "
+                             "for inference")
+        if end is None and labels:
+            raise ValueError(f"rank {self.rank} takes no labels in {self.schedule_name}")
+        if end is not None and criterion is not None and not labels:
+            raise ValueError(f"rank {self.rank} needs the labels of the stream that ends there")
+        data = StepData(
+            inputs=split_batch(inputs, chunks, self.batch_dim, "inputs") if inputs else None,
+            labels=split_batch(labels, chunks, self.batch_dim, "labels") if labels else None,
+            criterion=criterion,
+            return_outputs=return_outputs,
+            training=training,
+        )
+        if data.labels is None and end is not None:
+            data.labels = [()] * chunks
+        result = self.executor.run(schedule, data, record=record)
+        self.last_record = self.executor.record
+        if training and self.sync_mirrored_grads:
+            self.sync_grads()
+        if end is None:
+            return None, None
+        loss = torch.stack(result.losses) if result.losses else None
+        outputs: Any = None
+        if return_outputs:
+            outputs = concat_chunks(result.outputs, self.batch_dim)
+            if len(outputs) == 1:
+                outputs = outputs[0]
+        return loss, outputs
+
+    def gather_timeline(self, dst: int = 0) -> MeasuredTimeline | None:
+        """Collective: the measured timeline of the last ``step(..., record=True)`` of
+        every rank, returned on pipeline rank ``dst`` (None elsewhere)."""
+        if self.last_record is None:
+            raise RuntimeError("no recorded step: call step(..., record=True) first")
+        schedule = self.executor.schedule
+        return gather_timeline(self.last_record, schedule, self.rank, self.group, dst)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Same as :meth:`step`."""
+        return self.step(*args, **kwargs)
+
+
+class DualPipe(Pipeline):
+    """Bidirectional DualPipe. Rank r passes ``(stage r, stage N-1-r)``; N even.
+
+    Positional arguments follow the original: ``DualPipe(modules, batch_dim,
+    process_group, rank_mapping)``; the rest are :class:`Pipeline`'s keywords.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        batch_dim: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        rank_mapping: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            modules,
+            "dualpipe",
+            batch_dim=batch_dim,
+            process_group=process_group,
+            rank_mapping=rank_mapping,
+            **kwargs,
+        )
+
+
+class DualPipeV(Pipeline):
+    """V-shaped DualPipeV. Rank r passes ``(stage r, stage 2N-1-r)``.
+
+    Positional arguments follow the original: ``DualPipeV(modules, batch_dim,
+    process_group, rank_mapping)``; the rest are :class:`Pipeline`'s keywords.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        batch_dim: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        rank_mapping: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            modules,
+            "dualpipev",
+            batch_dim=batch_dim,
+            process_group=process_group,
+            rank_mapping=rank_mapping,
+            **kwargs,
+        )

@@ -1,0 +1,108 @@
+"""Measured timelines: gather every rank's recorded step onto one time axis.
+
+The executor records, when asked, the start and end of every step it runs and
+of every wait on a receive (``StepRecord``). :func:`gather_timeline` collects
+them on one rank as the same :class:`~dualpipe.simulation.TimedStep` rows the
+simulator produces (plus :class:`~dualpipe.viz.TimedWait` rows), in
+milliseconds from the earliest rank's start, so the simulated and the measured
+step are drawn by the same renderers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from ..schedules.actions import Overlap, parse_step
+from ..schedules.schedule import Schedule
+from ..simulation import Costs, TimedStep
+from ..viz import TimedWait
+from .executor import StepRecord
+
+__all__ = ["MeasuredTimeline", "gather_timeline", "measured_costs"]
+
+
+@dataclass
+class MeasuredTimeline:
+    """One measured step of every rank (times in ms from the step's start)."""
+
+    schedule: Schedule
+    steps: list[list[TimedStep]]
+    waits: list[list[TimedWait]]
+
+    @property
+    def makespan(self) -> float:
+        """Time from the first rank's start to the last rank's end."""
+        return max((row[-1].end for row in self.steps if row), default=0.0)
+
+    @property
+    def busy(self) -> list[float]:
+        """Per rank, time spent computing (inside steps)."""
+        return [sum(t.end - t.start for t in row) for row in self.steps]
+
+    @property
+    def bubble(self) -> list[float]:
+        """Per rank, makespan minus busy time."""
+        return [self.makespan - b for b in self.busy]
+
+
+def _local_rows(record: StepRecord, rank: int) -> list:
+    steps = [(str(s), a - record.origin, b - record.origin) for s, a, b in record.steps]
+    waits = [(label, a - record.origin, b - record.origin) for label, a, b in record.waits]
+    return [record.wall, rank, steps, waits]
+
+
+def gather_timeline(
+    record: StepRecord,
+    schedule: Schedule,
+    rank: int,
+    group: dist.ProcessGroup | None = None,
+    dst: int = 0,
+) -> MeasuredTimeline | None:
+    """Collective: every rank calls it; pipeline rank ``dst`` gets the timeline."""
+    payload = _local_rows(record, rank)
+    everything: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everything, payload, group=group)
+    if rank != dst:
+        return None
+    origin = min(p[0] for p in everything)
+    steps: list[list[TimedStep]] = [[] for _ in everything]
+    waits: list[list[TimedWait]] = [[] for _ in everything]
+    for wall, r, rows, wrows in everything:
+        shift = (wall - origin) * 1000.0
+        steps[r] = [
+            TimedStep(r, parse_step(tok), shift + a * 1000.0, shift + b * 1000.0)
+            for tok, a, b in rows
+        ]
+        waits[r] = [
+            TimedWait(r, label, shift + a * 1000.0, shift + b * 1000.0) for label, a, b in wrows
+        ]
+    return MeasuredTimeline(schedule, steps, waits)
+
+
+def measured_costs(timeline: MeasuredTimeline) -> Costs:
+    """Median per-action times of a measured step, as simulator costs (ms).
+
+    ``w`` comes from W actions, ``b`` from full backwards (or ``I`` + ``w``), ``fb``
+    from pairs; missing kinds fall back to sums of the others."""
+    times: dict[str, list[float]] = {"F": [], "B": [], "I": [], "W": [], "FB": []}
+    for row in timeline.steps:
+        for t in row:
+            key = "FB" if isinstance(t.step, Overlap) else t.step.op.value
+            times[key].append(t.end - t.start)
+
+    def med(key: str) -> float | None:
+        return statistics.median(times[key]) if times[key] else None
+
+    f = med("F") or 0.0
+    w = med("W") or 0.0
+    b = med("B")
+    i = med("I")
+    if b is None:
+        b = (i or 0.0) + w
+    w = min(w, b)
+    fb = med("FB")
+    return Costs(f=f, b=b, w=w, fb=fb if fb is not None else f + b)
+

@@ -1,0 +1,157 @@
+"""Communication derived from a schedule: who sends what to whom, and when.
+
+Nothing here is written per schedule. Each forward sends its outputs to the rank
+of the next position on its path; each backward (B or I) sends its input
+gradients to the rank of the previous position. Where both positions are on
+the same rank (the turn of DualPipeV's V) the hand-off is local; at path ends
+nothing is sent.
+
+The first activation of every boundary in a step is preceded by a small
+*header* message that describes the tensors (shapes, dtypes, requires-grad), so
+no shapes need to be declared. Gradients never need a header: their receiver
+sent the matching activations.
+
+Messages between a pair of ranks are numbered in the sender's order; the
+receiver posts its receives in that same order (NCCL matches point-to-point
+operations by order, gloo by tag: the number serves as both).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .actions import Action, Op, step_actions
+from .schedule import Schedule
+
+__all__ = ["Message", "RankPlan", "plan_communication"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One point-to-point message of one step.
+
+    Attributes:
+        src, dst: sending and receiving rank (always different).
+        grad: False for activations (forward outputs), True for input gradients.
+        stream, position: the path and the position of the *producing* stage.
+        chunk: micro-batch id within the stream.
+        header: True for the metadata message that precedes a boundary's first
+            activation of the step.
+        seq: index among all messages from ``src`` to ``dst`` in this step
+            (sender order); used as the tag.
+    """
+
+    src: int
+    dst: int
+    grad: bool
+    stream: int
+    position: int
+    chunk: int
+    header: bool
+    seq: int
+
+
+@dataclass
+class RankPlan:
+    """Everything one rank needs to run its list.
+
+    Attributes:
+        rank: this rank.
+        actions: the rank's actions in issue order (pairs flattened F then B).
+        pair_of: for each action index, the index of its partner in an overlapped
+            pair (or None).
+        sends: per action index, messages to post right after it.
+        recvs: per action index, messages that must have arrived before it.
+        incoming: per source rank, every message from it, in sender order.
+    """
+
+    rank: int
+    actions: list[Action]
+    pair_of: list[int | None]
+    sends: list[list[Message]] = field(default_factory=list)
+    recvs: list[list[Message]] = field(default_factory=list)
+    incoming: dict[int, list[Message]] = field(default_factory=dict)
+
+
+def _flatten(
+    schedule: Schedule, rank: int, forward_only: bool
+) -> tuple[list[Action], list[int | None]]:
+    actions: list[Action] = []
+    pair_of: list[int | None] = []
+    for step in schedule.steps[rank]:
+        parts = list(step_actions(step))
+        if forward_only:
+            parts = [a for a in parts if a.op is Op.FORWARD]
+        base = len(actions)
+        actions.extend(parts)
+        if len(parts) == 2:
+            pair_of.extend([base + 1, base])
+        else:
+            pair_of.extend([None] * len(parts))
+    return actions, pair_of
+
+
+def plan_communication(schedule: Schedule, forward_only: bool = False) -> list[RankPlan]:
+    """Derive every rank's sends and receives from ``schedule``.
+
+    With ``forward_only`` (inference), backward and weight actions are dropped and
+    only activations flow.
+    """
+    layout = schedule.layout
+    plans = []
+    for rank in range(schedule.num_ranks):
+        actions, pair_of = _flatten(schedule, rank, forward_only)
+        plans.append(RankPlan(rank, actions, pair_of))
+
+    counters: dict[tuple[int, int], int] = defaultdict(int)
+    announced: set[tuple[int, int]] = set()
+    produced: dict[tuple[bool, int, int, int], list[Message]] = {}
+    for plan in plans:
+        plan.sends = [[] for _ in plan.actions]
+        plan.recvs = [[] for _ in plan.actions]
+        for i, action in enumerate(plan.actions):
+            if action.op is Op.WEIGHT:
+                continue
+            stream, pos = layout.locate(plan.rank, action.phase)
+            grad = action.op.is_backward
+            if grad:
+                peer = layout.prev(plan.rank, action.phase)
+            else:
+                peer = layout.next(plan.rank, action.phase)
+            if peer is None or peer[0] == plan.rank:
+                continue
+            headers = [False]
+            if not grad and (stream, pos) not in announced:
+                announced.add((stream, pos))
+                headers.insert(0, True)
+            out = []
+            for header in headers:
+                dst = peer[0]
+                seq = counters[(plan.rank, dst)]
+                counters[(plan.rank, dst)] += 1
+                out.append(Message(plan.rank, dst, grad, stream, pos, action.chunk, header, seq))
+            plan.sends[i] = out
+            produced[(grad, stream, pos, action.chunk)] = out
+
+    for plan in plans:
+        incoming: dict[int, list[Message]] = defaultdict(list)
+        for i, action in enumerate(plan.actions):
+            if action.op is Op.WEIGHT:
+                continue
+            stream, pos = layout.locate(plan.rank, action.phase)
+            if action.op is Op.FORWARD:
+                src = layout.prev(plan.rank, action.phase)
+                key = (False, stream, pos - 1, action.chunk)
+            else:
+                src = layout.next(plan.rank, action.phase)
+                key = (True, stream, pos + 1, action.chunk)
+            if src is None or src[0] == plan.rank:
+                continue
+            msgs = produced.get(key)
+            if msgs is None:
+                raise ValueError(f"rank {plan.rank}: {action} needs a message nobody sends")
+            plan.recvs[i] = msgs
+            incoming[src[0]].extend(msgs)
+        plan.incoming = {src: sorted(ms, key=lambda m: m.seq) for src, ms in incoming.items()}
+    return plans

@@ -1,0 +1,39 @@
+"""DualPipe / DualPipeV / baselines on spawned gloo ranks equal the single-process model:
+losses and outputs bit-equal (torch.equal), gradients equal to float rounding."""
+
+from __future__ import annotations
+
+import pytest
+
+from dualpipe.testing import run_distributed
+
+from .workers import check_many
+
+KINDS = ["mlp", "traps", "two"]
+
+
+def _cases(schedule: str, chunk_counts: list[int]) -> list[tuple[str, str, list[int]]]:
+    return [(schedule, kind, chunk_counts) for kind in KINDS]
+
+
+@pytest.mark.parametrize(
+    "world,cases",
+    [
+        (1, _cases("dualpipev", [2, 3, 5])),
+        (2, _cases("dualpipe", [4, 6, 10]) + _cases("dualpipev", [4, 5, 9])),
+        (3, _cases("dualpipev", [6, 7, 12])),
+        (4, _cases("dualpipe", [8, 12]) + _cases("dualpipev", [8, 11])),
+        (6, _cases("dualpipe", [12, 16])),
+    ],
+    ids=["world1", "world2", "world3", "world4", "world6"],
+)
+def test_matches_single_process(world: int, cases: list[tuple[str, str, list[int]]]) -> None:
+    reports = run_distributed(check_many, world, cases, timeout=240)
+    expected = sum(len(c[2]) for c in cases)
+    assert all(len(r) == expected for r in reports)
+
+
+def test_baselines_match_single_process() -> None:
+    cases = [(name, kind, [4, 6]) for name in ("1f1b", "zb1p", "gpipe") for kind in KINDS]
+    reports = run_distributed(check_many, 3, cases, timeout=240)
+    assert all(len(r) == 2 * len(cases) for r in reports)

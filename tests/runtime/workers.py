@@ -1,0 +1,108 @@
+"""Functions run on spawned ranks by the runtime tests (see dualpipe.testing)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dualpipe.runtime.pipeline import Pipeline
+from dualpipe.schedules.schedule import layout_for
+
+from .models import build_stages, criterion, make_batch
+
+
+def _reference(
+    stages: list[nn.Module], streams: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]],
+    chunks: int, train: bool,
+) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Run every micro-batch through the whole model on one process, in stream order."""
+    losses: list[list[torch.Tensor]] = []
+    outputs: list[list[torch.Tensor]] = []
+    for inputs, labels in streams:
+        xs = [t.tensor_split(chunks) for t in inputs]
+        ys = labels.tensor_split(chunks)
+        ls, os_ = [], []
+        for m in range(chunks):
+            h: tuple[torch.Tensor, ...] = tuple(x[m] for x in xs)
+            for stage in stages:
+                out = stage(*h)
+                h = out if isinstance(out, tuple) else (out,)
+            loss = criterion(*h, ys[m])
+            if train:
+                loss.backward()
+            ls.append(loss.detach())
+            os_.append(h[0].detach())
+        losses.append(ls)
+        outputs.append(os_)
+    return losses, outputs
+
+
+def check_pipeline(
+    rank: int, world: int, schedule: str, kind: str, chunk_counts: list[int],
+    split_backward: bool = True,
+) -> list[str]:
+    """Train and infer with the pipeline; compare with the single-process model.
+
+    Losses and outputs must be bit-equal; gradients equal to rounding. Each chunk
+    count also changes the batch size, so shapes change between steps."""
+    layout = layout_for(schedule, world)
+    streams = layout.num_streams
+    report = []
+    for step, num_chunks in enumerate(chunk_counts):
+        chunks = num_chunks // streams
+        stages = build_stages(kind, layout.num_stages, seed=step)
+        ref = copy.deepcopy(stages)
+        mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[rank]]
+        pipe = Pipeline(mine, schedule, timeout=60, split_backward=split_backward)
+        per_stream = chunks * (2 + step % 2)
+        inputs, labels = make_batch(kind, per_stream * streams, seed=step + 10)
+        data = [
+            (tuple(t[s * per_stream:(s + 1) * per_stream] for t in inputs),
+             labels[s * per_stream:(s + 1) * per_stream])
+            for s in range(streams)
+        ]
+        start = [s for s, path in enumerate(layout.paths) if path[0][0] == rank]
+        end = [s for s, path in enumerate(layout.paths) if path[-1][0] == rank]
+        my_inputs = data[start[0]][0] if start else ()
+        my_labels = (data[end[0]][1],) if end else ()
+
+        loss, outs = pipe.step(*my_inputs, num_chunks=num_chunks, criterion=criterion,
+                               labels=my_labels, return_outputs=True)
+        ref_losses, ref_outs = _reference(ref, data, chunks, train=True)
+        if end:
+            assert loss is not None and outs is not None
+            outs = outs[0] if isinstance(outs, tuple) else outs
+            expect = torch.stack(ref_losses[end[0]])
+            assert torch.equal(loss, expect), (loss, expect)
+            assert torch.equal(outs, torch.cat(ref_outs[end[0]])), "outputs differ"
+        else:
+            assert loss is None and outs is None
+        for k, module in zip(layout.rank_stages[rank], mine, strict=True):
+            for (name, p), q in zip(module.named_parameters(), ref[k].parameters(), strict=True):
+                assert q.grad is not None, (k, name)
+                assert p.grad is not None, f"stage {k} {name}: no gradient"
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, k=k, n=name: f"stage {k} {n}: {m}")
+
+        with torch.no_grad():
+            loss2, outs2 = pipe.step(*my_inputs, num_chunks=num_chunks, criterion=criterion,
+                                     labels=my_labels, return_outputs=True)
+            ref_losses2, ref_outs2 = _reference(mine_ref := copy.deepcopy(stages), data, chunks,
+                                                train=False)
+            del mine_ref
+        if end:
+            outs2 = outs2[0] if isinstance(outs2, tuple) else outs2
+            assert torch.equal(outs2, torch.cat(ref_outs2[end[0]])), "inference outputs differ"
+            assert torch.equal(loss2, torch.stack(ref_losses2[end[0]]))
+        report.append(f"{schedule} ranks={world} chunks={num_chunks} ok")
+    return report
+
+
+def check_many(rank: int, world: int, cases: list[tuple[str, str, list[int]]]) -> list[str]:
+    """Run :func:`check_pipeline` for several (schedule, model kind, chunk counts) cases."""
+    out: list[str] = []
+    for schedule, kind, chunk_counts in cases:
+        out += check_pipeline(rank, world, schedule, kind, chunk_counts)
+    return out
