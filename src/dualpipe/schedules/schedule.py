@@ -129,5 +129,9 @@ def layout_for(name: str, num_ranks: int) -> Layout:
         return dualpipe_layout(num_ranks)
     if name == "dualpipev":
         return dualpipev_layout(num_ranks)
-    return linear_layout(num_ranks)
+    if name in ("1f1b", "zb1p", "gpipe"):
+        return linear_layout(num_ranks)
+    raise ScheduleError(
+        f"unknown schedule {name!r}; choose one of dualpipe, dualpipev, 1f1b, zb1p, gpipe"
+    )
 

@@ -1,0 +1,272 @@
+"""Command line: ``dualpipe`` / ``python -m dualpipe``.
+
+Subcommands::
+
+    dualpipe schedule NAME --ranks N --chunks C [--format text|png|trace|json] [-o FILE]
+    dualpipe simulate NAME --ranks N --chunks C [--f F --b B --w W --fb FB --comm X] [--json]
+    dualpipe compare --stages PP --chunks C [cost flags]
+    dualpipe validate FILE [--layout NAME --ranks N]
+    dualpipe demo [ARGS...]
+
+Bad arguments give one line ``dualpipe: error: ...`` on stderr and exit status 2;
+a schedule that ``validate`` finds unsound gives exit status 1. This module
+imports neither torch nor matplotlib at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .schedules.generators import SCHEDULES, generate
+from .schedules.schedule import Schedule, ScheduleError, layout_for
+from .simulation import Costs, SimResult, seed_bubble, simulate
+
+__all__ = ["main", "build_parser"]
+
+PROG = "dualpipe"
+
+
+class CliError(Exception):
+    """A usage error: reported as one line and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line, ``dualpipe: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sub = self.prog.removeprefix(PROG).strip()
+        where = f" (see '{PROG} {sub + ' ' if sub else ''}--help')"
+        raise CliError(message + where)
+
+
+def _add_costs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("costs (time per action, any unit; ms in practice)")
+    g.add_argument("--f", type=float, default=1.0, help="forward of one stage (default 1)")
+    g.add_argument("--b", type=float, default=2.0, help="full backward (default 2)")
+    g.add_argument("--w", type=float, default=1.0, help="weight-gradient part of B (default 1)")
+    g.add_argument("--fb", type=float, default=None, help="overlapped F&B pair (default f + b)")
+    g.add_argument("--comm", type=float, default=0.0, help="latency between ranks (default 0)")
+
+
+def _add_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help=f"schedule: {', '.join(SCHEDULES)}")
+    p.add_argument("--ranks", type=int, required=True, help="pipeline ranks")
+    p.add_argument("--chunks", type=int, required=True, help="micro-batches per step, in all")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of :func:`main` (``demo`` is forwarded before parsing)."""
+    parser = _Parser(prog=PROG, description="DualPipe / DualPipeV schedules and tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("schedule", help="print or draw a schedule")
+    _add_shape(p)
+    p.add_argument(
+        "--format",
+        choices=("text", "png", "trace", "json"),
+        default="text",
+        help="text (default): 'rank R: TOKEN ...' lines; png / trace (Chrome, Perfetto) of the"
+        " simulated timeline, need -o; json: Schedule.to_json()",
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    _add_costs(p)
+
+    p = sub.add_parser("simulate", help="simulate a schedule under a cost model")
+    _add_shape(p)
+    _add_costs(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("compare", help="the seed's comparison table, measured by simulation")
+    p.add_argument("--stages", type=int, required=True, help="pipeline stages PP (even)")
+    p.add_argument("--chunks", type=int, required=True, help="micro-batches (even, >= 2 PP)")
+    _add_costs(p)
+
+    p = sub.add_parser("validate", help="check a schedule file (JSON or text) for soundness")
+    p.add_argument("file", metavar="FILE", help="Schedule.to_json() output or 'rank R: ...' text")
+    p.add_argument("--layout", metavar="NAME", help="layout of a text schedule (e.g. dualpipe)")
+    p.add_argument("--ranks", type=int, help="ranks of a text schedule (default: its lines)")
+
+    sub.add_parser(
+        "demo",
+        help="train a small model with the pipeline (arguments go to dualpipe.demo)",
+        add_help=False,
+    )
+    return parser
+
+
+def _costs(args: argparse.Namespace) -> Costs:
+    return Costs(f=args.f, b=args.b, w=args.w, fb=args.fb, comm=args.comm)
+
+
+def _schedule(args: argparse.Namespace) -> Schedule:
+    return generate(args.name, args.ranks, args.chunks)
+
+
+def _num(x: float) -> str:
+    r = round(x, 6)
+    return f"{r:.0f}" if r == int(r) else f"{r:.6g}"
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    if args.format in ("png", "trace") and not args.output:
+        raise CliError(f"--format {args.format} needs -o FILE")
+    schedule = _schedule(args)
+    costs = _costs(args)
+    if args.format == "text":
+        text = schedule.to_text()
+    elif args.format == "json":
+        text = schedule.to_json()
+    else:
+        result = simulate(schedule, costs)
+        if args.format == "png":
+            from .viz.png import render_png
+
+            render_png(result.timeline, schedule, args.output)
+        else:
+            from .viz.trace import write_trace
+
+            write_trace(result.timeline, schedule, args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+        return 0
+    if args.output:
+        _write(args.output, text)
+    else:
+        print(text)
+    return 0
+
+
+def _sim_summary(result: SimResult) -> dict[str, Any]:
+    schedule = result.schedule
+    layout = schedule.layout
+    c = result.costs
+    data = dict(result.to_dict())
+    data.update(
+        num_stages=layout.num_stages,
+        params_per_device=max(len(s) for s in layout.rank_stages),
+        seed_bubble=seed_bubble(schedule.name, layout.num_stages, c),
+        max_bubble=max(result.bubble, default=0.0),
+        costs={"f": c.f, "b": c.b, "w": c.w, "fb": c.pair, "comm": c.comm},
+    )
+    return data
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    schedule = _schedule(args)
+    result = simulate(schedule, _costs(args))
+    data = _sim_summary(result)
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    c = data["costs"]
+    print(
+        f"{schedule.name}: {schedule.num_ranks} ranks, {data['num_stages']} stages,"
+        f" {schedule.num_chunks} micro-batches; F = {_num(c['f'])}, B = {_num(c['b'])},"
+        f" W = {_num(c['w'])}, F&B = {_num(c['fb'])}, comm = {_num(c['comm'])}"
+    )
+    print()
+    print(f"{'rank':>4}  {'busy':>10}  {'bubble':>10}  {'peak activations':>16}")
+    for r in range(schedule.num_ranks):
+        print(
+            f"{r:>4}  {_num(result.busy[r]):>10}  {_num(result.bubble[r]):>10}"
+            f"  {result.peak_activations[r]:>16}"
+        )
+    print()
+    print(f"makespan            {_num(result.makespan)}")
+    print(f"bubble              max {_num(data['max_bubble'])}, total {_num(sum(result.bubble))}")
+    seed = data["seed_bubble"]
+    print(f"seed formula bubble {'n/a' if seed is None else _num(seed)}")
+    print(f"peak activations    max {max(result.peak_activations, default=0)}")
+    print(f"params per device   {data['params_per_device']}x one stage")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .viz.table import compare_table, format_compare_table
+
+    print(format_compare_table(compare_table(args.stages, args.chunks, _costs(args))))
+    return 0
+
+
+def _load_schedule(args: argparse.Namespace) -> Schedule:
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    if text.lstrip().startswith("{"):
+        try:
+            return Schedule.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{args.file}: not valid JSON: {exc}") from None
+        except (KeyError, TypeError) as exc:
+            raise CliError(f"{args.file}: not a schedule JSON ({exc!r} missing or wrong)") from None
+    if not args.layout:
+        raise CliError("a text schedule needs --layout NAME (dualpipe, dualpipev, 1f1b, ...)")
+    name = args.layout.lower()
+    if name not in SCHEDULES:
+        raise CliError(f"unknown layout {args.layout!r}; choose one of {', '.join(SCHEDULES)}")
+    ranks = args.ranks
+    if ranks is None:
+        ranks = sum(1 for line in text.splitlines() if line.strip())
+    return Schedule.from_text(text, layout_for(name, ranks), name=name)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    schedule = _load_schedule(args)
+    from .schedules.validate import validate
+
+    try:
+        validate(schedule)
+    except ScheduleError as exc:
+        print(f"unsound: {exc}")
+        return 1
+    print("ok")
+    return 0
+
+
+def _cmd_demo(argv: list[str]) -> int:
+    try:
+        from .demo import main as demo_main
+    except ImportError as exc:
+        print(f"{PROG}: error: the demo cannot start: {exc}", file=sys.stderr)
+        return 1
+    return int(demo_main(argv) or 0)
+
+
+_COMMANDS = {
+    "schedule": _cmd_schedule,
+    "simulate": _cmd_simulate,
+    "compare": _cmd_compare,
+    "validate": _cmd_validate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return _cmd_demo(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    except (CliError, ScheduleError, ValueError) as exc:
+        message = " ".join(str(exc).split("\n")[0].split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # matplotlib missing for --format png
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,213 @@
+"""The seed's comparison table, measured by simulation.
+
+For ``PP`` pipeline stages and the same total number of micro-batches, every
+method is generated and simulated under the same costs:
+
+* 1F1B and ZB1P: ``PP`` ranks, one stage each;
+* DualPipe: ``PP`` ranks, two stages each (``S_r`` and ``S_{PP-1-r}``), half of
+  the micro-batches in each direction;
+* DualPipeV: ``PP/2`` ranks, two stages each (the V).
+
+Bubble is the simulated idle time (makespan minus busy time), maximum over
+ranks, next to the seed formula's value. Parameters per device are in units of
+one stage's parameters (``1/PP`` of the model); activations per device are the
+simulated peak number of (micro-batch, stage) forward results a device holds
+whose backward has not run, in units of one stage's activations for one
+micro-batch. All methods cut the model into the same ``PP`` stages, so these
+units are the same for every row: a DualPipeV device holding two stages counts
+the activations of both in that unit, and no rescaling is needed.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+from ..schedules.generators import generate
+from ..schedules.schedule import ScheduleError
+from ..simulation import Costs, seed_bubble, simulate
+
+__all__ = ["compare_table", "format_compare_table", "METHODS"]
+
+METHODS: tuple[tuple[str, str, str, str], ...] = (
+    # label, schedule name, bubble formula, activations formula
+    ("1F1B", "1f1b", "(PP-1)(F+B)", "PP"),
+    ("ZB1P", "zb1p", "(PP-1)(F+B-2W)", "PP"),
+    ("DualPipe", "dualpipe", "(PP/2-1)(F&B+B-3W)", "PP+1"),
+    ("DualPipeV", "dualpipev", "(PP/2-1)(F&B+B-3W)", "PP+1"),
+)
+"""The seed table's rows: label, schedule name, bubble and activation formulas."""
+
+_TOL = 1e-6
+
+
+def _ranks(name: str, pp: int) -> int:
+    return pp // 2 if name == "dualpipev" else pp
+
+
+def _num(x: float) -> str:
+    """Compact number: integers without decimals, others with at most 4 significant."""
+    r = round(x, 6)
+    return f"{r:.0f}" if r == int(r) else f"{r:.4g}"
+
+
+def compare_table(num_stages: int, num_chunks: int, costs: Costs) -> list[dict[str, Any]]:
+    """Simulate the seed table's four methods for ``num_stages`` stages.
+
+    Args:
+        num_stages: pipeline stages ``PP`` (even, >= 2).
+        num_chunks: micro-batches of one step, the same for every method (even,
+            >= ``2 * PP`` as DualPipe requires).
+        costs: per-action times.
+
+    Returns:
+        One dict per method with keys ``method``, ``schedule``, ``stages``,
+        ``devices``, ``num_chunks``, ``makespan``, ``bubble`` (simulated, max over
+        ranks), ``bubble_formula`` (the seed formula's value), ``formula``,
+        ``params_per_device``, ``activations`` (simulated peak),
+        ``activations_formula`` (value), ``activations_formula_text`` and ``costs``.
+
+    Raises:
+        ScheduleError: for an odd or too small ``num_stages`` or ``num_chunks``.
+    """
+    pp = num_stages
+    if not isinstance(pp, int) or pp < 2 or pp % 2:
+        raise ScheduleError(f"compare: the number of stages must be even and >= 2, got {pp}")
+    if not isinstance(num_chunks, int) or num_chunks % 2 or num_chunks < 2 * pp:
+        raise ScheduleError(
+            f"compare: the number of micro-batches must be even and >= 2 * stages = {2 * pp}"
+            f" (DualPipe's requirement), got {num_chunks}"
+        )
+    rows = []
+    for label, name, formula, act_text in METHODS:
+        schedule = generate(name, _ranks(name, pp), num_chunks)
+        result = simulate(schedule, costs)
+        layout = schedule.layout
+        formula_value = seed_bubble(name, pp, costs)
+        assert formula_value is not None
+        rows.append(
+            {
+                "method": label,
+                "schedule": name,
+                "stages": pp,
+                "devices": schedule.num_ranks,
+                "num_chunks": schedule.num_chunks,
+                "makespan": result.makespan,
+                "bubble": max(result.bubble),
+                "bubble_formula": formula_value,
+                "formula": formula,
+                "params_per_device": max(len(s) for s in layout.rank_stages),
+                "activations": max(result.peak_activations),
+                "activations_formula": pp + 1 if act_text == "PP+1" else pp,
+                "activations_formula_text": act_text,
+                "costs": {
+                    "f": costs.f,
+                    "b": costs.b,
+                    "w": costs.w,
+                    "fb": costs.pair,
+                    "comm": costs.comm,
+                },
+            }
+        )
+    return rows
+
+
+def _differences(rows: list[dict[str, Any]]) -> list[str]:
+    """Footnote lines naming the rows whose simulated bubble differs from the formula, and why."""
+    differ = [r for r in rows if abs(r["bubble"] - r["bubble_formula"]) > _TOL]
+    if not differ:
+        return []
+    c = rows[0]["costs"]
+    listed = ", ".join(
+        f"{r['method']} ({_num(r['bubble'])} vs {_num(r['bubble_formula'])})" for r in differ
+    )
+    out = [f"* Simulation and seed formula differ for {listed}:"]
+    if c["comm"] > 0:
+        out.append(
+            f"  - communication: the formulas leave it out; the simulation adds comm ="
+            f" {_num(c['comm'])} to every message between ranks on the critical path."
+        )
+    ratios_off = abs(c["b"] - c["w"] - c["f"]) > _TOL or abs(c["w"] - c["f"]) > _TOL
+    if ratios_off and any(r["schedule"] != "1f1b" for r in differ):
+        out.append(
+            "  - cost ratios: the ZB1P and DualPipe formulas are closed forms for the zero-bubble"
+            f" setting F=B-W=W (here F = {_num(c['f'])}, B-W = {_num(c['b'] - c['w'])},"
+            f" W = {_num(c['w'])}); with other ratios other steps of the schedule wait, and"
+            " the simulation gives the bubble these exact schedules have."
+        )
+    if any(r["bubble_formula"] < 0 for r in differ):
+        out.append("  - a negative formula value is below what any schedule can reach.")
+    if len(out) == 1:
+        out.append("  - the schedule's critical path is not the one the formula assumes.")
+    return out
+
+
+def format_compare_table(rows: list[dict[str, Any]]) -> str:
+    """Render :func:`compare_table`'s rows as a Markdown table with footnotes."""
+    if not rows:
+        return ""
+    first = rows[0]
+    pp, chunks, c = first["stages"], first["num_chunks"], first["costs"]
+    header = [
+        "Method",
+        "Bubble (sim)",
+        "Bubble (seed)",
+        "Seed formula",
+        "Params/device",
+        "Activations/device (sim)",
+        "Activations (seed)",
+        "#Devices",
+    ]
+    body = []
+    for row in rows:
+        mark = "" if abs(row["bubble"] - row["bubble_formula"]) <= _TOL else " *"
+        act_mark = "" if row["activations"] == row["activations_formula"] else " *"
+        body.append(
+            [
+                row["method"],
+                _num(row["bubble"]) + mark,
+                _num(row["bubble_formula"]),
+                row["formula"],
+                f"{row['params_per_device']}×",
+                f"{row['activations']}{act_mark}",
+                f"{row['activations_formula_text']} = {row['activations_formula']}",
+                f"{row['devices']} ({'PP/2' if row['devices'] * 2 == pp else 'PP'})",
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(x.ljust(w) for x, w in zip(cells, widths, strict=True)) + " |"
+
+    out = [
+        f"PP = {pp} stages, {chunks} micro-batches per step; F = {_num(c['f'])}, "
+        f"B = {_num(c['b'])}, W = {_num(c['w'])}, F&B = {_num(c['fb'])}, comm = {_num(c['comm'])}",
+        "",
+        line(header),
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *(line(r) for r in body),
+        "",
+        "Bubble (sim): simulated makespan minus busy time, maximum over ranks (1F1B, ZB1P and"
+        " DualPipe on PP ranks, DualPipeV on PP/2 ranks, all with the same micro-batches).",
+        "Units: parameters in one stage's parameters (1/PP of the model); activations = peak"
+        " (micro-batch, stage) forward results held on one device awaiting their backward, in one"
+        " stage's activations for one micro-batch. Every method cuts the model into the same PP"
+        " stages, so a DualPipeV device, holding two of them, counts both in that unit: the"
+        " simulator's peak_activations is used as is.",
+    ]
+    out.extend(_differences(rows))
+    for row in rows:
+        if row["activations"] != row["activations_formula"]:
+            out.append(
+                f"* {row['method']}: simulated peak activations {row['activations']} vs"
+                f" {row['activations_formula_text']} = {row['activations_formula']}."
+            )
+    return "\n".join(_wrap(x) for x in out)
+
+
+def _wrap(text: str, width: int = 100) -> str:
+    """Wrap a footnote line (table lines and short lines are left alone)."""
+    if text.startswith("|") or len(text) <= width:
+        return text
+    indent = "    " if text.startswith("  - ") else "  " if text.startswith("* ") else ""
+    return textwrap.fill(text, width, subsequent_indent=indent, break_on_hyphens=False)
