@@ -4,6 +4,7 @@ from .actions import Action, Op, Overlap, Step, format_step, parse_step, step_ac
 from .generators import SCHEDULES, dualpipe, dualpipev, generate, gpipe, one_f_one_b, zb1p
 from .layout import Layout, Position, dualpipe_layout, dualpipev_layout, linear_layout
 from .schedule import Schedule, ScheduleError, layout_for
+from .validate import problems, validate
 
 __all__ = [
     "Action",
@@ -28,4 +29,6 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "layout_for",
+    "problems",
+    "validate",
 ]
