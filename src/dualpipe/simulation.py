@@ -119,6 +119,10 @@ def _key(schedule: Schedule, rank: int, action: Action) -> tuple[int, int, int]:
 def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     """Place every step of ``schedule`` on the time axis under ``costs``.
 
+    The simulator trusts the schedule's structure (run
+    :func:`dualpipe.schedules.validate` on hand-made schedules first); it only
+    detects schedules that cannot make progress.
+
     Raises:
         ScheduleError: if some rank can never proceed (a dependency cycle, or an
             action whose input is never produced).
@@ -209,7 +213,15 @@ def peak_activations(schedule: Schedule, rank: int) -> int:
 
 def seed_bubble(name: str, num_stages: int, costs: Costs) -> float | None:
     """The seed table's bubble formula for ``num_stages`` pipeline stages, or None
-    where the table gives none (GPipe)."""
+    where the table gives none (GPipe).
+
+    The simulator reproduces these exactly only where their assumptions hold (all
+    with ``comm = 0``): 1F1B always; ZB1P when ``f = b - w = w``; DualPipe and
+    DualPipeV when ``f = b - w``, ``w <= b - w`` and ``max(f, b) <= fb <= f + b``.
+    With ``f > b - w`` or ``w > b - w`` the simulated DualPipe bubble is larger: the
+    measured rule is ``(PP/2-1)(fb + b - 3w + (f - (b-w)) + max(0, w - (b-w)))`` for
+    ``f >= b - w`` (see ``tests/test_simulation.py``).
+    """
     pp = num_stages
     f, b, w, fb = costs.f, costs.b, costs.w, costs.pair
     if name == "1f1b":

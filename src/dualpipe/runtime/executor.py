@@ -124,6 +124,7 @@ class Executor:
     def run(self, schedule: Schedule, data: StepData, record: bool = False) -> StepResult:
         """Execute this rank's list of ``schedule`` once."""
         plan, need = self._plan(schedule, not data.training)
+        self.transport.check_error()  # a pipeline that failed before stays failed
         self.layout = schedule.layout
         self.schedule = schedule
         self.data = data

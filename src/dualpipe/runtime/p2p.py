@@ -162,6 +162,13 @@ class Transport:
         in order (sends first)."""
         if not sends and not recvs:
             return []
+        try:
+            return self._post(sends, recvs)
+        except RuntimeError as exc:
+            self.check_error()
+            raise PipelineError(f"communication failed: {exc}") from exc
+
+    def _post(self, sends: Sequence[Post], recvs: Sequence[Post]) -> list[dist.Work]:
         if self.batched:
             g, r = self.group, self.ranks
             ops = [dist.P2POp(dist.isend, t, r[p], g, tag) for t, p, tag in sends]

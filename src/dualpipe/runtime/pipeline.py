@@ -252,6 +252,35 @@ class Pipeline(nn.Module):
         the per-micro-batch losses. ``record=True`` keeps a measured timeline in
         :attr:`last_record` (see :meth:`gather_timeline`).
         """
+        try:
+            schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
+        except (ValueError, ScheduleError) as exc:
+            # tell the other ranks at once instead of letting them wait for a timeout
+            self.transport.post_error(f"rank {self.rank}: invalid step arguments: {exc}")
+            raise
+        result = self.executor.run(schedule, data, record=record)
+        self.last_record = self.executor.record
+        if data.training and self.sync_mirrored_grads:
+            self.sync_grads()
+        if self._ends()[1] is None:
+            return None, None
+        loss = torch.stack(result.losses) if result.losses else None
+        outputs: Any = None
+        if return_outputs:
+            outputs = concat_chunks(result.outputs, self.batch_dim)
+            if len(outputs) == 1:
+                outputs = outputs[0]
+        return loss, outputs
+
+    def _prepare(
+        self,
+        inputs: tuple[torch.Tensor, ...],
+        num_chunks: int,
+        criterion: Callable[..., torch.Tensor] | None,
+        labels: Sequence[torch.Tensor],
+        return_outputs: bool,
+    ) -> tuple[Schedule, StepData]:
+        """Check this rank's step arguments (no communication) and split them."""
         training = torch.is_grad_enabled()
         schedule = self._schedule(num_chunks)  # raises ScheduleError on bad counts
         chunks = schedule.chunks_per_stream
@@ -261,9 +290,11 @@ class Pipeline(nn.Module):
             raise ValueError(f"rank {self.rank} takes no inputs in {self.schedule_name}")
         if start is not None and not inputs:
             raise ValueError(f"rank {self.rank} needs the inputs of the stream that starts there")
-        if training and criterion is None:
-            raise ValueError("training (grad enabled) needs a criterion; use torch.no_grad() "
-                             "for inference")
+        if training and end is not None and criterion is None:
+            raise ValueError(
+                f"rank {self.rank} computes the loss: training (grad enabled) needs a criterion "
+                "here; use torch.no_grad() for inference"
+            )
         if end is None and labels:
             raise ValueError(f"rank {self.rank} takes no labels in {self.schedule_name}")
         if end is not None and criterion is not None and not labels:
@@ -277,19 +308,7 @@ class Pipeline(nn.Module):
         )
         if data.labels is None and end is not None:
             data.labels = [()] * chunks
-        result = self.executor.run(schedule, data, record=record)
-        self.last_record = self.executor.record
-        if training and self.sync_mirrored_grads:
-            self.sync_grads()
-        if end is None:
-            return None, None
-        loss = torch.stack(result.losses) if result.losses else None
-        outputs: Any = None
-        if return_outputs:
-            outputs = concat_chunks(result.outputs, self.batch_dim)
-            if len(outputs) == 1:
-                outputs = outputs[0]
-        return loss, outputs
+        return schedule, data
 
     def gather_timeline(self, dst: int = 0) -> MeasuredTimeline | None:
         """Collective: the measured timeline of the last ``step(..., record=True)`` of

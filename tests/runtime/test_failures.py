@@ -1,0 +1,40 @@
+"""Clear errors, no hangs: bad arguments, a failing stage, mirrored DualPipe copies."""
+
+from __future__ import annotations
+
+from dualpipe.testing import run_distributed
+
+from .failure_workers import bad_arguments, mirrored, odd_dualpipe, stage_failure
+
+
+def test_failing_stage_stops_every_rank_quickly() -> None:
+    results = run_distributed(stage_failure, 3, timeout=120)
+    for message, elapsed in results:
+        assert "rank 1 failed in F0.2" in message, message
+        assert "boom" in message
+        assert elapsed < 10.0, elapsed  # the configured timeout is 30 s
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    rank0, rank1 = run_distributed(bad_arguments, 2, timeout=120)
+    assert "num_chunks must be >= 2 * ranks = 4, got 3" in rank0[0]
+    assert "does not split into 4 equal micro-batches" in rank0[1]
+    assert "needs the inputs" in rank0[2]
+    assert "needs a criterion" in rank0[3]
+    assert "needs the labels" in rank0[4]
+    assert "one device" in rank0[5]
+    assert "needs 2 module(s) per rank, got 1" in rank0[6]
+    assert "unknown schedule 'zigzag'" in rank0[7]
+    assert "takes no labels" in rank1[1]
+    assert "takes no inputs" in rank1[2]
+    assert all("rank 0: invalid step arguments" in m for m in rank1[3:]), rank1[3:]
+
+
+def test_dualpipe_refuses_odd_rank_count() -> None:
+    for message in run_distributed(odd_dualpipe, 3, timeout=60):
+        assert "number of ranks must be even, got 3" in message
+
+
+def test_mirrored_copies_checked_synced_and_summed() -> None:
+    for refused, synced, summed in run_distributed(mirrored, 2, timeout=60):
+        assert refused and synced and summed
