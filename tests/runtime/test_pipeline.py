@@ -7,7 +7,7 @@ import pytest
 
 from dualpipe.testing import run_distributed
 
-from .workers import check_many
+from .workers import check_many, check_static_shapes
 
 KINDS = ["mlp", "traps", "two"]
 
@@ -37,3 +37,11 @@ def test_baselines_match_single_process() -> None:
     cases = [(name, kind, [4, 6]) for name in ("1f1b", "zb1p", "gpipe") for kind in KINDS]
     reports = run_distributed(check_many, 3, cases, timeout=240)
     assert all(len(r) == 2 * len(cases) for r in reports)
+
+
+def test_static_shapes_send_headers_once() -> None:
+    results = run_distributed(check_static_shapes, 2, timeout=120)
+    assert results[0][0] > 0 and results[1][0] > 0  # first step: headers
+    assert results[0][1] == 0 and results[1][1] == 0  # later steps: none
+    assert "static_shapes=True" in results[0][2]  # rank 0 runs the first stage: it notices
+    assert "rank 0 failed" in results[1][2]  # and tells rank 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -106,3 +107,42 @@ def check_many(rank: int, world: int, cases: list[tuple[str, str, list[int]]]) -
     for schedule, kind, chunk_counts in cases:
         out += check_pipeline(rank, world, schedule, kind, chunk_counts)
     return out
+
+
+def check_static_shapes(rank: int, world: int) -> tuple[int, int, str]:
+    """static_shapes: headers only on the first step, results still exact, and a shape
+    change afterwards is a clear error. Returns (headers in step 1 plan, headers in
+    step 2 plan, error message)."""
+    from dualpipe.runtime.p2p import PipelineError
+
+    layout = layout_for("dualpipev", world)
+    stages = build_stages("mlp", layout.num_stages, seed=5)
+    mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[rank]]
+    pipe = Pipeline(mine, "dualpipev", timeout=30, static_shapes=True)
+    inputs, labels = make_batch("mlp", 8, seed=7)
+    headers = []
+    for _ in range(2):
+        for p in pipe.parameters():
+            p.grad = None
+        ref = copy.deepcopy(stages)
+        if rank == 0:
+            loss, _ = pipe.step(*inputs, num_chunks=2 * world, criterion=criterion,
+                                labels=(labels,))
+            ref_losses, _ = _reference(ref, [(inputs, labels)], 2 * world, train=True)
+            assert torch.equal(loss, torch.stack(ref_losses[0]))
+        else:
+            pipe.step(num_chunks=2 * world, criterion=criterion)
+        plan = pipe.executor.plan
+        headers.append(sum(m.header for msgs in plan.sends + plan.recvs for m in msgs))
+    message = ""
+    try:
+        if rank == 0:
+            bigger = make_batch("mlp", 16, seed=7)
+            pipe.step(*bigger[0], num_chunks=2 * world, criterion=criterion,
+                      labels=(bigger[1],))
+        else:
+            pipe.step(num_chunks=2 * world, criterion=criterion)
+    except PipelineError as exc:
+        message = str(exc)
+        time.sleep(1.0)  # rank 0 hosts the store: let the others read the error first
+    return headers[0], headers[1], message

@@ -24,7 +24,15 @@ from torch import nn
 from ..schedules.actions import Action, Op, Overlap
 from ..schedules.comm import Message, RankPlan, plan_communication
 from ..schedules.schedule import Schedule
-from .p2p import HEADER_LEN, PipelineError, TensorMeta, Transport, decode_header, encode_header
+from .p2p import (
+    HEADER_LEN,
+    PipelineError,
+    RemoteFailure,
+    TensorMeta,
+    Transport,
+    decode_header,
+    encode_header,
+)
 from .split_backward import WeightGradWork, backward_full, backward_input
 
 __all__ = ["StepData", "StepResult", "Executor", "StepRecord"]
@@ -103,19 +111,26 @@ class Executor:
         modules: Sequence[nn.Module],
         transport: Transport,
         split_backward: bool = True,
+        static_shapes: bool = False,
+        lookahead: int = LOOKAHEAD,
     ) -> None:
         self.rank = rank
         self.modules = list(modules)
         self.transport = transport
         self.split = split_backward
-        self._plans: dict[tuple[Schedule, bool], tuple[RankPlan, dict[Message, int]]] = {}
+        self.static_shapes = static_shapes
+        self.lookahead = lookahead
+        self._plans: dict[tuple[Schedule, bool, bool], tuple[RankPlan, dict[Message, int]]] = {}
+        self._known: dict[tuple[Schedule, bool], tuple[dict, dict]] = {}
         self.record: StepRecord | None = None
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, schedule: Schedule, forward_only: bool) -> tuple[RankPlan, dict[Message, int]]:
-        key = (schedule, forward_only)
+    def _plan(
+        self, schedule: Schedule, forward_only: bool, headers: bool
+    ) -> tuple[RankPlan, dict[Message, int]]:
+        key = (schedule, forward_only, headers)
         if key not in self._plans:
-            plan = plan_communication(schedule, forward_only)[self.rank]
+            plan = plan_communication(schedule, forward_only, headers)[self.rank]
             need = {m: i for i, msgs in enumerate(plan.recvs) for m in msgs}
             self._plans[key] = (plan, need)
         return self._plans[key]
@@ -123,7 +138,8 @@ class Executor:
     # ------------------------------------------------------------------ step
     def run(self, schedule: Schedule, data: StepData, record: bool = False) -> StepResult:
         """Execute this rank's list of ``schedule`` once."""
-        plan, need = self._plan(schedule, not data.training)
+        known = self._known.get((schedule, not data.training)) if self.static_shapes else None
+        plan, need = self._plan(schedule, not data.training, headers=known is None)
         self.transport.check_error()  # a pipeline that failed before stays failed
         self.layout = schedule.layout
         self.schedule = schedule
@@ -137,8 +153,10 @@ class Executor:
         self.arrived: dict[Message, list[torch.Tensor]] = {}
         self.pending: dict[Message, tuple[list[Any], list[torch.Tensor]]] = {}
         self.posted_upto = {src: 0 for src in plan.incoming}
-        self.metas: dict[tuple[int, int], list[TensorMeta]] = {}
-        self.sent_metas: dict[tuple[int, int], list[TensorMeta]] = {}
+        self.metas: dict[tuple[int, int], list[TensorMeta]] = dict(known[0]) if known else {}
+        self.sent_metas: dict[tuple[int, int], list[TensorMeta]] = (
+            dict(known[1]) if known else {}
+        )
         self.inflight: list[tuple[Any, list[torch.Tensor]]] = []
         self.record = StepRecord(time.perf_counter(), time.time()) if record else None
         self.result.losses = []
@@ -149,7 +167,7 @@ class Executor:
         actions = plan.actions
         i = 0
         while i < len(actions):
-            self._post_receives(i + LOOKAHEAD)
+            self._post_receives(i + self.lookahead)
             partner = plan.pair_of[i]
             if partner == i + 1:
                 self._run_pair(i)
@@ -164,6 +182,8 @@ class Executor:
         for work, _ in self.inflight:
             self.transport.wait(work, f"rank {self.rank}: completion of its sends")
         self.inflight = []
+        if self.static_shapes and known is None:
+            self._known[(schedule, not data.training)] = (self.metas, self.sent_metas)
         self.result.losses = [losses[k] for k in sorted(losses)]
         self.result.outputs = [outputs[k] for k in sorted(outputs)]
         # drop references so activations are freed between steps
@@ -179,7 +199,7 @@ class Executor:
     def _guarded(self, action: Action | Overlap, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except PipelineError:
+        except RemoteFailure:
             raise
         except Exception as exc:
             message = (
@@ -448,8 +468,10 @@ class Executor:
             self.sent_metas[(stream, pos)] = metas
         elif known != metas:
             raise PipelineError(
-                f"micro-batch {action.chunk} produced tensors {metas} where micro-batch 0 "
-                f"produced {known}: all micro-batches of a step must have the same shapes"
+                f"micro-batch {action.chunk} produced tensors {metas} where "
+                f"{'an earlier step' if self.static_shapes else 'micro-batch 0'} produced "
+                f"{known}: all micro-batches of a step must have the same shapes"
+                + (" (and with static_shapes=True, of every step)" if self.static_shapes else "")
             )
         self._send(i, list(outputs), metas if self.plan.sends[i][0].header else None)
 

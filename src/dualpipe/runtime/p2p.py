@@ -27,6 +27,7 @@ __all__ = [
     "encode_header",
     "decode_header",
     "PipelineError",
+    "RemoteFailure",
     "Transport",
 ]
 
@@ -56,6 +57,10 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
 
 class PipelineError(RuntimeError):
     """A pipeline step failed on some rank (or timed out waiting for one)."""
+
+
+class RemoteFailure(PipelineError):
+    """Another rank's failure, as read from the process group's store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +193,18 @@ class Transport:
 
     def check_error(self) -> None:
         """Raise if another rank posted a failure."""
-        if self.store is not None and self.store.check([self.error_key]):
-            raise PipelineError(self.store.get(self.error_key).decode())
+        if self.store is None:
+            return
+        try:
+            failed = self.store.check([self.error_key])
+            message = self.store.get(self.error_key).decode() if failed else ""
+        except Exception as exc:  # noqa: BLE001 - the store went away with its host rank
+            raise RemoteFailure(
+                f"lost the process group's store ({type(exc).__name__}); the rank hosting it "
+                "has probably failed and exited"
+            ) from exc
+        if failed:
+            raise RemoteFailure(message)
 
     def wait(self, work: dist.Work, what: str) -> None:
         """Complete ``work``; fail after ``timeout`` or as soon as another rank fails."""

@@ -65,6 +65,10 @@ class Pipeline(nn.Module):
         mirrored_weights: DualPipe only: ``"check"`` (default) raises if the two copies of
             a stage differ at construction, ``"sync"`` copies the lower rank's weights to
             the higher rank, ``"ignore"`` skips the check.
+        static_shapes: promise that every step has the same boundary shapes. Shapes are
+            still discovered (on the first step); afterwards no metadata message is sent.
+            By default a small header travels once per boundary per step (never per
+            micro-batch), so shapes may change between steps.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Pipeline(nn.Module):
         split_backward: bool = True,
         sync_mirrored_grads: bool = True,
         mirrored_weights: str = "check",
+        static_shapes: bool = False,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -120,7 +125,9 @@ class Pipeline(nn.Module):
         self.transport = Transport(
             process_group, global_ranks, self.device, timeout, f"dualpipe/{uid}/error"
         )
-        self.executor = Executor(self.rank, modules, self.transport, split_backward)
+        self.executor = Executor(
+            self.rank, modules, self.transport, split_backward, static_shapes=static_shapes
+        )
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
         self.last_record: StepRecord | None = None
@@ -131,7 +138,10 @@ class Pipeline(nn.Module):
 
     # --------------------------------------------------------------- compat
     def set_p2p_tensor_shapes(self, shapes: Any) -> None:
-        """Accepted for compatibility with the original DualPipe; shapes are discovered."""
+        """Compatibility with the original DualPipe. Shapes are discovered at run time;
+        calling this (on every rank) only promises they stay fixed, which turns on
+        ``static_shapes`` (no metadata messages after the first step)."""
+        self.executor.static_shapes = True
 
     def set_p2p_tensor_dtype(self, dtype: Any) -> None:
         """Accepted for compatibility with the original DualPipe; dtypes are discovered."""

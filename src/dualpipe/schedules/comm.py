@@ -92,11 +92,14 @@ def _flatten(
     return actions, pair_of
 
 
-def plan_communication(schedule: Schedule, forward_only: bool = False) -> list[RankPlan]:
+def plan_communication(
+    schedule: Schedule, forward_only: bool = False, headers: bool = True
+) -> list[RankPlan]:
     """Derive every rank's sends and receives from ``schedule``.
 
     With ``forward_only`` (inference), backward and weight actions are dropped and
-    only activations flow.
+    only activations flow. ``headers=False`` leaves out the metadata messages (for
+    steps whose shapes are already known to every receiver).
     """
     layout = schedule.layout
     plans = []
@@ -121,12 +124,12 @@ def plan_communication(schedule: Schedule, forward_only: bool = False) -> list[R
                 peer = layout.next(plan.rank, action.phase)
             if peer is None or peer[0] == plan.rank:
                 continue
-            headers = [False]
-            if not grad and (stream, pos) not in announced:
+            kinds = [False]  # payload; preceded by a header on a boundary's first message
+            if headers and not grad and (stream, pos) not in announced:
                 announced.add((stream, pos))
-                headers.insert(0, True)
+                kinds.insert(0, True)
             out = []
-            for header in headers:
+            for header in kinds:
                 dst = peer[0]
                 seq = counters[(plan.rank, dst)]
                 counters[(plan.rank, dst)] += 1
