@@ -1,0 +1,77 @@
+"""Spawned-rank functions for the activation-memory test."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from dualpipe.runtime.pipeline import Pipeline
+from dualpipe.schedules.schedule import layout_for
+from dualpipe.simulation import peak_activations
+
+WIDTH = 4096  # one micro-batch's activation at one stage: WIDTH fp32 values per sample
+
+
+class ScaleStage(nn.Module):
+    """y = x * w: saves exactly one activation-sized tensor (x) per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.full((WIDTH,), 1.01))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def scalar_loss(out: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Saves nothing activation-sized."""
+    return (out.mean() - label.mean()) ** 2
+
+
+class _Held:
+    """A saved activation; counts itself while alive."""
+
+    live = 0
+    peak = 0
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+        _Held.live += 1
+        _Held.peak = max(_Held.peak, _Held.live)
+        weakref.finalize(self, _Held._gone)
+
+    @staticmethod
+    def _gone() -> None:
+        _Held.live -= 1
+
+
+def _pack(t: torch.Tensor) -> object:
+    if isinstance(t, nn.Parameter) or t.numel() != 2 * WIDTH:  # 2 samples per micro-batch
+        return t
+    return _Held(t)
+
+
+def _unpack(x: object) -> torch.Tensor:
+    return x.t if isinstance(x, _Held) else x  # type: ignore[return-value]
+
+
+def measure_peak(rank: int, world: int, schedule: str, num_chunks: int) -> tuple[int, int, int]:
+    """Peak number of activation-sized tensors autograd holds on this rank during a step
+    (each is one micro-batch at one stage), the simulator's peak for this rank, and
+    how many are still held after the step."""
+    layout = layout_for(schedule, world)
+    mods = [ScaleStage() for _ in layout.rank_stages[rank]]
+    pipe = Pipeline(mods, schedule, timeout=60)
+    streams = layout.num_streams
+    per_stream = 2 * num_chunks // streams
+    x, y = torch.randn(per_stream, WIDTH), torch.randn(per_stream, WIDTH)
+    start = any(p[0][0] == rank for p in layout.paths)
+    end = any(p[-1][0] == rank for p in layout.paths)
+    _Held.live = _Held.peak = 0
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        pipe.step(*((x,) if start else ()), num_chunks=num_chunks, criterion=scalar_loss,
+                  labels=(y,) if end else ())
+    schedule_obj = pipe.executor.schedule
+    return _Held.peak, peak_activations(schedule_obj, rank), _Held.live
