@@ -54,8 +54,13 @@ def where_weight_work_runs(rank: int, world: int, schedule: str, chunks: int) ->
     end = any(p[-1][0] == rank for p in layout.paths)
     x, y = torch.randn(2 * chunks, 8), torch.randn(2 * chunks, 8)
     LoggedWeight.log = []
-    pipe.step(*((x,) if start else ()), num_chunks=chunks, criterion=_loss,
-              labels=(y,) if end else (), record=True)
+    pipe.step(
+        *((x,) if start else ()),
+        num_chunks=chunks,
+        criterion=_loss,
+        labels=(y,) if end else (),
+        record=True,
+    )
     record = pipe.last_record
     assert record is not None
     counts = {"B": 0, "I": 0, "W": 0, "pair": 0, "outside": 0, "steps_W": 0}

@@ -60,15 +60,19 @@ def bad_arguments(rank: int, world: int) -> list[str]:
             raise AssertionError(f"expected {exc_type.__name__}")
 
     x, y = torch.randn(8, 8), torch.randn(8, 8)
+
     # a fresh pipeline per case: a failed step leaves a pipeline unusable
     def pipe() -> DualPipeV:
         return DualPipeV([MLPStage(), MLPStage()], timeout=20.0)
 
     if rank == 0:
-        expect(ScheduleError, lambda: pipe().step(x, num_chunks=3, criterion=criterion,
-                                                  labels=(y,)))
-        expect(ValueError, lambda: pipe().step(x[:7], num_chunks=4, criterion=criterion,
-                                               labels=(y[:7],)))
+        expect(
+            ScheduleError, lambda: pipe().step(x, num_chunks=3, criterion=criterion, labels=(y,))
+        )
+        expect(
+            ValueError,
+            lambda: pipe().step(x[:7], num_chunks=4, criterion=criterion, labels=(y[:7],)),
+        )
         expect(ValueError, lambda: pipe().step(num_chunks=4, criterion=criterion, labels=(y,)))
         expect(ValueError, lambda: pipe().step(x, num_chunks=4, labels=(y,)))
         expect(ValueError, lambda: pipe().step(x, num_chunks=4, criterion=criterion))

@@ -71,7 +71,11 @@ def measure_peak(rank: int, world: int, schedule: str, num_chunks: int) -> tuple
     end = any(p[-1][0] == rank for p in layout.paths)
     _Held.live = _Held.peak = 0
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-        pipe.step(*((x,) if start else ()), num_chunks=num_chunks, criterion=scalar_loss,
-                  labels=(y,) if end else ())
+        pipe.step(
+            *((x,) if start else ()),
+            num_chunks=num_chunks,
+            criterion=scalar_loss,
+            labels=(y,) if end else (),
+        )
     schedule_obj = pipe.executor.schedule
     return _Held.peak, peak_activations(schedule_obj, rank), _Held.live

@@ -14,7 +14,9 @@ class MLPStage(nn.Module):
 
     def __init__(self, d: int = DIM) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.LayerNorm(d))
+        self.net = nn.Sequential(
+            nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.LayerNorm(d)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)
@@ -91,7 +93,9 @@ def build_stages(kind: str, num_stages: int, seed: int = 0) -> list[nn.Module]:
     raise ValueError(kind)
 
 
-def make_batch(kind: str, batch: int, seed: int = 1) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+def make_batch(
+    kind: str, batch: int, seed: int = 1
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """(inputs, labels) for a model family."""
     g = torch.Generator().manual_seed(seed)
     if kind == "traps":

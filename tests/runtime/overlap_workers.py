@@ -44,14 +44,22 @@ def overlapped(rank: int, world: int, schedule: str, num_chunks: int) -> tuple[i
     streams = layout.num_streams
     per_stream = 2 * num_chunks // streams
     g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(per_stream * streams, 8, generator=g), torch.randn(per_stream * streams, 8,
-                                                                         generator=g)
-    data = [((x[s * per_stream:(s + 1) * per_stream],), y[s * per_stream:(s + 1) * per_stream])
-            for s in range(streams)]
+    x, y = (
+        torch.randn(per_stream * streams, 8, generator=g),
+        torch.randn(per_stream * streams, 8, generator=g),
+    )
+    data = [
+        ((x[s * per_stream : (s + 1) * per_stream],), y[s * per_stream : (s + 1) * per_stream])
+        for s in range(streams)
+    ]
     start = [s for s, p in enumerate(layout.paths) if p[0][0] == rank]
     end = [s for s, p in enumerate(layout.paths) if p[-1][0] == rank]
-    loss, _ = pipe.step(*(data[start[0]][0] if start else ()), num_chunks=num_chunks,
-                        criterion=criterion, labels=(data[end[0]][1],) if end else ())
+    loss, _ = pipe.step(
+        *(data[start[0]][0] if start else ()),
+        num_chunks=num_chunks,
+        criterion=criterion,
+        labels=(data[end[0]][1],) if end else (),
+    )
     OverlapStage.calls, calls = 0, OverlapStage.calls
     ref_losses, _ = _reference(ref, data, num_chunks // streams, train=True)
     if end:

@@ -7,7 +7,7 @@ import pytest
 
 from dualpipe.testing import run_distributed
 
-from .workers import check_many, check_static_shapes
+from .workers import check_many, check_mapped, check_static_shapes
 
 KINDS = ["mlp", "traps", "two"]
 
@@ -45,3 +45,8 @@ def test_static_shapes_send_headers_once() -> None:
     assert results[0][1] == 0 and results[1][1] == 0  # later steps: none
     assert "static_shapes=True" in results[0][2]  # rank 0 runs the first stage: it notices
     assert "rank 0 failed" in results[1][2]  # and tells rank 1
+
+
+def test_rank_mapping() -> None:
+    for report in run_distributed(check_mapped, 2, timeout=120):
+        assert len(report) == 2

@@ -15,8 +15,10 @@ from .models import build_stages, criterion, make_batch
 
 
 def _reference(
-    stages: list[nn.Module], streams: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]],
-    chunks: int, train: bool,
+    stages: list[nn.Module],
+    streams: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]],
+    chunks: int,
+    train: bool,
 ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Run every micro-batch through the whole model on one process, in stream order."""
     losses: list[list[torch.Tensor]] = []
@@ -41,14 +43,22 @@ def _reference(
 
 
 def check_pipeline(
-    rank: int, world: int, schedule: str, kind: str, chunk_counts: list[int],
+    rank: int,
+    world: int,
+    schedule: str,
+    kind: str,
+    chunk_counts: list[int],
     split_backward: bool = True,
+    rank_mapping: list[int] | None = None,
 ) -> list[str]:
     """Train and infer with the pipeline; compare with the single-process model.
 
     Losses and outputs must be bit-equal; gradients equal to rounding. Each chunk
-    count also changes the batch size, so shapes change between steps."""
+    count also changes the batch size, so shapes change between steps. With
+    ``rank_mapping``, process ``rank_mapping[i]`` acts as pipeline rank ``i``."""
     layout = layout_for(schedule, world)
+    if rank_mapping is not None:
+        rank = rank_mapping.index(rank)
     streams = layout.num_streams
     report = []
     for step, num_chunks in enumerate(chunk_counts):
@@ -56,12 +66,16 @@ def check_pipeline(
         stages = build_stages(kind, layout.num_stages, seed=step)
         ref = copy.deepcopy(stages)
         mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[rank]]
-        pipe = Pipeline(mine, schedule, timeout=60, split_backward=split_backward)
+        pipe = Pipeline(
+            mine, schedule, timeout=60, split_backward=split_backward, rank_mapping=rank_mapping
+        )
         per_stream = chunks * (2 + step % 2)
         inputs, labels = make_batch(kind, per_stream * streams, seed=step + 10)
         data = [
-            (tuple(t[s * per_stream:(s + 1) * per_stream] for t in inputs),
-             labels[s * per_stream:(s + 1) * per_stream])
+            (
+                tuple(t[s * per_stream : (s + 1) * per_stream] for t in inputs),
+                labels[s * per_stream : (s + 1) * per_stream],
+            )
             for s in range(streams)
         ]
         start = [s for s, path in enumerate(layout.paths) if path[0][0] == rank]
@@ -69,8 +83,13 @@ def check_pipeline(
         my_inputs = data[start[0]][0] if start else ()
         my_labels = (data[end[0]][1],) if end else ()
 
-        loss, outs = pipe.step(*my_inputs, num_chunks=num_chunks, criterion=criterion,
-                               labels=my_labels, return_outputs=True)
+        loss, outs = pipe.step(
+            *my_inputs,
+            num_chunks=num_chunks,
+            criterion=criterion,
+            labels=my_labels,
+            return_outputs=True,
+        )
         ref_losses, ref_outs = _reference(ref, data, chunks, train=True)
         if end:
             assert loss is not None and outs is not None
@@ -84,14 +103,25 @@ def check_pipeline(
             for (name, p), q in zip(module.named_parameters(), ref[k].parameters(), strict=True):
                 assert q.grad is not None, (k, name)
                 assert p.grad is not None, f"stage {k} {name}: no gradient"
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, k=k, n=name: f"stage {k} {n}: {m}")
+                torch.testing.assert_close(
+                    p.grad,
+                    q.grad,
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=lambda m, k=k, n=name: f"stage {k} {n}: {m}",
+                )
 
         with torch.no_grad():
-            loss2, outs2 = pipe.step(*my_inputs, num_chunks=num_chunks, criterion=criterion,
-                                     labels=my_labels, return_outputs=True)
-            ref_losses2, ref_outs2 = _reference(mine_ref := copy.deepcopy(stages), data, chunks,
-                                                train=False)
+            loss2, outs2 = pipe.step(
+                *my_inputs,
+                num_chunks=num_chunks,
+                criterion=criterion,
+                labels=my_labels,
+                return_outputs=True,
+            )
+            ref_losses2, ref_outs2 = _reference(
+                mine_ref := copy.deepcopy(stages), data, chunks, train=False
+            )
             del mine_ref
         if end:
             outs2 = outs2[0] if isinstance(outs2, tuple) else outs2
@@ -126,8 +156,9 @@ def check_static_shapes(rank: int, world: int) -> tuple[int, int, str]:
             p.grad = None
         ref = copy.deepcopy(stages)
         if rank == 0:
-            loss, _ = pipe.step(*inputs, num_chunks=2 * world, criterion=criterion,
-                                labels=(labels,))
+            loss, _ = pipe.step(
+                *inputs, num_chunks=2 * world, criterion=criterion, labels=(labels,)
+            )
             ref_losses, _ = _reference(ref, [(inputs, labels)], 2 * world, train=True)
             assert torch.equal(loss, torch.stack(ref_losses[0]))
         else:
@@ -138,11 +169,18 @@ def check_static_shapes(rank: int, world: int) -> tuple[int, int, str]:
     try:
         if rank == 0:
             bigger = make_batch("mlp", 16, seed=7)
-            pipe.step(*bigger[0], num_chunks=2 * world, criterion=criterion,
-                      labels=(bigger[1],))
+            pipe.step(*bigger[0], num_chunks=2 * world, criterion=criterion, labels=(bigger[1],))
         else:
             pipe.step(num_chunks=2 * world, criterion=criterion)
     except PipelineError as exc:
         message = str(exc)
         time.sleep(1.0)  # rank 0 hosts the store: let the others read the error first
     return headers[0], headers[1], message
+
+
+def check_mapped(rank: int, world: int) -> list[str]:
+    """DualPipe and DualPipeV with the pipeline ranks in reverse process order."""
+    mapping = list(reversed(range(world)))
+    return check_pipeline(
+        rank, world, "dualpipev", "mlp", [2 * world], rank_mapping=mapping
+    ) + check_pipeline(rank, world, "dualpipe", "mlp", [2 * world], rank_mapping=mapping)
