@@ -31,13 +31,18 @@ inputs plus a :class:`~torch.autograd.graph.GradientEdge` for every input slot o
 frontier node. The engine then only computes what leads to those targets: each frontier node
 computes only its input-side outputs (``AddmmBackward`` does the ``grad @ W`` matmul but not
 ``x.T @ grad``) and no P-node runs; the gradients flowing into the frontier nodes are
-captured. ``WeightGradWork.run`` then runs, per frontier node ``X``, one engine call rooted
+captured. ``WeightGradWork.run`` then makes, per frontier node ``X``, an engine call rooted
 at ``X``'s captured gradients with ``inputs=`` the parameters behind ``X``'s P-edges: the
 engine computes only ``X``'s parameter-side outputs and runs the P-only subgraph below
 them, accumulating into ``.grad`` through the ordinary ``AccumulateGrad`` nodes (so
 ``.grad`` layout, parameter hooks and post-accumulate hooks behave as in ``loss.backward()``).
-Outputs that depend only on parameters are roots of the deferred work directly. The total
-work of ``backward_input`` + ``run`` equals one plain backward: nothing is computed twice.
+Frontier nodes that cannot reach one another (same number of frontier nodes below them on
+the input side: parallel projections, MoE experts) share one call, so a chain of ``L``
+layers costs about ``L`` engine calls however wide each layer is. Outputs that depend only
+on parameters are roots of one more call. The total work of ``backward_input`` + ``run``
+equals one plain backward: nothing is computed twice (the one visible difference: a fused
+kernel such as ``native_layer_norm_backward`` is launched once per pass, each time with
+half of its outputs masked off).
 
 Cases that need care (all handled, all exact):
 
@@ -58,6 +63,12 @@ Cases that need care (all handled, all exact):
   twice, so they are atomic: they run once, in the input backward, and the gradients on
   their parameter-side edges are captured there (their children become capture nodes). Use
   :func:`defer_weight_grad` inside such a backward to defer its weight work explicitly.
+  A ``torch.compile``-d region is such a Function (its weight gradients are not deferred).
+* *Non-reentrant activation checkpointing* (``checkpoint(..., use_reentrant=False)``) is
+  ordinary autograd and splits like the rest. *Reentrant* checkpointing computes parameter
+  gradients inside its own backward and refuses ``autograd.grad``: a graph containing it
+  gets a plain backward in ``backward_input`` (exact, nothing but the
+  :func:`defer_weight_grad` work deferred).
 
 Gradients captured at capture nodes are collected with post-hooks on their parent nodes, so
 a tensor hook registered on such a node's tensor (e.g. ``param.register_hook``) is applied
@@ -67,9 +78,25 @@ likewise called in both passes and applied once per use, exactly as in a plain b
 
 Memory: after ``backward_input`` the handle holds the frontier nodes (and thereby the part
 of the graph below them), their captured gradients and the parameters to accumulate;
-autograd nodes above the frontier are not referenced. The weight pass runs with
+autograd nodes above the topmost frontier node are not referenced, so their saved tensors
+go as soon as the caller drops the outputs. The tensors saved by input-side nodes below a
+frontier node (e.g. the input of a GELU between two Linears) stay alive until ``run``: the
+input pass has to keep the graph (the frontier nodes run again in ``run``), and the engine
+cannot free the saved tensors of only some of the nodes it ran. The weight pass runs with
 ``retain_graph=False``, so saved tensors are freed node by node, and ``run`` drops every
 reference afterwards. ``backward_full`` does not retain the graph.
+
+Cost: one Python walk of the graph per ``backward_input`` (about 1 us per node), one engine
+call for the input pass and one per level of frontier nodes for the weight pass. Each such
+call walks the graph below its roots in C++, so a stage with ``L`` sequential layers pays
+``O(L * nodes)`` cheap C++ node visits in total: negligible next to real layer sizes, but it
+makes the split's fixed overhead grow with the depth of very deep, very small stages.
+
+Limitation: an intermediate tensor on which ``retain_grad()`` was called and that is an
+output of a frontier node (e.g. the output of a ``Linear`` inside the stage) gets its
+``.grad`` set in the input pass and accumulated again in ``run`` (twice the value); the
+retained-grad hook cannot be told apart from Python. Parameter and input gradients are
+unaffected.
 """
 
 from __future__ import annotations
@@ -149,6 +176,29 @@ def _is_custom(node: Node) -> bool:
     if flag is None:
         flag = _CUSTOM_TYPES[t] = issubclass(t, BackwardCFunction)
     return flag
+
+
+_NODE_KINDS: dict[type, int] = {}
+_OTHER, _LEAF, _PLAIN_ONLY = 0, 1, 2
+
+
+def _node_kind(t: type) -> int:
+    """``_LEAF`` for AccumulateGrad; ``_PLAIN_ONLY`` for nodes that only work under a plain
+    ``backward()`` (reentrant checkpointing refuses ``autograd.grad``); else ``_OTHER``."""
+    kind = _NODE_KINDS.get(t)
+    if kind is None:
+        from torch.utils.checkpoint import CheckpointFunction
+
+        if t is _ACCUMULATE_GRAD:
+            kind = _LEAF
+        elif issubclass(t, BackwardCFunction) and issubclass(
+            getattr(t, "_forward_cls", object), CheckpointFunction
+        ):
+            kind = _PLAIN_ONLY
+        else:
+            kind = _OTHER
+        _NODE_KINDS[t] = kind
+    return kind
 
 
 # --------------------------------------------------------------------------------------
@@ -287,9 +337,7 @@ def _roots(
     the output is skipped.
     """
     if len(outputs) != len(grad_outputs):
-        raise ValueError(
-            f"got {len(outputs)} outputs but {len(grad_outputs)} grad_outputs"
-        )
+        raise ValueError(f"got {len(outputs)} outputs but {len(grad_outputs)} grad_outputs")
     outs: list[Tensor] = []
     grads: list[Tensor] = []
     for k, (out, grad) in enumerate(zip(outputs, grad_outputs, strict=True)):
@@ -364,12 +412,24 @@ def backward_full(
     outs, grads = _roots(outputs, grad_outputs)
     if not outs:
         return [None] * len(inputs)
+    return _plain_backward(outs, grads, req, inputs, None)
+
+
+def _plain_backward(
+    outs: list[Tensor],
+    grads: list[Tensor],
+    req: list[Tensor],
+    inputs: Sequence[Tensor],
+    queue: list[Callable[[], None]] | None,
+) -> list[Tensor | None]:
+    """One plain engine call; the input gradients are taken from (and removed from) the
+    inputs' ``.grad``, which is restored afterwards."""
     saved = [(t, t.grad) for t in req]
     for t in req:
         t.grad = None
     got: dict[int, Tensor | None] = {}
     try:
-        with _Sink(None):
+        with _Sink(queue):
             _accumulate(outs, grads, None)
     finally:
         for t, old in saved:
@@ -457,7 +517,7 @@ def _slot_list(mask: int) -> list[int]:
 class _Plan:
     """Classification of the graph into the input pass and the deferred weight pass."""
 
-    __slots__ = ("is_i", "frontier", "croots", "oroots", "comps", "params")
+    __slots__ = ("is_i", "frontier", "levels", "croots", "oroots", "comps", "params")
 
     def __init__(self, g: _Graph, targets: list[bool], root_nodes: list[int]) -> None:
         kids, post, nodes = g.kids, g.post, g.nodes
@@ -468,6 +528,10 @@ class _Plan:
             # Frontier nodes: I-nodes with an edge into a P-node ("P-edges").
             is_i = [False] * n
             frontier: list[tuple[int, list[tuple[int, int, int]]]] = []
+            # depth[i]: the most frontier nodes on one input-side path below and at i. Two
+            # frontier nodes with the same depth below them do not reach one another.
+            depth = [0] * n
+            levels: list[int] = []
             added = False
             for i in post:
                 ks = kids[i]
@@ -477,16 +541,27 @@ class _Plan:
                 else:
                     continue
                 is_i[i] = True
-                pk = [e for e in ks if not (targets[e[0]] or is_i[e[0]])]
-                if pk:
-                    if _is_custom(nodes[i]):
-                        # Atomic: its P-edges are completed in the input pass.
-                        for e in pk:
-                            targets[e[0]] = True
-                            capture.add(e[0])
-                        added = True
+                below = 0
+                pk = []
+                for e in ks:
+                    j = e[0]
+                    if targets[j] or is_i[j]:
+                        if depth[j] > below:
+                            below = depth[j]
                     else:
-                        frontier.append((i, pk))
+                        pk.append(e)
+                if not pk:
+                    depth[i] = below
+                elif _is_custom(nodes[i]):
+                    # Atomic: its P-edges are completed in the input pass.
+                    for e in pk:
+                        targets[e[0]] = True
+                        capture.add(e[0])
+                    added = True
+                else:
+                    frontier.append((i, pk))
+                    levels.append(below)
+                    depth[i] = below + 1
             if added:
                 continue
             croots = [c for c in sorted(capture) if not is_i[c]]
@@ -551,6 +626,7 @@ class _Plan:
             comps.setdefault(_find(parent, s), []).append(s)
         self.is_i = is_i
         self.frontier = frontier
+        self.levels = levels
         self.croots = croots
         self.oroots = oroots
         self.comps = comps
@@ -673,9 +749,25 @@ def backward_input(
     g = _Graph([(node, o.output_nr) for node, o in zip(root_nodes, outs, strict=True)])
     nodes = g.nodes
     input_ids = {id(t) for t in req}
-    targets = [
-        type(node) is _ACCUMULATE_GRAD and id(node.variable) in input_ids for node in nodes
-    ]
+    targets: list[bool] = []
+    plain_only = False
+    kinds = _NODE_KINDS
+    for node in nodes:
+        kind = kinds.get(type(node))
+        if kind is None:
+            kind = _node_kind(type(node))
+        if kind == _LEAF:
+            targets.append(id(node.variable) in input_ids)
+        else:
+            targets.append(False)
+            if kind == _PLAIN_ONLY:
+                plain_only = True
+    if plain_only:
+        # Cannot be split (reentrant checkpointing computes its parameter gradients inside
+        # its own backward and refuses autograd.grad): plain backward now, exact; only the
+        # defer_weight_grad work is deferred.
+        fns: list[Callable[[], None]] = []
+        return _plain_backward(outs, grads, req, inputs, fns), WeightGradWork([], fns)
     root_idx = [g.index[node] for node in root_nodes]
     plan = _Plan(g, targets, root_idx)
     is_i = plan.is_i
@@ -706,22 +798,25 @@ def backward_input(
             for s in _slot_list(g.slots[c]):
                 cap_edges.append(GradientEdge(nodes[c], s))
         specs: dict[int, list[tuple[int, tuple[int, int]]]] = {}
+        parents: dict[int, list[int]] = {}
         for i in g.post:
             if is_i[i]:
                 for j, s, pos in g.kids[i]:
                     if j in croot_set:
                         specs.setdefault(i, []).append((pos, (j, s)))
+                        parents.setdefault(j, []).append(i)
         for i, spec in specs.items():
             handles.append(nodes[i].register_hook(_collector(spec, buffers)))
         for c in plan.croots:
             if _is_custom(nodes[c]):
-                # A Python node is owned by its parents, not by its Python object.
-                owners = [nodes[i] for i in specs if not _is_custom(nodes[i])]
+                # A Python node is owned by the C++ nodes pointing to it, not by its Python
+                # object: keep one of those (or, failing that, the outputs' nodes) alive.
+                owners = [nodes[i] for i in parents.get(c, ()) if not _is_custom(nodes[i])]
                 if owners:
                     keepalive.append(owners[0])
                 else:
                     keepalive.extend(get_gradient_edge(o) for o in outs)
-    fns: list[Callable[[], None]] = []
+    fns = []
     captured: list[list[tuple[int, Tensor | None]]] = [[] for _ in plan.frontier]
     if in_outs:
         try:
@@ -741,10 +836,13 @@ def backward_input(
         for h in handles:
             h.remove()
 
-    # Deferred calls: one per group of sources containing a frontier node (inputs=its
-    # parameters), plus one for all groups made only of parameter-side roots.
+    # Deferred calls. A group of sources sharing parameter-side nodes is one call rooted at
+    # all of them with inputs= their parameters; single frontier nodes that do not reach one
+    # another (same level, e.g. parallel experts or projections) share a call; all
+    # parameter-side roots (whole capture nodes, parameter-only outputs) make one call.
     nf, nc = len(plan.frontier), len(plan.croots)
     calls: list[_Call] = []
+    by_level: dict[int, _Call] = {}
     p_roots: list[GradientEdge] = []
     p_grads: list[Tensor] = []
     for comp, members in plan.comps.items():
@@ -774,13 +872,25 @@ def backward_input(
                         rgrads.append(gr)
         if not roots:
             continue
-        if has_frontier:
-            params = plan.params.get(comp)
-            if params:
-                calls.append((roots, rgrads, params))
-        else:
+        if not has_frontier:
             p_roots.extend(roots)
             p_grads.extend(rgrads)
+            continue
+        params = plan.params.get(comp)
+        if not params:
+            continue
+        if len(members) > 1:
+            calls.append((roots, rgrads, params))
+            continue
+        call = by_level.get(plan.levels[members[0]])
+        if call is None:
+            by_level[plan.levels[members[0]]] = (roots, rgrads, params)
+        else:
+            call[0].extend(roots)
+            call[1].extend(rgrads)
+            call[2].extend(params)  # type: ignore[union-attr]
+    # Last layers first, as a plain backward would.
+    calls.extend(by_level[level] for level in sorted(by_level, reverse=True))
     if p_roots:
         calls.append((p_roots, p_grads, None))
     return results, WeightGradWork(calls, fns, keepalive)
