@@ -15,13 +15,31 @@ WIDTH = 4096  # one micro-batch's activation at one stage: WIDTH fp32 values per
 
 
 class ScaleStage(nn.Module):
-    """y = x * w: saves exactly one activation-sized tensor (x) per forward."""
+    """y = x * w: saves exactly one activation-sized tensor (x) per forward.
+
+    While the pipeline runs, each forward also looks at what the executor holds:
+    sent activations must not be kept for the backward (only their graph edges are),
+    and the bytes of sends in flight are recorded."""
+
+    executor = None
+    most_in_flight = 0
+    held_output_tensors = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.full((WIDTH,), 1.01))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ex = ScaleStage.executor
+        if ex is not None:
+            ScaleStage.most_in_flight = max(
+                ScaleStage.most_in_flight, ex.transport.send_bytes_in_flight()
+            )
+            ScaleStage.held_output_tensors += sum(
+                isinstance(r, torch.Tensor) and r.numel() > 1
+                for roots, _ in ex.saved.values()
+                for r in roots
+            )
         return x * self.w
 
 
@@ -57,10 +75,13 @@ def _unpack(x: object) -> torch.Tensor:
     return x.t if isinstance(x, _Held) else x  # type: ignore[return-value]
 
 
-def measure_peak(rank: int, world: int, schedule: str, num_chunks: int) -> tuple[int, int, int]:
+def measure_peak(
+    rank: int, world: int, schedule: str, num_chunks: int
+) -> tuple[int, int, int, int, int]:
     """Peak number of activation-sized tensors autograd holds on this rank during a step
-    (each is one micro-batch at one stage), the simulator's peak for this rank, and
-    how many are still held after the step."""
+    (each is one micro-batch at one stage), the simulator's peak for this rank, how
+    many are still held after the step, how many output tensors the executor kept for
+    backwards, and the most bytes of sends in flight at a forward."""
     layout = layout_for(schedule, world)
     mods = [ScaleStage() for _ in layout.rank_stages[rank]]
     pipe = Pipeline(mods, schedule, timeout=60)
@@ -70,6 +91,8 @@ def measure_peak(rank: int, world: int, schedule: str, num_chunks: int) -> tuple
     start = any(p[0][0] == rank for p in layout.paths)
     end = any(p[-1][0] == rank for p in layout.paths)
     _Held.live = _Held.peak = 0
+    ScaleStage.executor = pipe.executor
+    ScaleStage.most_in_flight = ScaleStage.held_output_tensors = 0
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         pipe.step(
             *((x,) if start else ()),
@@ -78,4 +101,10 @@ def measure_peak(rank: int, world: int, schedule: str, num_chunks: int) -> tuple
             labels=(y,) if end else (),
         )
     schedule_obj = pipe.executor.schedule
-    return _Held.peak, peak_activations(schedule_obj, rank), _Held.live
+    return (
+        _Held.peak,
+        peak_activations(schedule_obj, rank),
+        _Held.live,
+        ScaleStage.held_output_tensors,
+        ScaleStage.most_in_flight,
+    )

@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from ..schedules.actions import Action, Op, Overlap
 from ..schedules.comm import Message, RankPlan, plan_communication
 from ..schedules.schedule import Schedule
 from .p2p import (
     HEADER_LEN,
+    Pending,
     PipelineError,
     RemoteFailure,
     TensorMeta,
@@ -123,6 +125,11 @@ class Executor:
         self._plans: dict[tuple[Schedule, bool, bool], tuple[RankPlan, dict[Message, int]]] = {}
         self._known: dict[tuple[Schedule, bool], tuple[dict, dict]] = {}
         self.record: StepRecord | None = None
+        # the original's overlapped_forward_backward receives output tensors, so stages
+        # that define it keep them until their backward
+        self.keep_outputs = any(
+            hasattr(type(m), "overlapped_forward_backward") for m in self.modules
+        )
 
     # ------------------------------------------------------------------ planning
     def _plan(
@@ -151,13 +158,12 @@ class Executor:
         self.deferred: dict[tuple[int, int], WeightGradWork | None] = {}
         self.local: dict[tuple[bool, int, int, int], list[torch.Tensor]] = {}
         self.arrived: dict[Message, list[torch.Tensor]] = {}
-        self.pending: dict[Message, tuple[list[Any], list[torch.Tensor]]] = {}
+        self.pending: dict[Message, tuple[list[Pending], list[torch.Tensor]]] = {}
         self.posted_upto = {src: 0 for src in plan.incoming}
         self.metas: dict[tuple[int, int], list[TensorMeta]] = dict(known[0]) if known else {}
         self.sent_metas: dict[tuple[int, int], list[TensorMeta]] = (
             dict(known[1]) if known else {}
         )
-        self.inflight: list[tuple[Any, list[torch.Tensor]]] = []
         self.record = StepRecord(time.perf_counter(), time.time()) if record else None
         self.result.losses = []
         losses: dict[int, torch.Tensor] = {}
@@ -173,15 +179,13 @@ class Executor:
                 self._run_pair(i)
                 i += 2
             else:
+                self._receive(i)  # wait for inputs before the timed compute
                 t0 = time.perf_counter()
                 self._guarded(actions[i], lambda i=i: self._run_one(i))
                 if self.record is not None:
                     self.record.steps.append((actions[i], t0, time.perf_counter()))
                 i += 1
-            self._reap_sends()
-        for work, _ in self.inflight:
-            self.transport.wait(work, f"rank {self.rank}: completion of its sends")
-        self.inflight = []
+        self.transport.drain_sends(f"rank {self.rank}: completion of its sends")
         if self.static_shapes and known is None:
             self._known[(schedule, not data.training)] = (self.metas, self.sent_metas)
         self.result.losses = [losses[k] for k in sorted(losses)]
@@ -239,8 +243,8 @@ class Executor:
         raise AssertionError("activation without header")  # plan bug
 
     @staticmethod
-    def _is_done(works: list[Any]) -> bool:
-        return all(w.is_completed() for w in works)
+    def _is_done(pendings: list[Pending]) -> bool:
+        return all(p.done for p in pendings)
 
     def _post_receives(self, limit: int, block_for: Message | None = None) -> None:
         """Post, per source in sender order, receives needed by actions before ``limit``.
@@ -277,14 +281,18 @@ class Executor:
         if not posts:
             return
         works = self.transport.post([], posts)
+        watched = [
+            self.transport.watch(w, src, send=False)
+            for w, (_, src, _) in zip(works, posts, strict=True)
+        ]
         j = 0
         for msg, bufs in owners:
-            self.pending[msg] = (works[j : j + len(bufs)], bufs)
+            self.pending[msg] = (watched[j : j + len(bufs)], bufs)
             j += len(bufs)
 
     def _complete(self, msg: Message) -> None:
         """Wait for ``msg`` (posting it first if needed) and file its tensors."""
-        if msg in self.arrived:
+        if msg in self.arrived or (msg.header and (msg.stream, msg.position) in self.metas):
             return
         if msg not in self.pending:
             self._post_receives(self.need[msg] + 1, block_for=msg)
@@ -305,6 +313,11 @@ class Executor:
         else:
             self.arrived[msg] = bufs
 
+    def _receive(self, i: int) -> None:
+        """Complete every message action ``i`` needs, so its timed compute never waits."""
+        for msg in self.plan.recvs[i]:
+            self._complete(msg)
+
     def _take(self, msgs: list[Message]) -> list[torch.Tensor]:
         payload: list[torch.Tensor] = []
         for msg in msgs:
@@ -319,25 +332,17 @@ class Executor:
         if not msgs:
             return
         posts: list[tuple[torch.Tensor, int, int]] = []
-        keep: list[torch.Tensor] = []
         for msg in msgs:
             if msg.header:
                 assert metas is not None
                 header = encode_header(metas, self.transport.device)
                 posts.append((header, msg.dst, msg.seq))
-                keep.append(header)
             else:
                 for t in tensors:
-                    t = t.detach().contiguous()
-                    posts.append((t, msg.dst, msg.seq))
-                    keep.append(t)
+                    posts.append((t.detach().contiguous(), msg.dst, msg.seq))
         works = self.transport.post(posts, [])
-        for w in works:
-            self.inflight.append((w, keep))
-
-    def _reap_sends(self) -> None:
-        if self.inflight:
-            self.inflight = [(w, k) for w, k in self.inflight if not w.is_completed()]
+        for w, (t, dst, _) in zip(works, posts, strict=True):
+            self.transport.watch(w, dst, send=True, keep=[t])
 
     # ------------------------------------------------------------------ actions
     def _module(self, phase: int) -> nn.Module:
@@ -368,6 +373,8 @@ class Executor:
         fwd, bwd = self.plan.actions[i], self.plan.actions[i + 1]
         module0, module1 = self._module(fwd.phase), self._module(bwd.phase)
         fb = getattr(type(module0), "overlapped_forward_backward", None)
+        self._receive(i)  # a pair starts when both halves' inputs are here
+        self._receive(i + 1)
         t0 = time.perf_counter()
         if fb is None or bwd.op is not Op.BACKWARD:
             self._guarded(fwd, lambda: self._run_one(i))
@@ -453,7 +460,11 @@ class Executor:
                 self.saved[(action.phase, action.chunk)] = ([loss], leaves)
             return
         if self.data.training:
-            roots = [t for t in outputs if t.requires_grad]
+            roots: list[Any] = [t for t in outputs if t.requires_grad]
+            if not self.keep_outputs:
+                # keep only the outputs' places in the graph: a sent activation is freed as
+                # soon as its send completes, not at its backward
+                roots = [get_gradient_edge(t) for t in roots]
             self.saved[(action.phase, action.chunk)] = (roots, leaves)
         nxt = self.layout.next(self.rank, action.phase)
         assert nxt is not None

@@ -29,6 +29,7 @@ __all__ = [
     "PipelineError",
     "RemoteFailure",
     "Transport",
+    "Pending",
 ]
 
 HEADER_LEN = 128
@@ -104,30 +105,53 @@ def decode_header(header: torch.Tensor) -> list[TensorMeta]:
     return metas
 
 
-class _Waiter:
-    """One daemon thread that blocks in ``Work.wait()`` so the caller can wait with a
-    deadline (gloo's own ``wait(timeout)`` breaks the connection when it expires)."""
+class Pending:
+    """Completion of one posted operation, watched by a background thread.
 
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[dist.Work, threading.Event, list]] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._loop, name="dualpipe-waiter", daemon=True)
+    ``keep`` holds tensors that must live until the operation completes (send
+    buffers); the watcher drops them as soon as it does."""
+
+    __slots__ = ("work", "event", "error", "keep")
+
+    def __init__(self, work: dist.Work, keep: list[torch.Tensor] | None = None) -> None:
+        self.work = work
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+        self.keep = keep
+
+    @property
+    def done(self) -> bool:
+        return self.event.is_set()
+
+
+class _Watcher:
+    """A daemon thread that completes operations in the order they were posted.
+
+    gloo's ``Work.is_completed()`` only turns true inside ``wait()``, and its
+    ``wait(timeout)`` breaks the connection when it expires; so one thread per peer and
+    direction blocks in ``wait()`` for each operation in turn (operations between two
+    ranks complete in posting order) and sets an event the moment it is done. The
+    main thread then finds most messages already complete, and can still wait with
+    a deadline."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while True:
-            work, event, errors = self._jobs.get()
+            pending = self._jobs.get()
             try:
-                work.wait()
+                pending.work.wait()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                errors.append(exc)
-            event.set()
+                pending.error = exc
+            pending.keep = None
+            pending.event.set()
 
-    def submit(self, work: dist.Work) -> tuple[threading.Event, list]:
-        event, errors = threading.Event(), []
-        self._jobs.put((work, event, errors))
-        return event, errors
+    def watch(self, pending: Pending) -> Pending:
+        self._jobs.put(pending)
+        return pending
 
 
 class Transport:
@@ -160,7 +184,8 @@ class Transport:
             self.store: dist.Store | None = dist.distributed_c10d._get_default_store()
         except Exception:  # noqa: BLE001 - no store: failures are noticed by timeout only
             self.store = None
-        self._waiter: _Waiter | None = None
+        self._watchers: dict[tuple[int, bool], _Watcher] = {}
+        self._sends: list[Pending] = []
 
     def post(self, sends: Sequence[Post], recvs: Sequence[Post]) -> list[dist.Work]:
         """Post ``(tensor, peer pipeline rank, tag)`` sends and receives; returns their works
@@ -206,19 +231,43 @@ class Transport:
         if failed:
             raise RemoteFailure(message)
 
-    def wait(self, work: dist.Work, what: str) -> None:
-        """Complete ``work``; fail after ``timeout`` or as soon as another rank fails."""
-        if work.is_completed():
-            work.wait()
-            return
-        if self._waiter is None:
-            self._waiter = _Waiter()
-        event, errors = self._waiter.submit(work)
-        deadline = time.monotonic() + self.timeout
-        while not event.wait(0.2):
+    def watch(self, work: dist.Work, peer: int, send: bool, keep: list | None = None) -> Pending:
+        """Track completion of a posted operation with ``peer`` in the background."""
+        key = (peer, send)
+        watcher = self._watchers.get(key)
+        if watcher is None:
+            watcher = self._watchers[key] = _Watcher(
+                f"dualpipe-{'send' if send else 'recv'}-{peer}"
+            )
+        pending = watcher.watch(Pending(work, keep))
+        if send:
+            self._sends.append(pending)
+        return pending
+
+    def wait(self, pending: Pending, what: str) -> None:
+        """Complete ``pending``; fail after ``timeout`` seconds, or as soon as another rank
+        reports a failure."""
+        if not pending.event.is_set():
+            deadline = time.monotonic() + self.timeout
+            while not pending.event.wait(0.2):
+                self.check_error()
+                if time.monotonic() > deadline:
+                    raise PipelineError(f"timed out after {self.timeout:.1f} s waiting for {what}")
+        if pending.error is not None:
             self.check_error()
-            if time.monotonic() > deadline:
-                raise PipelineError(f"timed out after {self.timeout:.1f} s waiting for {what}")
-        if errors:
-            self.check_error()
-            raise PipelineError(f"communication failed while waiting for {what}: {errors[0]}")
+            raise PipelineError(f"communication failed while waiting for {what}: {pending.error}")
+
+    def send_bytes_in_flight(self) -> int:
+        """Bytes of posted sends not yet complete (their buffers are still held)."""
+        self._sends = [p for p in self._sends if not p.done]
+        return sum(t.nbytes for p in self._sends for t in (p.keep or ()))
+
+    def drain_sends(self, what: str) -> None:
+        """Wait until every posted send has completed."""
+        for pending in self._sends:
+            self.wait(pending, what)
+        self._sends = []
+
+    def wait_work(self, work: dist.Work, peer: int, what: str) -> None:
+        """Post-and-wait helper for one-off exchanges: complete ``work`` with a deadline."""
+        self.wait(self.watch(work, peer, send=False), what)

@@ -175,7 +175,7 @@ class Pipeline(nn.Module):
         peer = self._partner()
         works = self.transport.post([(flat, peer, 0)], [(other, peer, 0)])
         for w in works:
-            self.transport.wait(w, f"mirrored stage data from rank {peer}")
+            self.transport.wait_work(w, peer, f"mirrored stage data from rank {peer}")
         return other
 
     def _mirror_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

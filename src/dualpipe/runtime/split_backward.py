@@ -328,7 +328,7 @@ class WeightGradWork:
 
 
 def _roots(
-    outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor | None]
+    outputs: Sequence[Tensor | GradientEdge], grad_outputs: Sequence[Tensor | None]
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The outputs gradient flows from, with their gradients.
 
@@ -341,6 +341,12 @@ def _roots(
     outs: list[Tensor] = []
     grads: list[Tensor] = []
     for k, (out, grad) in enumerate(zip(outputs, grad_outputs, strict=True)):
+        if isinstance(out, GradientEdge):
+            # a released output: only its place in the graph is kept (no shape to check)
+            if grad is not None:
+                outs.append(out)  # type: ignore[arg-type]
+                grads.append(grad)
+            continue
         if not isinstance(out, Tensor) or not out.requires_grad:
             continue
         if grad is None:
@@ -379,7 +385,14 @@ def _grad_inputs(inputs: Sequence[Tensor]) -> list[Tensor]:
     return req
 
 
-def _root_node(out: Tensor) -> Node:
+def _edge(out: Tensor | GradientEdge) -> GradientEdge:
+    """The graph position of an output (outputs may be given as tensors or edges)."""
+    return out if isinstance(out, GradientEdge) else get_gradient_edge(out)
+
+
+def _root_node(out: Tensor | GradientEdge) -> Node:
+    if isinstance(out, GradientEdge):
+        return out.node
     fn = out.grad_fn
     return fn if fn is not None else get_gradient_edge(out).node
 
@@ -390,7 +403,7 @@ def _root_node(out: Tensor) -> Node:
 
 
 def backward_full(
-    outputs: Sequence[Tensor],
+    outputs: Sequence[Tensor | GradientEdge],
     grad_outputs: Sequence[Tensor | None],
     inputs: Sequence[Tensor],
 ) -> list[Tensor | None]:
@@ -402,7 +415,8 @@ def backward_full(
     require grad). The inputs' ``.grad`` is left as it was.
 
     Args:
-        outputs: the stage outputs.
+        outputs: the stage outputs, as tensors or as their ``GradientEdge`` (so a sent
+            activation can be freed before its backward; an edge needs a gradient).
         grad_outputs: their gradients; ``None`` means implicit ones for a one-element output
             (the loss) and "no gradient" for any other output.
         inputs: the stage inputs: leaf tensors (typically detached received activations);
@@ -715,7 +729,7 @@ def _conflicts(
 
 
 def backward_input(
-    outputs: Sequence[Tensor],
+    outputs: Sequence[Tensor | GradientEdge],
     grad_outputs: Sequence[Tensor | None],
     inputs: Sequence[Tensor],
 ) -> tuple[list[Tensor | None], WeightGradWork]:
@@ -729,7 +743,8 @@ def backward_input(
     backward is deferred.
 
     Args:
-        outputs: the stage outputs.
+        outputs: the stage outputs, as tensors or as their ``GradientEdge`` (so a sent
+            activation can be freed before its backward; an edge needs a gradient).
         grad_outputs: their gradients; ``None`` means implicit ones for a one-element output
             (the loss) and "no gradient" for any other output.
         inputs: the stage inputs: leaf tensors (typically detached received activations);
@@ -742,11 +757,11 @@ def backward_input(
         return results, WeightGradWork()
     if not req:
         # Nothing to compute now: the whole backward is weight work.
-        edges = [get_gradient_edge(o) for o in outs]
+        edges = [_edge(o) for o in outs]
         return results, WeightGradWork([(edges, grads, None)])
 
     root_nodes = [_root_node(o) for o in outs]
-    g = _Graph([(node, o.output_nr) for node, o in zip(root_nodes, outs, strict=True)])
+    g = _Graph([(node, _edge(o).output_nr) for node, o in zip(root_nodes, outs, strict=True)])
     nodes = g.nodes
     input_ids = {id(t) for t in req}
     targets: list[bool] = []
@@ -791,7 +806,7 @@ def backward_input(
         croot_set = set(plan.croots)
         for o, gr, r in zip(outs, grads, root_idx, strict=True):
             if r in croot_set:
-                key = (r, o.output_nr)
+                key = (r, _edge(o).output_nr)
                 old = buffers.get(key)
                 buffers[key] = gr if old is None else old + gr
         for c in plan.croots:
@@ -815,7 +830,7 @@ def backward_input(
                 if owners:
                     keepalive.append(owners[0])
                 else:
-                    keepalive.extend(get_gradient_edge(o) for o in outs)
+                    keepalive.extend(_edge(o) for o in outs)
     fns = []
     captured: list[list[tuple[int, Tensor | None]]] = [[] for _ in plan.frontier]
     if in_outs:
@@ -868,7 +883,7 @@ def backward_input(
                 r = plan.oroots[sid - nf - nc]
                 for o, gr, ri in zip(outs, grads, root_idx, strict=True):
                     if ri == r:
-                        roots.append(get_gradient_edge(o))
+                        roots.append(_edge(o))
                         rgrads.append(gr)
         if not roots:
             continue
