@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.timeline import MeasuredTimeline, measured_costs
-from ..simulation import simulate
+from ..schedules.actions import Op, Overlap, step_actions
+from ..simulation import Costs, simulate
 from .model import GPTConfig
 from .task import CopyTask
 from .train import GRAD_ATOL, GRAD_RTOL, DemoOptions, RankResult
@@ -47,6 +48,18 @@ def idle_ms(timeline: MeasuredTimeline) -> list[float]:
     return idle
 
 
+def _costs(timeline: MeasuredTimeline, costs: Costs) -> dict[str, float]:
+    """The simulator costs that matter for the schedule: F, B, plus W where it splits
+    backwards and F&B where it overlaps pairs."""
+    steps = [step for row in timeline.schedule.steps for step in row]
+    out = {"f": costs.f, "b": costs.b}
+    if any(a.op is Op.WEIGHT for step in steps for a in step_actions(step)):
+        out["w"] = costs.w
+    if any(isinstance(step, Overlap) for step in steps):
+        out["fb"] = costs.pair
+    return out
+
+
 def _timeline_numbers(timeline: MeasuredTimeline) -> dict[str, Any]:
     """Measured step, bubble and the simulated step under the measured costs (ms)."""
     makespan = timeline.makespan
@@ -59,7 +72,7 @@ def _timeline_numbers(timeline: MeasuredTimeline) -> dict[str, Any]:
     return {
         "measured_step_ms": makespan,
         "simulated_step_ms": sim.makespan,
-        "costs_ms": {"f": costs.f, "b": costs.b, "w": costs.w, "fb": costs.pair},
+        "costs_ms": _costs(timeline, costs),
         "bubble_ms": {
             "per_rank": bubble,
             "mean": mean_bubble,
@@ -150,12 +163,12 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
             f"({step['median_with_optimizer']:.1f} ms with the optimizer)"
         )
     if "simulated_step_ms" in summary:
-        c = summary["costs_ms"]
+        names = {"f": "F", "b": "B", "w": "W", "fb": "F&B"}
+        costs = ", ".join(f"{names[k]} {v:.2f}" for k, v in summary["costs_ms"].items())
         lines.append(
             f"simulated step time: {summary['simulated_step_ms']:.1f} ms ({summary['schedule']} "
-            f"with the measured median action times F {c['f']:.2f}, B {c['b']:.2f}, "
-            f"W {c['w']:.2f}, F&B {c['fb']:.2f} ms; messages cost nothing there) vs "
-            f"{summary['measured_step_ms']:.1f} ms measured in recorded step "
+            f"with the measured median action times {costs} ms; messages cost nothing there)"
+            f" vs {summary['measured_step_ms']:.1f} ms measured in recorded step "
             f"{summary['recorded_step'] + 1}"
         )
         b = summary["bubble_ms"]

@@ -9,7 +9,6 @@ initialised when it starts.
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -225,7 +224,6 @@ def train_rank(rank: int, world: int, opts: DemoOptions) -> RankResult:
     reference = copy.deepcopy(stages)  # pristine copy for the first-step check
     my_ids = layout.rank_stages[rank]
     mine: list[GPTStage] = [stages[k] for k in my_ids]
-    device = torch.device("cpu")
     pipe = Pipeline(mine, opts.schedule, timeout=opts.timeout)
     params = [p for m in mine for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -236,8 +234,8 @@ def train_rank(rank: int, world: int, opts: DemoOptions) -> RankResult:
     num_streams = layout.num_streams
     per_stream = opts.chunks // num_streams
     batch_size = opts.chunks * opts.micro_batch
-    result = RankResult(rank, rank == reporter, sum(p.numel() for s in stages
-                                                     for p in s.parameters()))
+    num_params = sum(p.numel() for s in stages for p in s.parameters())
+    result = RankResult(rank, rank == reporter, num_params)
     bar = _progress(opts, opts.progress and rank == reporter)
     first_recorded = max(1, opts.steps - opts.record_steps) if opts.steps > 1 else 0
     recorded: list[tuple[float, int, MeasuredTimeline | None]] = []
@@ -245,11 +243,15 @@ def train_rank(rank: int, world: int, opts: DemoOptions) -> RankResult:
         for step in range(opts.steps):
             t_iter = time.perf_counter()
             tokens, targets = task.batch(batch_size, opts.seed, step)
-            streams = stream_batches(tokens.to(device), targets.to(device), num_streams)
+            streams = stream_batches(tokens, targets, num_streams)
             inputs = streams[starts[0]][0:1] if starts else ()
             labels = streams[ends[0]][1:2] if ends else ()
             optimizer.zero_grad(set_to_none=True)
             record = step >= first_recorded
+            if record:
+                # start together: the timeline measures the step, not the ranks' skew
+                # (the reporting rank may still be unpacking the previous timeline)
+                dist.barrier()
             t0 = time.perf_counter()
             loss, _ = pipe.step(*inputs, num_chunks=opts.chunks, criterion=lm_loss,
                                 labels=labels, record=record)
@@ -311,7 +313,3 @@ def _grad_check_line(check: GradCheck) -> str:
     head = f"gradient check vs single process: FAILED (max abs diff {check.max_abs_diff:.2e})"
     return "\n  ".join([head, *check.messages[:10]])
 
-
-def median(values: Sequence[float]) -> float:
-    """Median of ``values`` (0.0 when empty)."""
-    return statistics.median(values) if values else 0.0
