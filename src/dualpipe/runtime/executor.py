@@ -158,7 +158,7 @@ class Executor:
         self.deferred: dict[tuple[int, int], WeightGradWork | None] = {}
         self.local: dict[tuple[bool, int, int, int], list[torch.Tensor]] = {}
         self.arrived: dict[Message, list[torch.Tensor]] = {}
-        self.pending: dict[Message, tuple[list[Pending], list[torch.Tensor]]] = {}
+        self.pending: dict[Message, tuple[Pending, list[torch.Tensor]]] = {}
         self.posted_upto = {src: 0 for src in plan.incoming}
         self.metas: dict[tuple[int, int], list[TensorMeta]] = dict(known[0]) if known else {}
         self.sent_metas: dict[tuple[int, int], list[TensorMeta]] = (
@@ -223,7 +223,7 @@ class Executor:
             metas = self.metas.get((msg.stream, msg.position))
             if metas is None:
                 header = self._header_msg(msg)
-                if header in self.pending and self._is_done(self.pending[header][0]):
+                if header in self.pending and self.pending[header][0].done:
                     self._complete(header)
                 metas = self.metas.get((msg.stream, msg.position))
                 if metas is None:
@@ -242,17 +242,12 @@ class Executor:
                 return m
         raise AssertionError("activation without header")  # plan bug
 
-    @staticmethod
-    def _is_done(pendings: list[Pending]) -> bool:
-        return all(p.done for p in pendings)
-
     def _post_receives(self, limit: int, block_for: Message | None = None) -> None:
         """Post, per source in sender order, receives needed by actions before ``limit``.
 
         With ``block_for``, keep going (waiting for headers as needed) until that
         message is posted."""
-        posts: list[tuple[torch.Tensor, int, int]] = []
-        owners: list[tuple[Message, list[torch.Tensor]]] = []
+        posts: list[tuple[Message, list[torch.Tensor]]] = []
         for src, queue in self.plan.incoming.items():
             k = self.posted_upto[src]
             while k < len(queue):
@@ -264,31 +259,19 @@ class Executor:
                 if bufs is None:
                     if not must:
                         break
-                    self._flush(posts, owners)
-                    posts, owners = [], []
+                    self._flush(posts)
+                    posts = []
                     self._complete(self._header_msg(msg))
                     bufs = self._buffers_for(msg)
                     assert bufs is not None
-                posts += [(b, src, msg.seq) for b in bufs]
-                owners.append((msg, bufs))
+                posts.append((msg, bufs))
                 k += 1
             self.posted_upto[src] = k
-        self._flush(posts, owners)
+        self._flush(posts)
 
-    def _flush(
-        self, posts: list[tuple[torch.Tensor, int, int]], owners: list[tuple[Message, list]]
-    ) -> None:
-        if not posts:
-            return
-        works = self.transport.post([], posts)
-        watched = [
-            self.transport.watch(w, src, send=False)
-            for w, (_, src, _) in zip(works, posts, strict=True)
-        ]
-        j = 0
-        for msg, bufs in owners:
-            self.pending[msg] = (watched[j : j + len(bufs)], bufs)
-            j += len(bufs)
+    def _flush(self, posts: list[tuple[Message, list[torch.Tensor]]]) -> None:
+        for msg, bufs in posts:
+            self.pending[msg] = (self.transport.recv(bufs, msg.src, msg.seq), bufs)
 
     def _complete(self, msg: Message) -> None:
         """Wait for ``msg`` (posting it first if needed) and file its tensors."""
@@ -296,15 +279,14 @@ class Executor:
             return
         if msg not in self.pending:
             self._post_receives(self.need[msg] + 1, block_for=msg)
-        works, bufs = self.pending.pop(msg)
+        pending, bufs = self.pending.pop(msg)
         t0 = time.perf_counter()
         kind = "header" if msg.header else ("gradient" if msg.grad else "activation")
         what = (
             f"{kind} of micro-batch {msg.chunk} (stream {msg.stream}) from rank {msg.src} "
             f"on rank {self.rank}"
         )
-        for w in works:
-            self.transport.wait(w, what)
+        self.transport.wait(pending, what)
         if self.record is not None and time.perf_counter() - t0 > 1e-5:
             self.record.waits.append((f"wait {kind} mb{msg.chunk} from r{msg.src}", t0,
                                       time.perf_counter()))
@@ -328,21 +310,14 @@ class Executor:
 
     # ------------------------------------------------------------------ sends
     def _send(self, i: int, tensors: list[torch.Tensor], metas: list[TensorMeta] | None) -> None:
-        msgs = self.plan.sends[i]
-        if not msgs:
-            return
-        posts: list[tuple[torch.Tensor, int, int]] = []
-        for msg in msgs:
+        for msg in self.plan.sends[i]:
             if msg.header:
                 assert metas is not None
-                header = encode_header(metas, self.transport.device)
-                posts.append((header, msg.dst, msg.seq))
+                self.transport.send([encode_header(metas, self.transport.device)], msg.dst,
+                                    msg.seq)
             else:
-                for t in tensors:
-                    posts.append((t.detach().contiguous(), msg.dst, msg.seq))
-        works = self.transport.post(posts, [])
-        for w, (t, dst, _) in zip(works, posts, strict=True):
-            self.transport.watch(w, dst, send=True, keep=[t])
+                self.transport.send([t.detach().contiguous() for t in tensors], msg.dst,
+                                    msg.seq)
 
     # ------------------------------------------------------------------ actions
     def _module(self, phase: int) -> nn.Module:

@@ -2,9 +2,10 @@
 
 * Tensor metadata travels in a fixed-size int64 *header* so receivers never need
   declared shapes.
-* Sends and receives are non-blocking; NCCL gets them through
-  ``batch_isend_irecv`` (its point-to-point operations are matched by order), other
-  backends through ``isend``/``irecv`` with the message number as tag.
+* Sends and receives are non-blocking for the caller: per peer and direction, a
+  background thread posts each message (``isend``/``irecv``, the message number as
+  tag) and waits for it; NCCL messages are posted by the caller through
+  ``batch_isend_irecv`` (its point-to-point operations are matched by order).
 * Waits are bounded: a waiting rank gives up after ``timeout`` seconds, and
   notices within a fraction of a second when another rank has posted a failure
   to the process group's store.
@@ -15,8 +16,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,8 +35,6 @@ __all__ = [
 ]
 
 HEADER_LEN = 128
-Post = tuple[torch.Tensor, int, int]
-"""A point-to-point operation: (tensor, peer pipeline rank, tag)."""
 _DTYPES = [
     torch.float32,
     torch.float16,
@@ -106,15 +106,14 @@ def decode_header(header: torch.Tensor) -> list[TensorMeta]:
 
 
 class Pending:
-    """Completion of one posted operation, watched by a background thread.
+    """Completion of one message (one or more tensors), tracked by a background thread.
 
-    ``keep`` holds tensors that must live until the operation completes (send
-    buffers); the watcher drops them as soon as it does."""
+    ``keep`` holds send buffers until the message is delivered; they are dropped the
+    moment it is."""
 
-    __slots__ = ("work", "event", "error", "keep")
+    __slots__ = ("event", "error", "keep")
 
-    def __init__(self, work: dist.Work, keep: list[torch.Tensor] | None = None) -> None:
-        self.work = work
+    def __init__(self, keep: list[torch.Tensor] | None = None) -> None:
         self.event = threading.Event()
         self.error: BaseException | None = None
         self.keep = keep
@@ -124,33 +123,41 @@ class Pending:
         return self.event.is_set()
 
 
-class _Watcher:
-    """A daemon thread that completes operations in the order they were posted.
+class _Channel:
+    """A daemon thread that carries the messages to (or from) one peer, in order.
 
-    gloo's ``Work.is_completed()`` only turns true inside ``wait()``, and its
-    ``wait(timeout)`` breaks the connection when it expires; so one thread per peer and
-    direction blocks in ``wait()`` for each operation in turn (operations between two
-    ranks complete in posting order) and sets an event the moment it is done. The
-    main thread then finds most messages already complete, and can still wait with
-    a deadline."""
+    For gloo it both posts each operation and waits for it: the gloo calls (tens of
+    microseconds each) leave the main thread, and, since gloo's ``is_completed()``
+    only turns true inside ``wait()`` and its ``wait(timeout)`` breaks the connection
+    when it expires, a thread blocking in ``wait()`` is the way to learn of
+    completion at once while the main thread still waits with a deadline. Messages
+    between two ranks are matched in order, so one thread per peer and direction
+    loses nothing. For NCCL the caller posts (batched) and the thread only waits."""
 
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+    def __init__(self, name: str, op: Callable[..., dist.Work] | None, peer: int,
+                 group: dist.ProcessGroup | None) -> None:
+        self._jobs: queue.SimpleQueue[tuple[list[Any], int, Pending]] = queue.SimpleQueue()
+        self._op, self._peer, self._group = op, peer, group
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while True:
-            pending = self._jobs.get()
+            items, tag, pending = self._jobs.get()
             try:
-                pending.work.wait()
+                if self._op is None:  # already posted: items are works
+                    works = items
+                else:
+                    works = [self._op(t, self._peer, self._group, tag) for t in items]
+                for work in works:
+                    work.wait()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 pending.error = exc
             pending.keep = None
             pending.event.set()
 
-    def watch(self, pending: Pending) -> Pending:
-        self._jobs.put(pending)
+    def submit(self, items: list[Any], tag: int, pending: Pending) -> Pending:
+        self._jobs.put((items, tag, pending))
         return pending
 
 
@@ -184,29 +191,43 @@ class Transport:
             self.store: dist.Store | None = dist.distributed_c10d._get_default_store()
         except Exception:  # noqa: BLE001 - no store: failures are noticed by timeout only
             self.store = None
-        self._watchers: dict[tuple[int, bool], _Watcher] = {}
+        self._channels: dict[tuple[int, bool], _Channel] = {}
         self._sends: list[Pending] = []
 
-    def post(self, sends: Sequence[Post], recvs: Sequence[Post]) -> list[dist.Work]:
-        """Post ``(tensor, peer pipeline rank, tag)`` sends and receives; returns their works
-        in order (sends first)."""
-        if not sends and not recvs:
-            return []
-        try:
-            return self._post(sends, recvs)
-        except RuntimeError as exc:
-            self.check_error()
-            raise PipelineError(f"communication failed: {exc}") from exc
+    def _channel(self, peer: int, send: bool) -> _Channel:
+        channel = self._channels.get((peer, send))
+        if channel is None:
+            op = None if self.batched else (dist.isend if send else dist.irecv)
+            name = f"dualpipe-{'send-to' if send else 'recv-from'}-{peer}"
+            channel = _Channel(name, op, self.ranks[peer], self.group)
+            self._channels[(peer, send)] = channel
+        return channel
 
-    def _post(self, sends: Sequence[Post], recvs: Sequence[Post]) -> list[dist.Work]:
+    def _submit(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool) -> Pending:
+        pending = Pending(list(tensors) if send else None)
         if self.batched:
-            g, r = self.group, self.ranks
-            ops = [dist.P2POp(dist.isend, t, r[p], g, tag) for t, p, tag in sends]
-            ops += [dist.P2POp(dist.irecv, t, r[p], g, tag) for t, p, tag in recvs]
-            return list(dist.batch_isend_irecv(ops))
-        works = [dist.isend(t, self.ranks[p], self.group, tag) for t, p, tag in sends]
-        works += [dist.irecv(t, self.ranks[p], self.group, tag) for t, p, tag in recvs]
-        return works
+            op = dist.isend if send else dist.irecv
+            try:
+                works = dist.batch_isend_irecv(
+                    [dist.P2POp(op, t, self.ranks[peer], self.group, tag) for t in tensors]
+                )
+            except RuntimeError as exc:
+                self.check_error()
+                raise PipelineError(f"communication failed: {exc}") from exc
+            return self._channel(peer, send).submit(list(works), tag, pending)
+        return self._channel(peer, send).submit(list(tensors), tag, pending)
+
+    def send(self, tensors: Sequence[torch.Tensor], peer: int, tag: int) -> Pending:
+        """Send ``tensors`` (one message) to pipeline rank ``peer``; returns at once. The
+        tensors are kept alive until delivered."""
+        pending = self._submit(list(tensors), peer, tag, send=True)
+        self._sends.append(pending)
+        return pending
+
+    def recv(self, buffers: Sequence[torch.Tensor], peer: int, tag: int) -> Pending:
+        """Receive one message from pipeline rank ``peer`` into ``buffers``; returns at
+        once. Complete it with :meth:`wait`."""
+        return self._submit(list(buffers), peer, tag, send=False)
 
     def post_error(self, message: str) -> None:
         """Tell every rank that this step failed."""
@@ -231,19 +252,6 @@ class Transport:
         if failed:
             raise RemoteFailure(message)
 
-    def watch(self, work: dist.Work, peer: int, send: bool, keep: list | None = None) -> Pending:
-        """Track completion of a posted operation with ``peer`` in the background."""
-        key = (peer, send)
-        watcher = self._watchers.get(key)
-        if watcher is None:
-            watcher = self._watchers[key] = _Watcher(
-                f"dualpipe-{'send' if send else 'recv'}-{peer}"
-            )
-        pending = watcher.watch(Pending(work, keep))
-        if send:
-            self._sends.append(pending)
-        return pending
-
     def wait(self, pending: Pending, what: str) -> None:
         """Complete ``pending``; fail after ``timeout`` seconds, or as soon as another rank
         reports a failure."""
@@ -258,16 +266,22 @@ class Transport:
             raise PipelineError(f"communication failed while waiting for {what}: {pending.error}")
 
     def send_bytes_in_flight(self) -> int:
-        """Bytes of posted sends not yet complete (their buffers are still held)."""
+        """Bytes of sends not yet delivered (their buffers are still held)."""
         self._sends = [p for p in self._sends if not p.done]
         return sum(t.nbytes for p in self._sends for t in (p.keep or ()))
 
     def drain_sends(self, what: str) -> None:
-        """Wait until every posted send has completed."""
+        """Wait until every send has been delivered."""
         for pending in self._sends:
             self.wait(pending, what)
         self._sends = []
 
-    def wait_work(self, work: dist.Work, peer: int, what: str) -> None:
-        """Post-and-wait helper for one-off exchanges: complete ``work`` with a deadline."""
-        self.wait(self.watch(work, peer, send=False), what)
+    def exchange(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> torch.Tensor:
+        """Swap a tensor of the same shape with ``peer`` (blocking, with a deadline)."""
+        other = torch.empty_like(tensor)
+        incoming = self.recv([other], peer, tag)
+        outgoing = self.send([tensor], peer, tag)
+        self.wait(incoming, what)
+        self.wait(outgoing, what)
+        self._sends.remove(outgoing)
+        return other

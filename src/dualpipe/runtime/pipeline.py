@@ -171,12 +171,8 @@ class Pipeline(nn.Module):
         return torch.cat([t.detach().reshape(-1).to(self.transport.device) for t in tensors])
 
     def _exchange(self, flat: torch.Tensor) -> torch.Tensor:
-        other = torch.empty_like(flat)
         peer = self._partner()
-        works = self.transport.post([(flat, peer, 0)], [(other, peer, 0)])
-        for w in works:
-            self.transport.wait_work(w, peer, f"mirrored stage data from rank {peer}")
-        return other
+        return self.transport.exchange(flat, peer, 0, f"mirrored stage data from rank {peer}")
 
     def _mirror_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Parameters of (module 0, module 1); module 0 of this rank mirrors module 1 of
