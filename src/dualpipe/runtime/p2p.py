@@ -134,10 +134,9 @@ class _Channel:
     between two ranks are matched in order, so one thread per peer and direction
     loses nothing. For NCCL the caller posts (batched) and the thread only waits."""
 
-    def __init__(self, name: str, op: Callable[..., dist.Work] | None, peer: int,
-                 group: dist.ProcessGroup | None) -> None:
+    def __init__(self, name: str, op: Callable[..., dist.Work] | None, peer: int) -> None:
         self._jobs: queue.SimpleQueue[tuple[list[Any], int, Pending]] = queue.SimpleQueue()
-        self._op, self._peer, self._group = op, peer, group
+        self._op, self._peer = op, peer
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -148,7 +147,7 @@ class _Channel:
                 if self._op is None:  # already posted: items are works
                     works = items
                 else:
-                    works = [self._op(t, self._peer, self._group, tag) for t in items]
+                    works = [self._op([t], self._peer, tag) for t in items]
                 for work in works:
                     work.wait()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -166,7 +165,7 @@ class Transport:
 
     Args:
         group: process group (None = default).
-        ranks: global rank of each pipeline rank.
+        group_ranks: rank in ``group`` of each pipeline rank.
         device: where messages live (CPU for gloo, the GPU for NCCL).
         timeout: seconds a wait may last before the step fails.
         error_key: key in the process group's store where failures are posted.
@@ -175,13 +174,15 @@ class Transport:
     def __init__(
         self,
         group: dist.ProcessGroup | None,
-        ranks: Sequence[int],
+        group_ranks: Sequence[int],
         device: torch.device,
         timeout: float,
         error_key: str,
     ) -> None:
         self.group = group
-        self.ranks = list(ranks)
+        self._pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        self.group_ranks = list(group_ranks)
+        self.ranks = [dist.get_global_rank(self._pg, g) for g in self.group_ranks]
         self.device = device
         self.timeout = timeout
         self.error_key = error_key
@@ -197,9 +198,11 @@ class Transport:
     def _channel(self, peer: int, send: bool) -> _Channel:
         channel = self._channels.get((peer, send))
         if channel is None:
-            op = None if self.batched else (dist.isend if send else dist.irecv)
+            # the process group's own send/recv (group ranks), without the Python
+            # wrappers of torch.distributed.isend/irecv (about 20 us per call)
+            op = None if self.batched else (self._pg.send if send else self._pg.recv)
             name = f"dualpipe-{'send-to' if send else 'recv-from'}-{peer}"
-            channel = _Channel(name, op, self.ranks[peer], self.group)
+            channel = _Channel(name, op, self.group_ranks[peer])
             self._channels[(peer, send)] = channel
         return channel
 

@@ -117,13 +117,9 @@ class Pipeline(nn.Module):
         self.module_list = nn.ModuleList(modules)
         self.device = _module_device(modules)
         self.batch_dim = batch_dim
-        if process_group is None:
-            global_ranks = mapping
-        else:
-            global_ranks = [dist.get_global_rank(process_group, g) for g in mapping]
         uid = next(_instances)
         self.transport = Transport(
-            process_group, global_ranks, self.device, timeout, f"dualpipe/{uid}/error"
+            process_group, mapping, self.device, timeout, f"dualpipe/{uid}/error"
         )
         self.executor = Executor(
             self.rank, modules, self.transport, split_backward, static_shapes=static_shapes
