@@ -325,51 +325,45 @@ class Pipeline(nn.Module):
         return self.step(*args, **kwargs)
 
 
-class DualPipe(Pipeline):
+class _NamedPipeline(Pipeline):
+    """A :class:`Pipeline` whose schedule is fixed by the class; positional arguments
+    follow the original DualPipe: ``(modules, batch_dim, process_group, rank_mapping)``."""
+
+    SCHEDULE = ""
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        batch_dim: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        rank_mapping: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            modules,
+            self.SCHEDULE,
+            batch_dim=batch_dim,
+            process_group=process_group,
+            rank_mapping=rank_mapping,
+            **kwargs,
+        )
+
+
+class DualPipe(_NamedPipeline):
     """Bidirectional DualPipe. Rank r passes ``(stage r, stage N-1-r)``; N even.
 
     Positional arguments follow the original: ``DualPipe(modules, batch_dim,
     process_group, rank_mapping)``; the rest are :class:`Pipeline`'s keywords.
     """
 
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        batch_dim: int = 0,
-        process_group: dist.ProcessGroup | None = None,
-        rank_mapping: Sequence[int] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            modules,
-            "dualpipe",
-            batch_dim=batch_dim,
-            process_group=process_group,
-            rank_mapping=rank_mapping,
-            **kwargs,
-        )
+    SCHEDULE = "dualpipe"
 
 
-class DualPipeV(Pipeline):
+class DualPipeV(_NamedPipeline):
     """V-shaped DualPipeV. Rank r passes ``(stage r, stage 2N-1-r)``.
 
     Positional arguments follow the original: ``DualPipeV(modules, batch_dim,
     process_group, rank_mapping)``; the rest are :class:`Pipeline`'s keywords.
     """
 
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        batch_dim: int = 0,
-        process_group: dist.ProcessGroup | None = None,
-        rank_mapping: Sequence[int] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            modules,
-            "dualpipev",
-            batch_dim=batch_dim,
-            process_group=process_group,
-            rank_mapping=rank_mapping,
-            **kwargs,
-        )
+    SCHEDULE = "dualpipev"
