@@ -165,7 +165,6 @@ class Executor:
             dict(known[1]) if known else {}
         )
         self.record = StepRecord(time.perf_counter(), time.time()) if record else None
-        self.result.losses = []
         losses: dict[int, torch.Tensor] = {}
         outputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self._losses, self._outputs = losses, outputs
@@ -179,7 +178,8 @@ class Executor:
                 self._run_pair(i)
                 i += 2
             else:
-                self._receive(i)  # wait for inputs before the timed compute
+                # wait for inputs before the timed compute; a timeout is reported too
+                self._guarded(actions[i], lambda i=i: self._receive(i))
                 t0 = time.perf_counter()
                 self._guarded(actions[i], lambda i=i: self._run_one(i))
                 if self.record is not None:
@@ -348,8 +348,8 @@ class Executor:
         fwd, bwd = self.plan.actions[i], self.plan.actions[i + 1]
         module0, module1 = self._module(fwd.phase), self._module(bwd.phase)
         fb = getattr(type(module0), "overlapped_forward_backward", None)
-        self._receive(i)  # a pair starts when both halves' inputs are here
-        self._receive(i + 1)
+        # a pair starts when both halves' inputs are here
+        self._guarded(Overlap(fwd, bwd), lambda: (self._receive(i), self._receive(i + 1)))
         t0 = time.perf_counter()
         if fb is None or bwd.op is not Op.BACKWARD:
             self._guarded(fwd, lambda: self._run_one(i))
