@@ -339,73 +339,67 @@ def run_sleep(
                         continue
                     if name == "dualpipe" and ranks % 2:
                         continue
-                    stages = bench_workers.num_stages(name, ranks)
-                    chunks = _chunks_for(token, stages)
+                    chunks = _chunks_for(token, bench_workers.num_stages(name, ranks))
                     row = Row(section, ranks, _size_label(numel), chunks, label, impl, vs=vs)
                     group[label] = row
                     rows_out.append(row)
-                    costs = _costs(f, b, w)
-                    expected = None
-                    if sim_name is not None:
-                        try:
-                            result = simulate(generate(sim_name, ranks, chunks), costs)
-                            expected = result.makespan
-                        except Exception as exc:  # noqa: BLE001 - reported as a row
-                            row.error = _short_error(exc)
-                            _print_progress(row)
-                            continue
-                    else:
-                        expected = 2.5 * chunks * 2 * (f + b + w)
-                    cfg = {
-                        "impl": impl, "schedule": name, "chunks": chunks, "f": f, "b": b,
-                        "w": w, "numel": numel, "warmup": warmup, "steps": steps,
-                        "timeout": args.timeout, "timeline": args.timeline,
-                    }
-                    limit = _timeout(expected, steps + warmup, ranks)
-                    try:
-                        results = bench_launch.launch(bench_workers.sleep_worker, ranks, cfg,
-                                                      timeout=limit)
-                    except Exception as exc:  # noqa: BLE001 - reported as a row
-                        row.error = _short_error(exc)
-                        _print_progress(row)
-                        continue
-                    row.step_ms, row.min_ms = _median_step(results)
-                    row.actions = max(r["actions"] for r in results)
-                    row.cpu_ms = statistics.mean(r["cpu"] for r in results) * 1000.0
-                    row.overshoot_ms = statistics.mean(r["overshoot_ms"] for r in results)
-                    schedule = None
-                    if sim_name is not None:
-                        schedule = generate(sim_name, ranks, chunks)
-                    elif results[0]["order"] is not None:
-                        try:
-                            schedule = torch_schedule([r["order"] for r in results], ranks,
-                                                      chunks)
-                        except Exception as exc:  # noqa: BLE001 - note, not an error
-                            row.notes.append(f"torch order not simulated: {exc}")
-                    if schedule is not None:
-                        try:
-                            sim = simulate(schedule, costs)
-                            row.ideal_ms = max(sim.busy)
-                            row.sim_ms = sim.makespan
-                            if numel in comm:
-                                row.sim_comm_ms = simulate(
-                                    schedule, _costs(f, b, w, comm[numel])
-                                ).makespan
-                            o = row.overshoot_ms or 0.0
-                            if o > 0 and f > 0 and b > 0 and w > 0:
-                                row.sim_slept_ms = simulate(
-                                    schedule, _costs(f + o, b + o, w + o)
-                                ).makespan
-                        except Exception as exc:  # noqa: BLE001 - note, not an error
-                            row.notes.append(f"not simulated: {_short_error(exc)}")
-                    _timeline_note(row, results)
-                    _check_counts(row, results, name, ranks, chunks)
+                    _run_config(args, row, name, sim_name, numel, comm.get(numel), (f, b, w),
+                                steps, warmup)
                     _print_progress(row)
                 for row in group.values():
-                    if row.vs and row.vs in group:
-                        other = group[row.vs]
-                        if row.step_ms and other.step_ms and other.chunks == row.chunks:
-                            row.ratio = row.step_ms / other.step_ms
+                    other = group.get(row.vs or "")
+                    if other is not None and row.step_ms and other.step_ms:
+                        row.ratio = row.step_ms / other.step_ms
+
+
+def _run_config(
+    args: argparse.Namespace, row: Row, name: str, sim_name: str | None, numel: int,
+    comm_ms: float | None, fbw: tuple[float, float, float], steps: int, warmup: int,
+) -> None:
+    """Run one sleep configuration on fresh ranks and fill ``row`` (or its error)."""
+    f, b, w = fbw
+    ranks, chunks = row.ranks, row.chunks
+    costs = _costs(f, b, w)
+    try:
+        ours = generate(sim_name, ranks, chunks) if sim_name is not None else None
+    except Exception as exc:  # noqa: BLE001 - reported as a row
+        row.error = _short_error(exc)
+        return
+    expected = simulate(ours, costs).makespan if ours is not None else 5 * chunks * (f + b + w)
+    cfg = {
+        "impl": row.runtime, "schedule": name, "chunks": chunks, "f": f, "b": b, "w": w,
+        "numel": numel, "warmup": warmup, "steps": steps, "timeout": args.timeout,
+        "timeline": args.timeline,
+    }
+    try:
+        results = bench_launch.launch(bench_workers.sleep_worker, ranks, cfg,
+                                      timeout=_timeout(expected, steps + warmup, ranks))
+    except Exception as exc:  # noqa: BLE001 - reported as a row
+        row.error = _short_error(exc)
+        return
+    row.step_ms, row.min_ms = _median_step(results)
+    row.actions = max(r["actions"] for r in results)
+    row.cpu_ms = statistics.mean(r["cpu"] for r in results) * 1000.0
+    row.overshoot_ms = statistics.mean(r["overshoot_ms"] for r in results)
+    schedule = ours
+    if schedule is None and results[0]["order"] is not None:
+        try:
+            schedule = torch_schedule([r["order"] for r in results], ranks, chunks)
+        except Exception as exc:  # noqa: BLE001 - note, not an error
+            row.notes.append(f"torch order not simulated: {_short_error(exc)}")
+    if schedule is not None:
+        try:
+            sim = simulate(schedule, costs)
+            row.ideal_ms, row.sim_ms = max(sim.busy), sim.makespan
+            if comm_ms is not None:
+                row.sim_comm_ms = simulate(schedule, _costs(f, b, w, comm_ms)).makespan
+            o = row.overshoot_ms
+            if o > 0 and min(f, b, w) > 0:
+                row.sim_slept_ms = simulate(schedule, _costs(f + o, b + o, w + o)).makespan
+        except Exception as exc:  # noqa: BLE001 - note, not an error
+            row.notes.append(f"not simulated: {_short_error(exc)}")
+    _timeline_note(row, results)
+    _check_counts(row, results)
 
 
 def _timeline_note(row: Row, results: list[dict[str, Any]]) -> None:
@@ -429,17 +423,15 @@ def _timeline_note(row: Row, results: list[dict[str, Any]]) -> None:
     )
 
 
-def _check_counts(row: Row, results: list[dict[str, Any]], name: str, ranks: int,
-                  chunks: int) -> None:
+def _check_counts(row: Row, results: list[dict[str, Any]]) -> None:
     """Every micro-batch must run each stage's forward and weight branch exactly once,
-    and its input branch once except on stage 0."""
-    del name, ranks
+    and its input branch once except on stage 0; a mismatch becomes a note."""
     for res in results:
         counts = res["counts"]
         stages = res["stages"]
-        per_stage = chunks
+        per_stage = row.chunks
         if row.label == "DualPipe":
-            per_stage = chunks // 2  # each copy of a stage sees one stream
+            per_stage = row.chunks // 2  # each copy of a stage sees one stream
         fwd = per_stage * len(stages)
         inp = per_stage * sum(1 for s in stages if s != 0)
         got = (counts["forward"], counts["input"], counts["weight"])
@@ -623,8 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sections to run: sleep, zero, gpt (default all)")
     p.add_argument("--zero-ranks", type=int, default=4, help="ranks of the zero-cost rows")
     p.add_argument("--zero-chunks", type=int, default=20, help="micro-batches, zero-cost rows")
-    p.add_argument("--zero-steps", type=int, default=20, help="timed steps, zero-cost rows")
+    p.add_argument("--zero-steps", type=int, default=40, help="timed steps, zero-cost rows")
     p.add_argument("--gpt-chunks", type=int, default=8, help="micro-batches of the GPT rows")
+    p.add_argument("--gpt-steps", type=int, default=20, help="timed steps of the GPT rows")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank may wait for a message (default 60)")
     p.add_argument("--timeline", action="store_true",
@@ -642,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunk_tokens = _parse_list(args.chunks)
     sizes = [_parse_size(s) for s in _parse_list(args.sizes)]
     steps, warmup = max(args.steps, 1), max(args.warmup, 1)  # step 1 sets torch's shapes up
-    zero_steps, gpt_steps = args.zero_steps, max(steps, 5)
+    zero_steps, gpt_steps = args.zero_steps, args.gpt_steps
     shape = bench_gpt.GPTShape()
     if args.quick:
         ranks_list, chunk_tokens, sizes = [2], ["2x"], [SIZES["4k"]]
