@@ -78,17 +78,21 @@ def run_distributed(
     *args: Any,
     timeout: float = 120.0,
     threads: int | None = 1,
+    context: Any = None,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes.
 
     ``fn`` must be importable (defined at module level). Returns the per-rank
     results in rank order; raises :class:`DistributedRunError` with every failing
-    rank's traceback if any rank fails or the run exceeds ``timeout`` seconds.
+    rank's traceback if any rank fails or the run exceeds ``timeout`` seconds (once
+    one rank has failed, the others get a few seconds to report, then all stop).
     ``threads`` sets ``torch.set_num_threads`` in each process (None: leave it).
+    ``context`` is the multiprocessing context (default: spawn; a forkserver that
+    preloads torch starts ranks much faster).
     """
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    ctx = context if context is not None else mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
@@ -114,22 +118,7 @@ def run_distributed(
     deadline = time.monotonic() + timeout
     out: dict[int, tuple[bool, Any]] = {}
     try:
-        while len(out) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                rank, ok, value = results.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in out]
-                if dead and all(p.exitcode not in (0, None) for r, p in enumerate(procs)
-                                if r in dead):
-                    time.sleep(0.5)  # let a last message arrive
-                    if results.empty():
-                        for r in dead:
-                            out[r] = (False, f"process exited with code {procs[r].exitcode}")
-                continue
-            out[rank] = (ok, value)
+        _collect(procs, results, out, world_size, deadline)
     finally:
         for p in procs:
             p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
@@ -140,7 +129,45 @@ def run_distributed(
     missing = [r for r in range(world_size) if r not in out]
     failed = {r: v for r, (ok, v) in out.items() if not ok}
     if missing or failed:
-        parts = [f"rank {r} did not finish within {timeout:.0f} s" for r in missing]
-        parts += [f"rank {r} failed:\n{tb}" for r, tb in sorted(failed.items())]
+        parts = [f"rank {r} failed:\n{tb}" for r, tb in sorted(failed.items())]
+        if missing:
+            parts.append(f"ranks {missing} did not finish within {timeout:.0f} s")
         raise DistributedRunError("\n".join(parts))
     return [out[r][1] for r in range(world_size)]
+
+
+def _collect(
+    procs: list[Any], results: Any, out: dict[int, tuple[bool, Any]], world_size: int,
+    deadline: float,
+) -> None:
+    """Gather ``(rank, ok, value)`` reports until all arrived, one failed, or time is up."""
+    while len(out) < world_size and time.monotonic() < deadline:
+        try:
+            rank, ok, value = results.get(timeout=min(0.5, deadline - time.monotonic()))
+        except (queue.Empty, ValueError):
+            dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in out]
+            if dead:
+                time.sleep(0.5)  # let a last report arrive
+                _drain(results, out)
+                for r in dead:
+                    out.setdefault(r, (False, f"process exited with code {procs[r].exitcode}"))
+                if any(not ok for ok, _ in out.values()):
+                    return  # the others will hang or time out: stop now
+            continue
+        out[rank] = (ok, value)
+        if not ok:
+            grace = min(deadline, time.monotonic() + 3.0)  # let the others report their side
+            while len(out) < world_size and time.monotonic() < grace:
+                _drain(results, out, wait=0.2)
+            return
+
+
+def _drain(results: Any, out: dict[int, tuple[bool, Any]], wait: float = 0.0) -> None:
+    try:
+        while True:
+            rank, ok, value = results.get(timeout=wait) if wait else results.get_nowait()
+            out[rank] = (ok, value)
+            if wait:
+                return
+    except queue.Empty:
+        return
