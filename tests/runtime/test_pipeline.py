@@ -7,7 +7,12 @@ import pytest
 
 from dualpipe.testing import run_distributed
 
-from .workers import check_many, check_mapped, check_static_shapes
+from .workers import (
+    check_custom_schedule,
+    check_many,
+    check_mapped,
+    check_static_shapes,
+)
 
 KINDS = ["mlp", "traps", "two"]
 
@@ -50,3 +55,9 @@ def test_static_shapes_send_headers_once() -> None:
 def test_rank_mapping() -> None:
     for report in run_distributed(check_mapped, 2, timeout=120):
         assert len(report) == 2
+
+
+def test_custom_schedule_runs_and_bad_ones_are_refused() -> None:
+    for messages in run_distributed(check_custom_schedule, 2, timeout=120):
+        assert "fixed schedule of 3 micro-batches; got num_chunks=4" in messages[0]
+        assert "I0.0" in messages[1] and "W" in messages[1], messages[1]

@@ -184,3 +184,44 @@ def check_mapped(rank: int, world: int) -> list[str]:
     return check_pipeline(
         rank, world, "dualpipev", "mlp", [2 * world], rank_mapping=mapping
     ) + check_pipeline(rank, world, "dualpipe", "mlp", [2 * world], rank_mapping=mapping)
+
+
+CUSTOM_TEXT = """\
+rank 0: F0.0 F0.1 I0.0 F0.2 I0.1 W0.0 B0.2 W0.1
+rank 1: F0.0 B0.0 F0.1 I0.1 F0.2 B0.2 W0.1
+"""
+
+
+def check_custom_schedule(rank: int, world: int) -> list[str]:
+    """A hand-written schedule runs exactly; an unsound one and a wrong chunk count are
+    refused with clear errors."""
+    from dualpipe.schedules.layout import linear_layout
+    from dualpipe.schedules.schedule import Schedule, ScheduleError
+
+    schedule = Schedule.from_text(CUSTOM_TEXT, linear_layout(2), name="mine")
+    stages = build_stages("mlp", 2, seed=3)
+    ref = copy.deepcopy(stages)
+    pipe = Pipeline([copy.deepcopy(stages[rank])], schedule, timeout=30)
+    inputs, labels = make_batch("mlp", 6, seed=4)
+    if rank == 0:
+        loss, _ = pipe.step(*inputs, num_chunks=3, criterion=criterion)
+        assert loss is None
+    else:
+        loss, _ = pipe.step(num_chunks=3, criterion=criterion, labels=(labels,))
+        ref_losses, _ = _reference(ref, [(inputs, labels)], 3, train=True)
+        assert torch.equal(loss, torch.stack(ref_losses[0]))
+    if rank == 1:
+        for p, q in zip(pipe.parameters(), ref[1].parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    messages = []
+    try:
+        pipe.step(*(inputs if rank == 0 else ()), num_chunks=4, criterion=criterion,
+                  labels=(labels,) if rank == 1 else ())
+    except ScheduleError as exc:
+        messages.append(str(exc))
+    broken = Schedule.from_text(CUSTOM_TEXT.replace("W0.0 ", ""), linear_layout(2))
+    try:
+        Pipeline([copy.deepcopy(stages[rank])], broken, timeout=30)
+    except ScheduleError as exc:
+        messages.append(str(exc))
+    return messages

@@ -22,7 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..schedules.generators import SCHEDULES, generate
+from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
+from ..schedules.validate import validate
 from .executor import Executor, StepData, StepRecord
 from .microbatch import concat_chunks, split_batch
 from .p2p import PipelineError, Transport
@@ -51,7 +53,10 @@ class Pipeline(nn.Module):
         modules: the stage modules this rank holds (one for ``1f1b``/``zb1p``/``gpipe``;
             two for ``dualpipe`` — stages r and N-1-r — and ``dualpipev`` — stages r and
             2N-1-r).
-        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``).
+        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``),
+            or a :class:`~dualpipe.schedules.Schedule` of your own (for example parsed
+            with ``Schedule.from_text``): it is validated first, and every step then runs
+            exactly its ``num_chunks`` micro-batches.
         batch_dim: dimension along which inputs and labels are split into micro-batches.
         process_group: the pipeline's process group (default: the world).
         rank_mapping: ``rank_mapping[i]`` is the group rank that acts as pipeline rank ``i``
@@ -74,7 +79,7 @@ class Pipeline(nn.Module):
     def __init__(
         self,
         modules: nn.Module | Sequence[nn.Module],
-        schedule: str = "dualpipev",
+        schedule: str | Schedule = "dualpipev",
         *,
         batch_dim: int = 0,
         process_group: dist.ProcessGroup | None = None,
@@ -92,7 +97,6 @@ class Pipeline(nn.Module):
             )
         if isinstance(modules, nn.Module):
             modules = (modules,)
-        self.schedule_name = schedule.lower()
         self.group = process_group
         size = dist.get_world_size(process_group)
         group_rank = dist.get_rank(process_group)
@@ -101,13 +105,27 @@ class Pipeline(nn.Module):
             raise ValueError(f"rank_mapping must be a permutation of 0..{size - 1}, got {mapping}")
         self.num_ranks = size
         self.rank = mapping.index(group_rank)
-        if self.schedule_name not in SCHEDULES:
-            raise ScheduleError(
-                f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
-            )
-        if self.schedule_name == "dualpipe" and size % 2:
-            raise ScheduleError(f"dualpipe: the number of ranks must be even, got {size}")
-        self.layout = layout_for(self.schedule_name, size)
+        self._fixed: Schedule | None = None
+        if isinstance(schedule, Schedule):
+            if schedule.num_ranks != size:
+                raise ScheduleError(
+                    f"the schedule is for {schedule.num_ranks} ranks; the group has {size}"
+                )
+            validate(schedule)  # a hand-made schedule must be sound before anything runs
+            self._fixed = schedule
+            self.schedule_name = schedule.name
+            self.layout = schedule.layout
+        else:
+            self.schedule_name = schedule.lower()
+            if self.schedule_name not in SCHEDULES:
+                raise ScheduleError(
+                    f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
+                )
+            if self.schedule_name == "dualpipe" and size % 2:
+                raise ScheduleError(f"dualpipe: the number of ranks must be even, got {size}")
+            self.layout = layout_for(self.schedule_name, size)
+        # DualPipe's layout holds every stage on two ranks (r and N-1-r)
+        self.mirrored = size % 2 == 0 and self.layout == dualpipe_layout(size)
         expected = len(self.layout.rank_stages[self.rank])
         if len(modules) != expected:
             raise ValueError(
@@ -127,7 +145,7 @@ class Pipeline(nn.Module):
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
         self.last_record: StepRecord | None = None
-        if self.schedule_name == "dualpipe" and mirrored_weights != "ignore":
+        if self.mirrored and mirrored_weights != "ignore":
             if mirrored_weights not in ("check", "sync"):
                 raise ValueError("mirrored_weights must be 'check', 'sync' or 'ignore'")
             self._mirror_weights(sync=mirrored_weights == "sync")
@@ -144,6 +162,13 @@ class Pipeline(nn.Module):
 
     # --------------------------------------------------------------- helpers
     def _schedule(self, num_chunks: int) -> Schedule:
+        if self._fixed is not None:
+            if num_chunks not in (0, self._fixed.num_chunks):
+                raise ScheduleError(
+                    f"this pipeline runs a fixed schedule of {self._fixed.num_chunks} "
+                    f"micro-batches; got num_chunks={num_chunks}"
+                )
+            return self._fixed
         if num_chunks not in self._schedules:
             self._schedules[num_chunks] = generate(self.schedule_name, self.num_ranks, num_chunks)
         return self._schedules[num_chunks]
@@ -216,7 +241,7 @@ class Pipeline(nn.Module):
         """DualPipe: sum the gradients of the two copies of every stage (both copies end
         with the same, summed gradient). Called after each training step unless
         ``sync_mirrored_grads=False``."""
-        if self.schedule_name != "dualpipe":
+        if not self.mirrored:
             return
         mine0, mine1 = self._mirror_params()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine0 + mine1]
