@@ -200,15 +200,32 @@ class Pipeline(nn.Module):
         the partner."""
         return list(self.module_list[0].parameters()), list(self.module_list[1].parameters())
 
-    def _mirror_weights(self, sync: bool) -> None:
-        mine0, mine1 = self._mirror_params()
-        flat = self._flat(mine0 + mine1)
+    def _swap_with_partner(
+        self, tensors: list[torch.Tensor], n0: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Swap flattened ``tensors`` (module 0's first, ``n0`` values) with the partner.
+
+        Returns ``(mine0, mine1, theirs0, theirs1)`` where ``theirs0`` is the partner's copy
+        of this rank's module 0 (the partner's module 1) and ``theirs1`` of module 1."""
+        flat = self._flat(tensors)
         other = self._exchange(flat)
-        n0 = sum(p.numel() for p in mine0)
-        theirs1, theirs0 = other[: other.numel() - n0], other[other.numel() - n0 :]
-        # partner sends (its module0 = my module1, its module1 = my module0)
-        n1 = sum(p.numel() for p in mine1)
-        if theirs1.numel() != n1 or theirs0.numel() != n0:
+        n1 = flat.numel() - n0  # the partner sends its module 0 (= my module 1) first
+        return flat[:n0], flat[n0:], other[n1:], other[:n1]
+
+    @staticmethod
+    def _pieces(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """``flat`` cut back into tensors shaped like ``params`` (on their devices)."""
+        out, offset = [], 0
+        for p in params:
+            out.append(flat[offset : offset + p.numel()].view_as(p).to(p.device))
+            offset += p.numel()
+        return out
+
+    def _mirror_weights(self, sync: bool) -> None:
+        params0, params1 = self._mirror_params()
+        n0 = sum(p.numel() for p in params0)
+        mine0, mine1, theirs0, theirs1 = self._swap_with_partner(params0 + params1, n0)
+        if theirs0.numel() != n0:
             raise ValueError(
                 f"rank {self.rank}: the two copies of a DualPipe stage have different "
                 f"parameter counts (ranks {self.rank} and {self._partner()})"
@@ -216,26 +233,16 @@ class Pipeline(nn.Module):
         if sync:
             if self.rank > self._partner():
                 with torch.no_grad():
-                    self._unflatten(theirs0, mine0)
-                    self._unflatten(theirs1, mine1)
+                    for params, theirs in ((params0, theirs0), (params1, theirs1)):
+                        for p, piece in zip(params, self._pieces(theirs, params), strict=True):
+                            p.copy_(piece)
             return
-        if not (torch.equal(theirs0, flat[:n0]) and torch.equal(theirs1, flat[n0:])):
+        if not (torch.equal(theirs0, mine0) and torch.equal(theirs1, mine1)):
             raise ValueError(
                 f"rank {self.rank}: the two copies of a DualPipe stage differ between ranks "
                 f"{self.rank} and {self._partner()}; build them from the same weights or pass "
                 "mirrored_weights='sync'"
             )
-
-    @staticmethod
-    def _unflatten(flat: torch.Tensor, params: list[torch.Tensor], add: bool = False) -> None:
-        offset = 0
-        for p in params:
-            piece = flat[offset : offset + p.numel()].view_as(p).to(p.device)
-            if add:
-                p.grad = piece.clone() if p.grad is None else p.grad + piece
-            else:
-                p.copy_(piece)
-            offset += p.numel()
 
     def sync_grads(self) -> None:
         """DualPipe: sum the gradients of the two copies of every stage (both copies end
@@ -243,20 +250,13 @@ class Pipeline(nn.Module):
         ``sync_mirrored_grads=False``."""
         if not self.mirrored:
             return
-        mine0, mine1 = self._mirror_params()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine0 + mine1]
-        flat = self._flat(grads)
-        other = self._exchange(flat)
-        n0 = sum(p.numel() for p in mine0)
-        n1 = flat.numel() - n0
-        theirs1, theirs0 = other[:n1], other[n1:]
-        total0 = flat[:n0] + theirs0
-        total1 = flat[n0:] + theirs1
-        for params, total in ((mine0, total0), (mine1, total1)):
-            offset = 0
-            for p in params:
-                p.grad = total[offset : offset + p.numel()].view_as(p).to(p.device).clone()
-                offset += p.numel()
+        params0, params1 = self._mirror_params()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params0 + params1]
+        n0 = sum(p.numel() for p in params0)
+        mine0, mine1, theirs0, theirs1 = self._swap_with_partner(grads, n0)
+        for params, total in ((params0, mine0 + theirs0), (params1, mine1 + theirs1)):
+            for p, piece in zip(params, self._pieces(total, params), strict=True):
+                p.grad = piece.clone()
 
     # --------------------------------------------------------------- step
     def step(
