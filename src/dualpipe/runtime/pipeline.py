@@ -175,13 +175,9 @@ class Pipeline(nn.Module):
 
     def _ends(self) -> tuple[int | None, int | None]:
         """(stream starting on this rank, stream ending on this rank)."""
-        start = end = None
-        for s, path in enumerate(self.layout.paths):
-            if path[0][0] == self.rank:
-                start = s
-            if path[-1][0] == self.rank:
-                end = s
-        return start, end
+        starts = self.layout.streams_starting_on(self.rank)
+        ends = self.layout.streams_ending_on(self.rank)
+        return (starts[0] if starts else None), (ends[0] if ends else None)
 
     def _partner(self) -> int:
         return self.num_ranks - 1 - self.rank
@@ -286,7 +282,7 @@ class Pipeline(nn.Module):
             self.transport.post_error(f"rank {self.rank}: invalid step arguments: {exc}")
             raise
         result = self.executor.run(schedule, data, record=record)
-        self.last_record = self.executor.record
+        self.last_record = self.executor.last_record
         if data.training and self.sync_mirrored_grads:
             self.sync_grads()
         if self._ends()[1] is None:
@@ -342,7 +338,8 @@ class Pipeline(nn.Module):
         every rank, returned on pipeline rank ``dst`` (None elsewhere)."""
         if self.last_record is None:
             raise RuntimeError("no recorded step: call step(..., record=True) first")
-        schedule = self.executor.schedule
+        assert self.executor.last_plan is not None
+        schedule = self.executor.last_plan.schedule
         return gather_timeline(self.last_record, schedule, self.rank, self.group, dst)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
