@@ -14,6 +14,7 @@ measured timeline on request.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,15 +26,14 @@ from ..schedules.generators import SCHEDULES, generate
 from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
+from .errors import PipelineError, RemoteFailure
 from .executor import Executor, StepData, StepRecord
 from .microbatch import concat_chunks, split_batch
-from .p2p import PipelineError, Transport
+from .p2p import Transport
+from .protocol import EXCHANGE_SEQ, PipelineIdentity, handshake
 from .timeline import MeasuredTimeline, gather_timeline
 
 __all__ = ["Pipeline", "DualPipe", "DualPipeV", "PipelineError"]
-
-_instances = itertools.count()
-
 
 def _module_device(modules: Sequence[nn.Module]) -> torch.device:
     devices = {
@@ -135,20 +135,64 @@ class Pipeline(nn.Module):
         self.module_list = nn.ModuleList(modules)
         self.device = _module_device(modules)
         self.batch_dim = batch_dim
-        uid = next(_instances)
-        self.transport = Transport(
-            process_group, mapping, self.device, timeout, f"dualpipe/{uid}/error"
-        )
+        self.timeout = timeout
+        self.transport = Transport(process_group, mapping, self.rank, self.device, timeout)
         self.executor = Executor(
             self.rank, modules, self.transport, split_backward, static_shapes=static_shapes
         )
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
+        self._steps = 0
         self.last_record: StepRecord | None = None
+        if self.mirrored and mirrored_weights not in ("check", "sync", "ignore"):
+            raise ValueError("mirrored_weights must be 'check', 'sync' or 'ignore'")
+        self.identity = self._handshake(
+            group_rank,
+            {
+                "schedule": self._fixed.to_text() if self._fixed else self.schedule_name,
+                "layout": (self.layout.paths, self.layout.stages, self.layout.rank_stages),
+                "rank_mapping": mapping,
+                "static_shapes": static_shapes,
+                "split_backward": split_backward,
+                "sync_mirrored_grads": sync_mirrored_grads,
+                "mirrored_weights": mirrored_weights,
+                "batch_dim": batch_dim,
+            },
+        )
+        self._finalizer = weakref.finalize(self, self.transport.close)
         if self.mirrored and mirrored_weights != "ignore":
-            if mirrored_weights not in ("check", "sync"):
-                raise ValueError("mirrored_weights must be 'check', 'sync' or 'ignore'")
             self._mirror_weights(sync=mirrored_weights == "sync")
+
+    def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
+        """Agree with the other ranks on who this pipeline is and on its configuration."""
+        pg = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
+        ranks = dist.get_process_group_ranks(pg)
+        store = self.transport.store
+        if store is None:  # no store to meet in: nothing to compare, one pipeline per group
+            identity = PipelineIdentity(tuple(ranks), 0)
+        else:
+            identity = handshake(store, ranks, group_rank, config, self.timeout)
+        self.transport.key = identity.key
+        self.transport.pipeline = identity.number
+        return identity
+
+    # --------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Release what the pipeline holds: its per-peer threads and its reference to the
+        process group (which stays yours to destroy). Idempotent; also done when the
+        pipeline is garbage-collected, and at the end of a ``with`` block."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --------------------------------------------------------------- compat
     def set_p2p_tensor_shapes(self, shapes: Any) -> None:
@@ -189,7 +233,8 @@ class Pipeline(nn.Module):
 
     def _exchange(self, flat: torch.Tensor) -> torch.Tensor:
         peer = self._partner()
-        return self.transport.exchange(flat, peer, 0, f"mirrored stage data from rank {peer}")
+        return self.transport.exchange(flat, peer, EXCHANGE_SEQ,
+                                       f"mirrored stage data from rank {peer}")
 
     def _mirror_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Parameters of (module 0, module 1); module 0 of this rank mirrors module 1 of
@@ -275,16 +320,25 @@ class Pipeline(nn.Module):
         the per-micro-batch losses. ``record=True`` keeps a measured timeline in
         :attr:`last_record` (see :meth:`gather_timeline`).
         """
+        if self.closed:
+            raise PipelineError("this pipeline is closed")
+        self._steps += 1
+        self.transport.begin_step(self._steps)
         try:
             schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
         except (ValueError, ScheduleError) as exc:
             # tell the other ranks at once instead of letting them wait for a timeout
             self.transport.post_error(f"rank {self.rank}: invalid step arguments: {exc}")
+            self.executor.abandon(RemoteFailure(str(exc)))
             raise
-        result = self.executor.run(schedule, data, record=record)
+        result = self.executor.run(schedule, data, self._steps, record=record)
         self.last_record = self.executor.last_record
         if data.training and self.sync_mirrored_grads:
-            self.sync_grads()
+            try:
+                self.sync_grads()
+            except Exception as exc:
+                self.executor.abandon(exc)
+                raise
         if self._ends()[1] is None:
             return None, None
         loss = torch.stack(result.losses) if result.losses else None

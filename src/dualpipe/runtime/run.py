@@ -15,6 +15,7 @@ from ..schedules.actions import Action, Overlap
 from .inbox import Inbox
 from .p2p import BaseTransport, PipelineError, RemoteFailure, TensorMeta, encode_header
 from .plan import ActionPlan, ExecutionPlan, HandOff, PlannedStep, Route
+from .protocol import Stamp
 from .record import StepRecord
 from .shapes import BoundaryShapes
 from .split_backward import WeightGradWork
@@ -97,6 +98,7 @@ class StepRun:
         handlers: Mapping[str, Handler],
         split: bool,
         keep_outputs: bool,
+        stamp: Stamp,
         record: StepRecord | None,
     ) -> None:
         self.plan = plan
@@ -108,7 +110,7 @@ class StepRun:
         self.split = split
         self.keep_outputs = keep_outputs
         self.record = record
-        self.inbox = Inbox(plan, transport, shapes, record)
+        self.inbox = Inbox(plan, transport, shapes, stamp, record)
         self.saved: dict[tuple[int, int], tuple[list[Any], list[torch.Tensor]]] = {}
         self.deferred: dict[tuple[int, int], WeightGradWork | None] = {}
         self.local: dict[HandOff, list[torch.Tensor]] = {}
