@@ -108,8 +108,8 @@ class Executor:
                       self.split, self.keep_outputs, stamp, trace)
         self.last_plan, self.last_record = plan, trace
         for step in plan.steps:
-            run.inbox.post(step)
-            # wait for inputs before the timed compute; a timeout is reported too
+            # post what is due and wait for the step's inputs before its timed compute
+            # (a timeout or a disagreeing stamp is reported like a failing action)
             run.guard(step.label, partial(run.receive, step))
             t0 = time.perf_counter()
             run.guard(step.label, partial(self.handlers[step.kind], run, step))

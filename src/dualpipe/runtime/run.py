@@ -139,7 +139,8 @@ class StepRun:
                                                                             {})))
 
     def receive(self, step: PlannedStep) -> None:
-        """Wait for every message ``step`` needs (before its timed compute)."""
+        """Post the receives due before ``step`` and wait for every message it needs."""
+        self.inbox.post(step)
         for a in step.actions:
             for msg in a.recvs:
                 self.inbox.complete(msg)
