@@ -25,6 +25,7 @@ from torch.autograd.graph import get_gradient_edge
 from ..schedules.actions import Action, Op, Overlap
 from ..schedules.comm import Message, RankPlan, plan_communication
 from ..schedules.schedule import Schedule
+from .declared import Declared
 from .p2p import (
     HEADER_LEN,
     Pending,
@@ -122,6 +123,7 @@ class Executor:
         self.transport = transport
         self.split = split_backward
         self.static_shapes = static_shapes
+        self.declared: Declared | None = None  # shapes/dtype the user declared, checked
         self.lookahead = lookahead
         self._plans: dict[tuple[Schedule, bool, bool], tuple[RankPlan, dict[Message, int]]] = {}
         self._known: dict[tuple[Schedule, bool], tuple[dict, dict]] = {}
@@ -452,6 +454,9 @@ class Executor:
             metas = [TensorMeta(m.shape, m.dtype, False) for m in metas]
         known = self.sent_metas.get((stream, pos))
         if known is None:
+            problem = self.declared.mismatch(metas) if self.declared is not None else None
+            if problem is not None:
+                raise PipelineError(problem)
             self.sent_metas[(stream, pos)] = metas
         elif known != metas:
             raise PipelineError(

@@ -25,6 +25,7 @@ from ..schedules.generators import SCHEDULES, generate
 from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
+from .declared import Declared, declared
 from .executor import Executor, StepData, StepRecord
 from .microbatch import concat_chunks, split_batch
 from .mirrored import MirroredStages
@@ -122,8 +123,11 @@ class Pipeline(nn.Module):
             structure and ``requires_grad`` must agree in every mode.
         static_shapes: promise that every step has the same boundary shapes. Shapes are
             still discovered (on the first step); afterwards no metadata message is sent.
-            By default a small header travels once per boundary per step (never per
-            micro-batch), so shapes may change between steps.
+            Default (``None``): on if the original's module-level
+            :func:`~dualpipe.set_p2p_tensor_shapes` was called before construction (its
+            shapes, and :func:`~dualpipe.set_p2p_tensor_dtype`'s dtype, are then checked
+            on the first step), otherwise off: a small header travels once per boundary
+            per step (never per micro-batch), so shapes may change between steps.
     """
 
     def __init__(
@@ -138,7 +142,7 @@ class Pipeline(nn.Module):
         split_backward: bool = True,
         sync_mirrored_grads: bool = True,
         mirrored_weights: str = "check",
-        static_shapes: bool = False,
+        static_shapes: bool | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -186,9 +190,14 @@ class Pipeline(nn.Module):
         self.transport = Transport(
             process_group, to_group, self.device, timeout, f"dualpipe/{uid}/error"
         )
+        declaration = declared()
+        if static_shapes is None:
+            static_shapes = declaration.shapes is not None
         self.executor = Executor(
             self.rank, stages, self.transport, split_backward, static_shapes=static_shapes
         )
+        if declaration != Declared():
+            self.executor.declared = declaration
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
         self.last_record: StepRecord | None = None
@@ -202,14 +211,20 @@ class Pipeline(nn.Module):
             self.mirrored.check(mirrored_weights)
 
     # --------------------------------------------------------------- compat
-    def set_p2p_tensor_shapes(self, shapes: Any) -> None:
-        """Compatibility with the original DualPipe. Shapes are discovered at run time;
-        calling this (on every rank) only promises they stay fixed, which turns on
-        ``static_shapes`` (no metadata messages after the first step)."""
+    def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
+        """Like the module-level :func:`~dualpipe.set_p2p_tensor_shapes`, for this pipeline
+        only (call it on every rank, before the first step): turns on ``static_shapes``
+        and checks them the next time a step discovers its shapes."""
+        fixed = tuple(tuple(int(n) for n in shape) for shape in shapes)
+        old = self.executor.declared or Declared()
+        self.executor.declared = Declared(fixed, old.dtype)
         self.executor.static_shapes = True
 
-    def set_p2p_tensor_dtype(self, dtype: Any) -> None:
-        """Accepted for compatibility with the original DualPipe; dtypes are discovered."""
+    def set_p2p_tensor_dtype(self, dtype: torch.dtype) -> None:
+        """Like the module-level :func:`~dualpipe.set_p2p_tensor_dtype`, for this pipeline
+        only: the dtype is checked the next time a step discovers its shapes."""
+        old = self.executor.declared or Declared()
+        self.executor.declared = Declared(old.shapes, dtype)
 
     # --------------------------------------------------------------- helpers
     def _schedule(self, num_chunks: int) -> Schedule:

@@ -16,7 +16,8 @@ autograd Functions required and no recomputation:
 ``WeightGradWork.run()``
     Performs the deferred work once, accumulating into the parameters' ``.grad``.
 ``defer_weight_grad(fn)``
-    Explicit deferral for custom autograd Functions (like DualPipe's ``WeightGradStore``).
+    Explicit deferral for custom autograd Functions; the original DualPipe's
+    ``WeightGradStore.put`` (:mod:`dualpipe.utils`) is honoured the same way.
 
 How the split works
 -------------------
@@ -109,6 +110,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+
+from ..utils import WeightGradStore, run_weight_grad_fns
 
 __all__ = [
     "WeightGradWork",
@@ -271,8 +274,10 @@ class WeightGradWork:
 
     :meth:`run` performs it exactly once, accumulating into the parameters' ``.grad``
     (through autograd's ``AccumulateGrad`` nodes, as ``loss.backward()`` would), then runs
-    the functions queued with :func:`defer_weight_grad`, then drops every reference (autograd
-    nodes, captured gradients), so the stage's remaining saved activations can be freed.
+    the functions queued with :func:`defer_weight_grad` or put in the
+    :class:`~dualpipe.utils.WeightGradStore`, all under ``torch.no_grad()``, then drops every
+    reference (autograd nodes, captured gradients), so the stage's remaining saved
+    activations can be freed.
     Calling :meth:`run` a second time raises ``RuntimeError``.
     """
 
@@ -306,12 +311,13 @@ class WeightGradWork:
         self._done = True
         calls, fns = self._calls, self._fns
         self._calls, self._fns, self._keepalive = [], [], []
-        with _Sink(None):
+        # autograd off: hand-written accumulations (``w.grad += g.T @ x``) must not give
+        # ``.grad`` a grad_fn (nor keep activations alive through one)
+        with _Sink(None), torch.no_grad():
             for roots, grads, params in calls:
                 _accumulate(roots, grads, params)
             calls.clear()
-            for fn in fns:
-                fn()
+            run_weight_grad_fns(fns)
             fns.clear()
 
     def __repr__(self) -> str:
@@ -735,6 +741,9 @@ def backward_input(
 ) -> tuple[list[Tensor | None], WeightGradWork]:
     """Input-only backward of one stage for one micro-batch.
 
+    Meanwhile :class:`~dualpipe.utils.WeightGradStore` is enabled: the functions custom
+    Functions put there join the returned work (after its own).
+
     Returns the gradients w.r.t. ``inputs`` (the same values :func:`backward_full` returns)
     and a :class:`WeightGradWork` holding the parameter-gradient work, which is not done
     here (see the module docstring for what is deferred and the few cases where part of it
@@ -750,6 +759,19 @@ def backward_input(
         inputs: the stage inputs: leaf tensors (typically detached received activations);
             those with ``requires_grad=False`` get ``None``.
     """
+    stored: list[Callable[[], None]] = []
+    with WeightGradStore.collect(stored):
+        grads, work = _split(outputs, grad_outputs, inputs)
+    work._fns.extend(stored)
+    return grads, work
+
+
+def _split(
+    outputs: Sequence[Tensor | GradientEdge],
+    grad_outputs: Sequence[Tensor | None],
+    inputs: Sequence[Tensor],
+) -> tuple[list[Tensor | None], WeightGradWork]:
+    """:func:`backward_input` without the :class:`~dualpipe.utils.WeightGradStore`."""
     req = _grad_inputs(inputs)
     outs, grads = _roots(outputs, grad_outputs)
     results: list[Tensor | None] = [None] * len(inputs)
