@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -182,9 +183,9 @@ class Executor:
                 i += 2
             else:
                 # wait for inputs before the timed compute; a timeout is reported too
-                self._guarded(actions[i], lambda i=i: self._receive(i))
+                self._guarded(actions[i], partial(self._receive, i))
                 t0 = time.perf_counter()
-                self._guarded(actions[i], lambda i=i: self._run_one(i))
+                self._guarded(actions[i], partial(self._run_one, i))
                 if self.record is not None:
                     self.record.steps.append((actions[i], t0, time.perf_counter()))
                 i += 1
@@ -303,6 +304,10 @@ class Executor:
         for msg in self.plan.recvs[i]:
             self._complete(msg)
 
+    def _receive_all(self, indices: Sequence[int]) -> None:
+        for i in indices:
+            self._receive(i)
+
     def _take(self, msgs: list[Message]) -> list[torch.Tensor]:
         payload: list[torch.Tensor] = []
         for msg in msgs:
@@ -352,7 +357,7 @@ class Executor:
         module0, module1 = self._module(fwd.phase), self._module(bwd.phase)
         fb = getattr(type(module0), "overlapped_forward_backward", None)
         # a pair starts when both halves' inputs are here
-        self._guarded(Overlap(fwd, bwd), lambda: (self._receive(i), self._receive(i + 1)))
+        self._guarded(Overlap(fwd, bwd), partial(self._receive_all, (i, i + 1)))
         t0 = time.perf_counter()
         if fb is None or bwd.op is not Op.BACKWARD:
             self._guarded(fwd, lambda: self._run_one(i))
@@ -394,7 +399,9 @@ class Executor:
         assert labels is not None
         return labels[action.chunk]
 
-    def _forward_inputs(self, i: int, action: Action) -> tuple[torch.Tensor, ...]:
+    def _forward_inputs(self, i: int, action: Action) -> tuple[torch.Tensor | None, ...]:
+        """The inputs of a forward; only a first stage's may contain ``None`` (the
+        user's own inputs, passed on as they are)."""
         stream, pos = self.layout.locate(self.rank, action.phase)
         training = self.data.training
         if pos == 0:
@@ -417,13 +424,15 @@ class Executor:
         self,
         i: int,
         action: Action,
-        inputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor | None],
         out: Any,
         loss: torch.Tensor | None,
     ) -> None:
         outputs = _as_tuple(out)
         stream, pos = self.layout.locate(self.rank, action.phase)
-        leaves = [t for t in inputs if t.requires_grad and t.grad_fn is None] if pos else []
+        leaves = [
+            t for t in inputs if t is not None and t.requires_grad and t.grad_fn is None
+        ] if pos else []
         if self.layout.is_last(self.rank, action.phase):
             if loss is None and self.data.criterion is not None:
                 loss = self.data.criterion(*outputs, *self._labels(action))

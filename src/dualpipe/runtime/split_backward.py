@@ -127,7 +127,9 @@ try:
     # What torch.autograd.backward/grad call after validating their arguments. Every call
     # made here has validated (or engine-produced) gradients, so the Python-side checks of
     # the public functions (about 10 us per call) are skipped when this is available.
-    from torch.autograd.graph import _engine_run_backward as _ENGINE_RUN
+    from torch.autograd.graph import _engine_run_backward
+
+    _ENGINE_RUN: Callable[..., Any] | None = _engine_run_backward
 except ImportError:  # pragma: no cover - older or newer torch
     _ENGINE_RUN = None
 
@@ -150,7 +152,9 @@ def _accumulate(
             accumulate_grad=True,
         )
     else:  # pragma: no cover
-        torch.autograd.backward(roots, grads, retain_graph=retain_graph, inputs=inputs)
+        torch.autograd.backward(
+            roots, grads, retain_graph=retain_graph, inputs=inputs  # type: ignore[arg-type]
+        )
 
 
 def _gradients(
@@ -168,8 +172,14 @@ def _gradients(
             accumulate_grad=False,
         )
     return torch.autograd.grad(  # pragma: no cover
-        roots, targets, grads, retain_graph=True, allow_unused=True
+        roots, targets, grads, retain_graph=True, allow_unused=True  # type: ignore[arg-type]
     )
+
+
+def _leaf_tensor(node: Node) -> Tensor:
+    """The tensor an ``AccumulateGrad`` node accumulates into."""
+    leaf: Tensor = node.variable  # type: ignore[attr-defined]  # AccumulateGrad only
+    return leaf
 
 
 def _is_custom(node: Node) -> bool:
@@ -638,9 +648,9 @@ class _Plan:
             root = _find(parent, (m & -m).bit_length() - 1)
             lst = params.get(root)
             if lst is None:
-                params[root] = [nodes[j].variable]
+                params[root] = [_leaf_tensor(nodes[j])]
             else:
-                lst.append(nodes[j].variable)
+                lst.append(_leaf_tensor(nodes[j]))
         comps: dict[int, list[int]] = {}
         for s in range(nsrc):
             comps.setdefault(_find(parent, s), []).append(s)
@@ -794,7 +804,7 @@ def _split(
         if kind is None:
             kind = _node_kind(type(node))
         if kind == _LEAF:
-            targets.append(id(node.variable) in input_ids)
+            targets.append(id(_leaf_tensor(node)) in input_ids)
         else:
             targets.append(False)
             if kind == _PLAIN_ONLY:
@@ -890,23 +900,23 @@ def _split(
             if sid < nf:
                 has_frontier = True
                 node = nodes[plan.frontier[sid][0]]
-                for s, gr in captured[sid]:
-                    if gr is not None:
+                for s, cap in captured[sid]:
+                    if cap is not None:
                         roots.append(GradientEdge(node, s))
-                        rgrads.append(gr)
+                        rgrads.append(cap)
             elif sid < nf + nc:
                 c = plan.croots[sid - nf]
                 for s in _slot_list(g.slots[c]):
-                    gr = buffers.get((c, s))
-                    if gr is not None:
+                    buffered = buffers.get((c, s))
+                    if buffered is not None:
                         roots.append(GradientEdge(nodes[c], s))
-                        rgrads.append(gr)
+                        rgrads.append(buffered)
             else:
                 r = plan.oroots[sid - nf - nc]
-                for o, gr, ri in zip(outs, grads, root_idx, strict=True):
+                for o, out_grad, ri in zip(outs, grads, root_idx, strict=True):
                     if ri == r:
                         roots.append(_edge(o))
-                        rgrads.append(gr)
+                        rgrads.append(out_grad)
         if not roots:
             continue
         if not has_frontier:

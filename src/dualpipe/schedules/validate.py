@@ -183,8 +183,8 @@ def problems(schedule: Schedule) -> list[str]:
                             f"{site.at()}: W for B{name}, a full backward that defers nothing"
                         )
                     elif any(op is Op.INPUT for op, _ in later):
-                        step = next(s.step for op, s in later if op is Op.INPUT)
-                        found.append(f"{site.at()}: W{name} runs before its I{name} (step {step})")
+                        at = next(s.step for op, s in later if op is Op.INPUT)
+                        found.append(f"{site.at()}: W{name} runs before its I{name} (step {at})")
                     else:
                         found.append(f"{site.at()}: W{name} without an earlier I{name}")
         for (phase, chunk), site in pending.items():
