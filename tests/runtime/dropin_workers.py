@@ -79,21 +79,20 @@ class Block(nn.Module):
         module0: Block,
         inputs0: list[torch.Tensor],
         criterion0: Callable[..., torch.Tensor] | None,
-        labels0: list[torch.Tensor] | None,
+        labels0: list[torch.Tensor],
         module1: Block,
         loss1: torch.Tensor | None,
-        outputs1: list[torch.Tensor] | None,
-        output_grads1: list[torch.Tensor] | None,
+        outputs1: list[torch.Tensor],
+        output_grads1: list[torch.Tensor],
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         COUNTS["overlapped"] += 1
         out = module0(*inputs0)
         outputs0 = [out] if isinstance(out, torch.Tensor) else list(out)
-        loss0 = criterion0(*outputs0, *(labels0 or [])) if criterion0 is not None else None
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
         if loss1 is not None:
             loss1.backward()
             loss1.detach_()
         else:
-            assert outputs1 is not None and output_grads1 is not None
             COUNTS["run_backward"] += 1
             run_backward(outputs1, output_grads1)
         return outputs0, loss0

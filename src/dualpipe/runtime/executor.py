@@ -375,7 +375,9 @@ class Executor:
         roots1, leaves1 = self.saved.pop((bwd.phase, bwd.chunk))
         last0 = self.layout.is_last(self.rank, fwd.phase)
         last1 = self.layout.is_last(self.rank, bwd.phase)
-        labels0 = list(self._labels(fwd)) if last0 else None
+        # the original's conventions: [] for labels without a loss here and for the
+        # outputs and gradients of a backward that starts from the loss
+        labels0 = list(self._labels(fwd)) if last0 else []
         for leaf in leaves1:
             leaf.grad = None
         out0, loss0 = fb(
@@ -385,8 +387,8 @@ class Executor:
             labels0,
             module1,
             roots1[0] if last1 else None,
-            None if last1 else list(roots1),
-            None if last1 else list(grads1),
+            [] if last1 else list(roots1),
+            [] if last1 else list(grads1),
         )
         in_grads: list[torch.Tensor | None] = [leaf.grad for leaf in leaves1]
         for leaf in leaves1:
