@@ -205,8 +205,7 @@ def test_demo_forwards_its_arguments(
     ("argv", "needle"),
     [
         (["schedule", "dualpipe", "--ranks", "3", "--chunks", "8"], "even"),
-        (["schedule", "dualpipe", "--ranks", "4", "--chunks", "6"], ">= 2 * ranks"),
-        (["schedule", "dualpipev", "--ranks", "4", "--chunks", "7"], ">= 2 * ranks"),
+        (["schedule", "dualpipe", "--ranks", "4", "--chunks", "7"], "num_chunks must be even"),
         (["schedule", "dualpipe", "--ranks", "0", "--chunks", "8"], "positive"),
         (["schedule", "pipedream", "--ranks", "4", "--chunks", "8"], "unknown schedule"),
         (["schedule", "dualpipe", "--ranks", "four", "--chunks", "8"], "invalid int"),

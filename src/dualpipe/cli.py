@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .schedules.generators import SCHEDULES, generate
-from .schedules.schedule import Schedule, ScheduleError, layout_for
+from .schedules.registry import SCHEDULES, generate, layout_for
+from .schedules.schedule import Schedule, ScheduleError
 from .simulation import Costs, SimResult, seed_bubble, simulate
 
 __all__ = ["main", "build_parser"]
