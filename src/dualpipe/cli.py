@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the seed's comparison table, measured by simulation")
     p.add_argument("--stages", type=int, required=True, help="pipeline stages PP (even)")
-    p.add_argument("--chunks", type=int, required=True, help="micro-batches (even, >= 2 PP)")
+    p.add_argument(
+        "--chunks", type=int, required=True, help="micro-batches (methods they do not fit: left out)"
+    )
     _add_costs(p)
 
     p = sub.add_parser("validate", help="check a schedule file (JSON or text) for soundness")
