@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="the seed's comparison table, measured by simulation")
     p.add_argument("--stages", type=int, required=True, help="pipeline stages PP (even)")
     p.add_argument(
-        "--chunks", type=int, required=True, help="micro-batches (methods they do not fit: left out)"
+        "--chunks",
+        type=int,
+        required=True,
+        help="micro-batches (methods that cannot take them are left out)",
     )
     _add_costs(p)
 
