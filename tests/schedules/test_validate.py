@@ -403,3 +403,16 @@ def test_pairs_keep_their_order() -> None:
     assert isinstance(pair, Overlap) and str(pair) == "F1.1+B0.0"
     with pytest.raises(ValueError):
         Overlap(pair.backward, pair.forward)
+
+
+NEW = ("zbv", "v-half", "v-min", "interleaved-1f1b")
+
+
+@pytest.mark.parametrize("name", NEW + ("dualpipe", "dualpipev"))
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_new_generators_and_few_micro_batches_are_sound(name: str, data: st.DataObject) -> None:
+    """Every new generator, and DualPipe/DualPipeV with any number of micro-batches
+    (fewer than 2N too), through the validator on the grid ranks <= 16, chunks <= 64."""
+    _, ranks, chunks = data.draw(sized((name,)), label="size")
+    assert problems(generate(name, ranks, chunks)) == []

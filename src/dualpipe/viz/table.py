@@ -44,6 +44,8 @@ COMPARED: tuple[str, ...] = (
     "dualpipe",
     "dualpipev",
     "zbv",
+    "v-half",
+    "v-min",
     "interleaved-1f1b",
 )
 """Rows of the table, in order: the seed's four, then the others worth comparing."""
