@@ -50,13 +50,14 @@ class Pipeline(nn.Module):
     """Runs a named schedule over the ranks of a process group.
 
     Args:
-        modules: the stage modules this rank holds (one for ``1f1b``/``zb1p``/``gpipe``;
-            two for ``dualpipe`` — stages r and N-1-r — and ``dualpipev`` — stages r and
-            2N-1-r).
-        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``),
+        modules: the stage modules this rank holds, ``layout_for(name, N).rank_stages[r]``
+            in that order (one for ``1f1b``/``zb1p``/``gpipe``; two for ``dualpipe`` —
+            stages r and N-1-r —, for the V schedules ``dualpipev``/``zbv``/``v-half``/
+            ``v-min`` — stages r and 2N-1-r — and for ``interleaved-1f1b`` — r and r+N).
+        schedule: a registered schedule name (see ``dualpipe.schedules.schedule_names()``),
             or a :class:`~dualpipe.schedules.Schedule` of your own (for example parsed
-            with ``Schedule.from_text``): it is validated first, and every step then runs
-            exactly its ``num_chunks`` micro-batches.
+            with ``Schedule.from_text`` or ``from_torch_csv``): it is validated first, and
+            every step then runs exactly its ``num_chunks`` micro-batches.
         batch_dim: dimension along which inputs and labels are split into micro-batches.
         process_group: the pipeline's process group (default: the world).
         rank_mapping: ``rank_mapping[i]`` is the group rank that acts as pipeline rank ``i``
