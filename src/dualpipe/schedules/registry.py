@@ -45,6 +45,7 @@ class ScheduleSpec:
         min_chunks: fewest micro-batches, as a function of the number of ranks.
         extra: further rule on ``(num_ranks, num_chunks)``: returns what is wrong, or None.
         extra_text: that rule in words (for :attr:`constraints`).
+        compare: a row of ``python -m dualpipe compare``.
     """
 
     name: str
@@ -58,6 +59,7 @@ class ScheduleSpec:
     min_chunks: Callable[[int], int] = lambda num_ranks: 1
     extra: Callable[[int, int], str | None] | None = None
     extra_text: str = ""
+    compare: bool = True
 
     def check_ranks(self, num_ranks: int) -> None:
         """Raise :class:`ScheduleError` unless ``num_ranks`` suits this schedule."""
@@ -146,6 +148,7 @@ def register(
     min_chunks: Callable[[int], int] | None = None,
     extra: Callable[[int, int], str | None] | None = None,
     extra_text: str = "",
+    compare: bool = True,
 ) -> Callable[[Generator], Generator]:
     """Decorator: register ``build(num_ranks, num_chunks)`` under ``name``.
 
@@ -174,6 +177,7 @@ def register(
             min_chunks=min_chunks if min_chunks is not None else (lambda num_ranks: 1),
             extra=extra,
             extra_text=extra_text,
+            compare=compare,
         )
         if name in _SPECS:
             raise ValueError(f"schedule {name!r} registered twice")
