@@ -5,7 +5,7 @@ Subcommands::
     dualpipe schedule NAME --ranks N --chunks C [--format text|png|trace|json] [-o FILE]
     dualpipe simulate NAME --ranks N --chunks C [--f F --b B --w W --fb FB --comm X] [--json]
     dualpipe compare --stages PP --chunks C [cost flags]
-    dualpipe validate FILE [--layout NAME --ranks N]
+    dualpipe validate FILE [--layout NAME --ranks N]   (JSON, text, or PyTorch's CSV)
     dualpipe demo [ARGS...]
 
 Bad arguments give one line ``dualpipe: error: ...`` on stderr and exit status 2;
@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from .schedules.registry import SCHEDULES, generate, layout_for
 from .schedules.schedule import Schedule, ScheduleError
+from .schedules.torch_format import from_torch_csv, to_torch_csv
 from .simulation import Costs, SimResult, seed_bubble, simulate
 
 __all__ = ["main", "build_parser"]
@@ -68,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape(p)
     p.add_argument(
         "--format",
-        choices=("text", "png", "trace", "json"),
+        choices=("text", "png", "trace", "json", "torch"),
         default="text",
         help="text (default): 'rank R: TOKEN ...' lines; png / trace (Chrome, Perfetto) of the"
-        " simulated timeline, need -o; json: Schedule.to_json()",
+        " simulated timeline, need -o; json: Schedule.to_json(); torch: PyTorch's schedule CSV"
+        " (one row per rank, e.g. 0F7, (0F7;7B3)OVERLAP_F_B)",
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     _add_costs(p)
@@ -91,8 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_costs(p)
 
-    p = sub.add_parser("validate", help="check a schedule file (JSON or text) for soundness")
-    p.add_argument("file", metavar="FILE", help="Schedule.to_json() output or 'rank R: ...' text")
+    p = sub.add_parser(
+        "validate", help="check a schedule file (JSON, text or PyTorch CSV) for soundness"
+    )
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        help="Schedule.to_json() output, 'rank R: ...' text, or PyTorch's schedule CSV (*.csv)",
+    )
     p.add_argument("--layout", metavar="NAME", help="layout of a text schedule (e.g. dualpipe)")
     p.add_argument("--ranks", type=int, help="ranks of a text schedule (default: its lines)")
 
@@ -131,6 +139,8 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         text = schedule.to_text()
     elif args.format == "json":
         text = schedule.to_json()
+    elif args.format == "torch":
+        text = to_torch_csv(schedule).replace("\r\n", "\n")
     else:
         result = simulate(schedule, costs)
         if args.format == "png":
@@ -207,6 +217,9 @@ def _load_schedule(args: argparse.Namespace) -> Schedule:
         text = Path(args.file).read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    if args.file.endswith(".csv"):  # PyTorch's schedule CSV: the layout comes from the rows
+        layout = layout_for(args.layout, args.ranks) if args.layout and args.ranks else None
+        return from_torch_csv(text, layout, name=Path(args.file).stem)
     if text.lstrip().startswith("{"):
         try:
             return Schedule.from_dict(json.loads(text))

@@ -95,15 +95,17 @@ class Pipeline(nn.Module):
 
     Args:
         modules: the stage modules this rank holds, as any iterable of modules (a tuple, a
-            list, ``nn.Sequential(stage_a, stage_b)``): one for ``1f1b``/``zb1p``/``gpipe``
-            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —
-            and ``dualpipev`` — stages r and 2N-1-r. They are kept as :attr:`module` (an
-            ``nn.ModuleList``), so state-dict keys are ``module.0.*``, ``module.1.*`` as in
-            the original.
-        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``),
+            list, ``nn.Sequential(stage_a, stage_b)``), in the order of
+            ``layout_for(name, N).rank_stages[r]``: one for ``1f1b``/``zb1p``/``gpipe``
+            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —,
+            for the V schedules ``dualpipev``/``zbv``/``v-half``/``v-min`` — stages r and
+            2N-1-r — and for ``interleaved-1f1b`` — r and r+N. They are kept as
+            :attr:`module` (an ``nn.ModuleList``), so state-dict keys are ``module.0.*``,
+            ``module.1.*`` as in the original.
+        schedule: a registered schedule name (see ``dualpipe.schedules.schedule_names()``),
             or a :class:`~dualpipe.schedules.Schedule` of your own (for example parsed
-            with ``Schedule.from_text``): it is validated first, and every step then runs
-            exactly its ``num_chunks`` micro-batches.
+            with ``Schedule.from_text`` or ``from_torch_csv``): it is validated first, and
+            every step then runs exactly its ``num_chunks`` micro-batches.
         batch_dim: dimension along which inputs and labels are split into micro-batches.
         process_group: the pipeline's process group (default: the world).
         rank_mapping: as in the original, ``rank_mapping[g]`` is the pipeline rank of the
