@@ -1,0 +1,17 @@
+"""Cost-driven auto-scheduler: the schedule with the shortest simulated step under a memory
+limit (how it searches: ``docs/autoschedule.md``). Pure Python, no torch."""
+
+from .listing import Policy, list_schedule
+from .refine import refine
+from .search import LAYOUTS, AutoSchedule, activation_limit, autoschedule, search
+
+__all__ = [
+    "AutoSchedule",
+    "LAYOUTS",
+    "Policy",
+    "activation_limit",
+    "autoschedule",
+    "list_schedule",
+    "refine",
+    "search",
+]
