@@ -147,7 +147,9 @@ def list_schedule(
 
     Every rank holds at most ``limit`` activations (the simulator's peak metric). A
     forward that will visit its rank again later (the V's way down) leaves one slot
-    free for that return, so the oldest micro-batch can always move on. The makespan is
+    free for that return, and with several streams (DualPipe) each stream has its own
+    share of the limit, so the oldest micro-batch can always move on and no policy stalls
+    (``limit >= 2`` on the V, ``limit >= streams`` otherwise). The makespan is
     the one :func:`dualpipe.simulation.simulate` reports for the returned schedule: a
     step is placed when its rank is free and its inputs have arrived, as there.
     """
@@ -166,11 +168,18 @@ def list_schedule(
     next_f = [0] * len(slots)
     next_b = [0] * len(slots)
     live = [0] * n
+    streams = layout.num_streams
+    # several streams share each rank: each gets a fixed share of the limit, so the oldest
+    # micro-batch of every stream always finds room and no policy can stall
+    quota = [limit // streams + (1 if k < limit % streams else 0) for k in range(streams)]
+    live_in = [[0] * streams for _ in range(n)]
     free_at = [0.0] * n
     deferred: list[deque[tuple[int, int]]] = [deque() for _ in range(n)]
     rows: list[list[Step]] = [[] for _ in range(n)]
     left = [2 * c * len(rank_slots[r]) for r in range(n)]  # F and B/I still to run
-    entry_cap = limit - policy.headroom
+    # headroom never starves a rank: the first visit always fits into an empty rank
+    least = 2 if revisit else 1
+    entry_cap = max(limit - policy.headroom, least)
     w_gap = policy.w_gap * costs.w
     pair_wait = policy.pair_wait * gain
     is_revisit = [(s.stream, s.pos) in revisit for s in slots]
@@ -199,12 +208,17 @@ def list_schedule(
 
     def f_fits(i: int, r: int, paired: bool) -> bool:
         """Memory check for running the next forward of slot ``i`` (alone or in a pair)."""
-        room = limit
-        if slots[i].first_visit:
-            room = min(room, entry_cap)
+        slot = slots[i]
+        if streams > 1:  # the stream's own share, less the headroom on a first visit
+            used = live_in[r][slot.stream]
+            room = quota[slot.stream] - (policy.headroom if slot.first_visit else 0)
+            room = max(room, least)
+        else:
+            used = live[r]
+            room = min(limit, entry_cap) if slot.first_visit else limit
         if is_revisit[i] and not paired:
             room -= 1  # keep one slot for the micro-batch's return to this rank
-        return live[r] + 1 <= room
+        return used + 1 <= room
 
     def moves(r: int) -> tuple[float, list[tuple[float, int, int]]]:
         """Rank r's candidate steps as ``(ready time, forward slot, backward slot)`` (-1:
@@ -332,6 +346,7 @@ def list_schedule(
                 f_end[fwd][next_f[fwd]] = end
                 next_f[fwd] += 1
                 live[r] += 1
+                live_in[r][slots[fwd].stream] += 1
                 left[r] -= 1
                 nxt = slots[fwd].next
                 if nxt >= 0:
@@ -340,6 +355,7 @@ def list_schedule(
                 b_end[bwd][next_b[bwd]] = end
                 next_b[bwd] += 1
                 live[r] -= 1
+                live_in[r][slots[bwd].stream] -= 1
                 left[r] -= 1
                 prev = slots[bwd].prev
                 if prev >= 0:

@@ -123,7 +123,8 @@ def search(
         )
     per_stream = num_chunks // place.num_streams
     cap = activation_limit(place) if limit is None else limit
-    floor = 2 if any(len(set(r for r, _ in p)) < len(p) for p in place.paths) else 1
+    revisits = any(len({r for r, _ in p}) < len(p) for p in place.paths)
+    floor = 2 if revisits else place.num_streams
     if cap < floor:
         raise ValueError(f"the {layout} layout needs an activation limit >= {floor}, got {cap}")
 
