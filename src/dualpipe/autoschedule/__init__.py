@@ -2,6 +2,7 @@
 limit (how it searches: ``docs/autoschedule.md``). Pure Python, no torch."""
 
 from .listing import Policy, list_schedule
+from .measured import costs_from_timeline, message_latency
 from .refine import refine
 from .search import LAYOUTS, AutoSchedule, activation_limit, autoschedule, search
 
@@ -11,6 +12,8 @@ __all__ = [
     "Policy",
     "activation_limit",
     "autoschedule",
+    "costs_from_timeline",
+    "message_latency",
     "list_schedule",
     "refine",
     "search",
