@@ -14,7 +14,8 @@ def test_auto_schedule_trains_exactly() -> None:
     found = search(2, 5, Costs(f=1, b=2, w=1, fb=2.2, comm=0.3))
     schedule = found.schedule
     assert schedule.to_text() != generate("dualpipev", 2, 5).to_text()
-    assert any(isinstance(s, Overlap) for row in schedule.steps for s in row)  # it pairs, and defers weight gradients
+    # it pairs, and defers weight gradients
+    assert any(isinstance(s, Overlap) for row in schedule.steps for s in row)
     assert any(a.op is Op.WEIGHT for r in range(2) for a in schedule.actions(r))
     kinds = ["mlp", "traps"]
     results = run_distributed(train_auto_schedule, 2, schedule.to_dict(), kinds, timeout=120)
