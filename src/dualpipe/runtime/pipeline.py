@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..schedules.generators import SCHEDULES, generate
+from ..schedules.generators import generate
 from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
@@ -117,13 +117,7 @@ class Pipeline(nn.Module):
             self.layout = schedule.layout
         else:
             self.schedule_name = schedule.lower()
-            if self.schedule_name not in SCHEDULES:
-                raise ScheduleError(
-                    f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
-                )
-            if self.schedule_name == "dualpipe" and size % 2:
-                raise ScheduleError(f"dualpipe: the number of ranks must be even, got {size}")
-            self.layout = layout_for(self.schedule_name, size)
+            self.layout = layout_for(self.schedule_name, size)  # the registry checks name and ranks
         # DualPipe's layout holds every stage on two ranks (r and N-1-r)
         self.mirrored = size % 2 == 0 and self.layout == dualpipe_layout(size)
         expected = len(self.layout.rank_stages[self.rank])
