@@ -9,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..schedules.actions import Action, Op, Overlap, Step, step_actions
+from ..schedules.dependency import dependency
 from ..schedules.layout import Layout
 from ..schedules.schedule import Schedule
 from ..simulation import Costs
@@ -61,15 +62,24 @@ class _Slot:
     phase: int
     stream: int
     pos: int
-    prev: int  # slot index of the previous position, -1 at the path's start
-    next: int  # slot index of the next position, -1 at the path's end
+    prev: int  # slot whose forward this slot's forward needs; -1 at the path's start
+    next: int  # slot whose backward this slot's backward needs; -1 at the path's end
     first_visit: bool  # the stream has not been on this rank earlier on its path
 
 
 def _slots(layout: Layout) -> list[_Slot]:
+    """Every stage position, with its neighbours taken from the dependency rule."""
+    index: dict[tuple[int, int], int] = {}
+    for stream, path in enumerate(layout.paths):
+        for pos in range(len(path)):
+            index[(stream, pos)] = len(index)
+
+    def needs(rank: int, action: Action, op: Op) -> int:
+        dep = dependency(layout, rank, action)
+        return index[(dep.stream, dep.index)] if dep is not None and dep.op is op else -1
+
     slots: list[_Slot] = []
     for stream, path in enumerate(layout.paths):
-        base = len(slots)
         seen: set[int] = set()
         for pos, (rank, phase) in enumerate(path):
             slots.append(
@@ -78,8 +88,8 @@ def _slots(layout: Layout) -> list[_Slot]:
                     phase=phase,
                     stream=stream,
                     pos=pos,
-                    prev=base + pos - 1 if pos > 0 else -1,
-                    next=base + pos + 1 if pos + 1 < len(path) else -1,
+                    prev=needs(rank, Action(Op.FORWARD, phase, 0), Op.FORWARD),
+                    next=needs(rank, Action(Op.BACKWARD, phase, 0), Op.BACKWARD),
                     first_visit=rank not in seen,
                 )
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..schedules.actions import Action, Op, Overlap, Step, step_actions
+from ..schedules.dependency import dependency
 from ..schedules.schedule import Schedule
 from ..simulation import Costs, step_duration
 
@@ -61,32 +62,24 @@ def compile_schedule(schedule: Schedule, costs: Costs) -> Compiled:
     def rid(table: int, stream: int, pos: int, chunk: int) -> int:
         return (table * slots + index[(stream, pos)]) * c + chunk
 
+    tables = {Op.FORWARD: _F, Op.BACKWARD: _B, Op.INPUT: _I}
+
     def item(rank: int, step: Step) -> _Item:
         needs: list[tuple[int, float]] = []
         makes: list[int] = []
-        made: set[int] = set()
         for action in step_actions(step):
+            dep = dependency(layout, rank, action)
+            if dep is not None:
+                delay = costs.comm if dep.rank != rank else 0.0
+                needs.append((rid(tables[dep.op], dep.stream, dep.index, dep.chunk), delay))
             stream, pos = layout.locate(rank, action.phase)
-            path = layout.paths[stream]
             if action.op is Op.FORWARD:
-                if pos > 0:
-                    src = path[pos - 1][0]
-                    needs.append((rid(_F, stream, pos - 1, action.chunk), _delay(src, rank)))
-                made.add(rid(_F, stream, pos, action.chunk))
+                makes.append(rid(_F, stream, pos, action.chunk))
             elif action.op.is_backward:
-                if pos + 1 < len(path):
-                    src = path[pos + 1][0]
-                    needs.append((rid(_B, stream, pos + 1, action.chunk), _delay(src, rank)))
-                else:
-                    needs.append((rid(_F, stream, pos, action.chunk), 0.0))
-                made.add(rid(_B, stream, pos, action.chunk))
+                makes.append(rid(_B, stream, pos, action.chunk))
                 if action.op is Op.INPUT:
-                    made.add(rid(_I, stream, pos, action.chunk))
-            else:
-                needs.append((rid(_I, stream, pos, action.chunk), 0.0))
-            makes.extend(sorted(made - set(makes)))
-        # a result made inside this step (a pair's own forward) is not waited for
-        own = set(makes)
+                    makes.append(rid(_I, stream, pos, action.chunk))
+        own = set(makes)  # a result made inside this step (a pair's forward) is not waited for
         return _Item(
             step=step,
             dur=step_duration(step, costs),
@@ -95,9 +88,6 @@ def compile_schedule(schedule: Schedule, costs: Costs) -> Compiled:
             forward=any(a.op is Op.FORWARD for a in step_actions(step)),
             backward=any(a.op.is_backward for a in step_actions(step)),
         )
-
-    def _delay(src: int, dst: int) -> float:
-        return costs.comm if src != dst else 0.0
 
     rows = [[item(r, step) for step in schedule.steps[r]] for r in range(schedule.num_ranks)]
     return Compiled(schedule, rows, 3 * slots * c)

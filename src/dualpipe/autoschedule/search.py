@@ -9,7 +9,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from ..schedules import generate, validate
+from ..schedules import generate, schedule_names, validate
 from ..schedules.layout import Layout, dualpipe_layout, dualpipev_layout
 from ..schedules.schedule import Schedule, ScheduleError
 from ..simulation import Costs, peak_activations, simulate
@@ -22,8 +22,9 @@ LAYOUTS = {"v": dualpipev_layout, "dualpipe": dualpipe_layout}
 """Layouts the search places stages on: ``v`` (DualPipeV's and ZBV's: rank r holds stages
 r and 2N-1-r) and ``dualpipe`` (DualPipe's two directions, stages r and N-1-r)."""
 
-SEEDS = {"v": ("dualpipev", "zbv"), "dualpipe": ("dualpipe",)}
-"""Named schedules on each layout that seed the search (where they exist for the sizes)."""
+SEEDS = {"v": ("dualpipev", "zbv", "v-half", "v-min"), "dualpipe": ("dualpipe",)}
+"""Named schedules on each layout that seed the search (those registered, where they exist
+for the sizes)."""
 
 ONE_F_ONE_B = Policy(split=False, pair=False)
 """1F1B on the layout: a ready backward first, full backwards, no pairs."""
@@ -135,7 +136,7 @@ def search(
     def keep(schedule: Schedule, makespan: float, origin: str) -> None:
         found.append((makespan, origin, schedule))
 
-    for name in SEEDS[layout]:
+    for name in (x for x in SEEDS[layout] if x in schedule_names()):
         seed = _named(name, num_ranks, num_chunks)
         if seed is None or max(peak_activations(seed, r) for r in range(num_ranks)) > cap:
             seeds[name] = None
