@@ -6,7 +6,8 @@ Subcommands::
     dualpipe simulate NAME --ranks N --chunks C [--f F --b B --w W --fb FB --comm X] [--json]
     dualpipe compare --stages PP --chunks C [cost flags]
     dualpipe validate FILE [--layout NAME --ranks N]
-    dualpipe autoschedule --ranks N --chunks C [cost flags] [--limit A] [--layout v|dualpipe]
+    dualpipe autoschedule --ranks N --chunks C [cost flags] [--limit A] [--max-deferred D]
+                          [--layout v|dualpipe] [--json] [-o FILE]
     dualpipe demo [ARGS...]
 
 Bad arguments give one line ``dualpipe: error: ...`` on stderr and exit status 2;
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_costs(p)
     p.add_argument(
         "--limit", type=int, help="activations per rank, in stage units (default: stages + 1)"
+    )
+    p.add_argument(
+        "--max-deferred", type=int, help="deferred weight gradients per rank (default: any)"
     )
     p.add_argument(
         "--layout", choices=("v", "dualpipe"), default="v", help="stage placement (default v)"
@@ -257,13 +261,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_autoschedule(args: argparse.Namespace) -> int:
     from .autoschedule import search
 
-    found = search(args.ranks, args.chunks, _costs(args), limit=args.limit, layout=args.layout)
+    found = search(
+        args.ranks,
+        args.chunks,
+        _costs(args),
+        limit=args.limit,
+        layout=args.layout,
+        max_deferred=args.max_deferred,
+    )
     if args.output:
         _write(args.output, found.schedule.to_json())
     summary = {
         "makespan": found.makespan,
         "peak_activations": found.peak,
         "limit": found.limit,
+        "deferred_weights": found.deferred,
         "seeds": found.seeds,
         "origin": found.origin,
         "seconds": found.seconds,
@@ -278,6 +290,7 @@ def _cmd_autoschedule(args: argparse.Namespace) -> int:
     )
     print(f"makespan {_num(found.makespan)} (seeds: {seeds})")
     print(f"peak activations {found.peak} per rank (limit {found.limit})")
+    print(f"deferred weight gradients at most {found.deferred} per rank")
     print(f"from: {found.origin} ({found.candidates} candidates, {found.seconds:.2f} s)")
     return 0
 

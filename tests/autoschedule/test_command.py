@@ -34,10 +34,16 @@ def test_json_and_output_file(capsys: pytest.CaptureFixture[str], tmp_path: Path
     schedule = Schedule.from_dict(data["schedule"])
     validate(schedule)
     assert data["limit"] == 6 and data["peak_activations"] <= 6
+    assert data["deferred_weights"] >= 0
     assert data["seeds"]["dualpipev"] is None  # DualPipeV needs 7 per rank
     assert simulate(schedule, COSTS).makespan == pytest.approx(data["makespan"])
     assert Schedule.from_dict(json.loads(target.read_text())) == schedule
     assert main(["validate", str(target)]) == 0
+
+
+def test_max_deferred(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["autoschedule", *ARGS, "--max-deferred", "1"]) == 0
+    assert "deferred weight gradients at most 1 per rank" in capsys.readouterr().out
 
 
 def test_dualpipe_layout(capsys: pytest.CaptureFixture[str]) -> None:

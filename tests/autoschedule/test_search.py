@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dualpipe.autoschedule import activation_limit, autoschedule, search
+from dualpipe.autoschedule import activation_limit, autoschedule, deferred_peak, search
 from dualpipe.autoschedule.listing import list_schedule
 from dualpipe.autoschedule.search import ONE_F_ONE_B
 from dualpipe.schedules import dualpipe_layout, dualpipev_layout, validate
@@ -62,6 +62,19 @@ def test_any_limit_is_respected(limit: int) -> None:
     _check(found, costs, limit)
     # DualPipeV needs PP + 1 = 7 activations per rank: below that it is no candidate
     assert (found.seeds["dualpipev"] is None) == (limit < 7)
+
+
+@pytest.mark.parametrize("max_deferred", [0, 1, 3])
+def test_deferred_weight_gradients_bounded(max_deferred: int) -> None:
+    costs = Costs(f=1, b=2, w=1, fb=2.2, comm=0.2)
+    found = search(4, 8, costs, max_deferred=max_deferred)
+    _check(found, costs, 9)
+    assert found.deferred == deferred_peak(found.schedule) <= max_deferred
+    # ZBV keeps up to 2N - 1 = 7 deferred: it is no candidate under these bounds
+    assert found.seeds["zbv"] is None
+    unbounded = search(4, 8, costs)
+    assert unbounded.deferred > 3
+    assert unbounded.makespan <= found.makespan + 1e-9
 
 
 def test_small_exact_cases() -> None:

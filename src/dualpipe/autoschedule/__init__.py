@@ -4,7 +4,14 @@ limit (how it searches: ``docs/autoschedule.md``). Pure Python, no torch."""
 from .listing import Policy, list_schedule
 from .measured import costs_from_timeline, message_latency
 from .refine import refine
-from .search import LAYOUTS, AutoSchedule, activation_limit, autoschedule, search
+from .search import (
+    LAYOUTS,
+    AutoSchedule,
+    activation_limit,
+    autoschedule,
+    deferred_peak,
+    search,
+)
 
 __all__ = [
     "AutoSchedule",
@@ -13,6 +20,7 @@ __all__ = [
     "activation_limit",
     "autoschedule",
     "costs_from_timeline",
+    "deferred_peak",
     "message_latency",
     "list_schedule",
     "refine",

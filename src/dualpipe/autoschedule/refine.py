@@ -19,6 +19,7 @@ __all__ = ["Compiled", "compile_schedule", "refine"]
 
 _INF = float("inf")
 _F, _B, _I = 0, 1, 2  # result tables: forward output, input gradient, deferred weight work
+_DEFERS = {Op.INPUT: 1, Op.WEIGHT: -1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class _Item:
     makes: tuple[int, ...]
     forward: bool
     backward: bool
+    defers: int  # +1 for an input-only backward, -1 for a W
 
 
 @dataclass
@@ -87,6 +89,7 @@ def compile_schedule(schedule: Schedule, costs: Costs) -> Compiled:
             makes=tuple(makes),
             forward=any(a.op is Op.FORWARD for a in step_actions(step)),
             backward=any(a.op.is_backward for a in step_actions(step)),
+            defers=sum(_DEFERS.get(a.op, 0) for a in step_actions(step)),
         )
 
     rows = [[item(r, step) for step in schedule.steps[r]] for r in range(schedule.num_ranks)]
@@ -163,6 +166,15 @@ def peak(row: list[_Item]) -> int:
     return top
 
 
+def deferred_peak(row: list[_Item]) -> int:
+    """Most weight gradients deferred at once on one rank."""
+    pending = top = 0
+    for it in row:
+        pending += it.defers
+        top = max(top, pending)
+    return top
+
+
 def _critical(compiled: Compiled, ev: _Eval) -> list[tuple[int, int]]:
     """Steps on one critical path, from the last to finish back to the start."""
     rows = compiled.rows
@@ -200,10 +212,12 @@ def refine(
     limit: int,
     max_evals: int,
     allow_pairs: bool = True,
+    max_deferred: int | None = None,
 ) -> tuple[Schedule, float]:
     """Improve ``schedule`` by local search with at most ``max_evals`` simulations; return
-    the best order found and its simulated makespan. ``allow_pairs``: moves may form
-    overlapped pairs (worth it only when ``fb < f + b``)."""
+    the best order found and its simulated makespan. Every rank keeps at most ``limit``
+    activations and ``max_deferred`` deferred weight gradients (None: no bound).
+    ``allow_pairs``: moves may form overlapped pairs (worth it only when ``fb < f + b``)."""
     compiled = compile_schedule(schedule, costs)
     rows = compiled.rows
     initial = evaluate(compiled, detail=True)
@@ -267,7 +281,9 @@ def refine(
             for first, width, new in candidates(r, k):
                 old = row[first : first + width]
                 row[first : first + width] = new
-                if peak(row) <= limit:
+                if peak(row) <= limit and (
+                    max_deferred is None or deferred_peak(row) <= max_deferred
+                ):
                     evals += 1
                     ev = evaluate(compiled, detail=True)
                     if better(ev):

@@ -9,14 +9,21 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from ..schedules import generate, schedule_names, validate
+from ..schedules import Op, generate, schedule_names, validate
 from ..schedules.layout import Layout, dualpipe_layout, dualpipev_layout
 from ..schedules.schedule import Schedule, ScheduleError
 from ..simulation import Costs, peak_activations, simulate
 from .listing import Policy, list_schedule
 from .refine import refine
 
-__all__ = ["AutoSchedule", "LAYOUTS", "activation_limit", "autoschedule", "search"]
+__all__ = [
+    "AutoSchedule",
+    "LAYOUTS",
+    "activation_limit",
+    "autoschedule",
+    "deferred_peak",
+    "search",
+]
 
 LAYOUTS = {"v": dualpipev_layout, "dualpipe": dualpipe_layout}
 """Layouts the search places stages on: ``v`` (DualPipeV's and ZBV's: rank r holds stages
@@ -28,6 +35,19 @@ for the sizes)."""
 
 ONE_F_ONE_B = Policy(split=False, pair=False)
 """1F1B on the layout: a ready backward first, full backwards, no pairs."""
+
+
+def deferred_peak(schedule: Schedule) -> int:
+    """Most weight gradients any rank keeps deferred at once (input-only backwards whose
+    ``W`` has not run yet): each holds what its weight gradient needs (e.g. the inputs
+    of the stage's linear layers), memory the activation metric does not count."""
+    top = 0
+    for rank in range(schedule.num_ranks):
+        pending = 0
+        for action in schedule.actions(rank):
+            pending += {Op.INPUT: 1, Op.WEIGHT: -1}.get(action.op, 0)
+            top = max(top, pending)
+    return top
 
 
 def activation_limit(layout: Layout) -> int:
@@ -46,6 +66,7 @@ class AutoSchedule:
         makespan: its simulated step time.
         peak: its largest per-rank peak of activations (``<= limit``).
         limit: the per-rank activation limit searched under.
+        deferred: its :func:`deferred_peak` (``<= max_deferred`` when that was given).
         origin: which candidate it came from (a seed, a seed with its weight gradients
             re-placed, or a policy), and ``+ local search`` when that improved it.
         seeds: simulated makespan of every seed under the same costs, ``None`` where the
@@ -58,13 +79,14 @@ class AutoSchedule:
     makespan: float
     peak: int
     limit: int
+    deferred: int
     origin: str
     seeds: dict[str, float | None] = field(default_factory=dict)
     candidates: int = 0
     seconds: float = 0.0
 
 
-def _policies(costs: Costs) -> list[Policy]:
+def _policies(costs: Costs, max_deferred: int | None) -> list[Policy]:
     """The policy family (a fixed list, so the search is deterministic)."""
     gain = costs.f + costs.b - costs.pair > 0
     waits = (0.0, 0.5, 1.0) if gain else (0.0,)
@@ -80,6 +102,7 @@ def _policies(costs: Costs) -> list[Policy]:
                 deep_backward=deep_backward,
                 w_gap=w_gap,
                 headroom=headroom,
+                max_deferred=max_deferred,
             )
         )
     return out
@@ -99,10 +122,12 @@ def search(
     *,
     limit: int | None = None,
     layout: str = "v",
+    max_deferred: int | None = None,
     refine_evals: int = 300,
 ) -> AutoSchedule:
     """Find the schedule with the shortest simulated step on ``layout`` under ``costs``
-    with at most ``limit`` activations per rank (default :func:`activation_limit`).
+    with at most ``limit`` activations per rank (default :func:`activation_limit`) and,
+    if given, at most ``max_deferred`` deferred weight gradients per rank.
 
     ``num_chunks`` counts all micro-batches (even for the ``dualpipe`` layout, half per
     direction). ``refine_evals`` bounds the local search (simulations per candidate
@@ -138,7 +163,11 @@ def search(
 
     for name in (x for x in SEEDS[layout] if x in schedule_names()):
         seed = _named(name, num_ranks, num_chunks)
-        if seed is None or max(peak_activations(seed, r) for r in range(num_ranks)) > cap:
+        if (
+            seed is None
+            or max(peak_activations(seed, r) for r in range(num_ranks)) > cap
+            or (max_deferred is not None and deferred_peak(seed) > max_deferred)
+        ):
             seeds[name] = None
             continue
         makespan = simulate(seed, costs).makespan
@@ -146,11 +175,13 @@ def search(
         keep(seed, makespan, name)
         built += 1
         for w_gap in (0.0, 0.5, 1.0, 2.0):
-            res = list_schedule(place, per_stream, costs, cap, Policy(w_gap=w_gap), seed)
+            res = list_schedule(
+                place, per_stream, costs, cap, Policy(w_gap=w_gap, max_deferred=max_deferred), seed
+            )
             built += 1
             if res is not None:
                 keep(res[0], res[1], f"{name}, weight gradients re-placed (w_gap {w_gap:g})")
-    for policy in [ONE_F_ONE_B, *_policies(costs)]:
+    for policy in [ONE_F_ONE_B, *_policies(costs, max_deferred)]:
         res = list_schedule(place, per_stream, costs, cap, policy)
         built += 1
         if res is not None:
@@ -169,7 +200,12 @@ def search(
             continue
         tried.add(text)
         better, value = refine(
-            schedule, costs, cap, refine_evals, allow_pairs=costs.pair < costs.f + costs.b
+            schedule,
+            costs,
+            cap,
+            refine_evals,
+            allow_pairs=costs.pair < costs.f + costs.b,
+            max_deferred=max_deferred,
         )
         built += 1
         if value < best_makespan - 1e-9:
@@ -183,6 +219,7 @@ def search(
         makespan=result.makespan,
         peak=max(result.peak_activations, default=0),
         limit=cap,
+        deferred=deferred_peak(auto),
         origin=best_origin,
         seeds=seeds,
         candidates=built,
@@ -197,6 +234,9 @@ def autoschedule(
     *,
     limit: int | None = None,
     layout: str = "v",
+    max_deferred: int | None = None,
 ) -> Schedule:
     """The schedule :func:`search` finds (valid, runnable by ``Pipeline(modules, schedule)``)."""
-    return search(num_ranks, num_chunks, costs, limit=limit, layout=layout).schedule
+    found = search(num_ranks, num_chunks, costs, limit=limit, layout=layout,
+                   max_deferred=max_deferred)  # fmt: skip
+    return found.schedule
