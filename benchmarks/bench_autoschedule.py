@@ -363,6 +363,10 @@ def main() -> None:
         ranks = [int(x) for x in args.ranks.split(",")]
         cells = run_grid(ranks, args.chunks.split(","), args.quick)
         summary = grid_summary(cells)
+        t0 = time.perf_counter()
+        search(8, 32, grid_costs("1:1:1", 0.05, "10%"))
+        summary.append(f"search time for 8 ranks x 32 micro-batches (1:1:1, comm 5 %, overlap):"
+                       f" {time.perf_counter() - t0:.1f} s")  # fmt: skip
         print("\n".join(summary))
         md += ["### Simulated grid", "", GRID_HEADER, *map(_grid_line, cells), "",
                *[f"* {line}" for line in summary], ""]  # fmt: skip
