@@ -55,11 +55,11 @@ def check_pipeline(
 
     Losses and outputs must be bit-equal; gradients equal to rounding. Each chunk
     count also changes the batch size, so shapes change between steps. With
-    ``rank_mapping``, process ``rank_mapping[i]`` acts as pipeline rank ``i``. A
+    ``rank_mapping``, process ``g`` acts as pipeline rank ``rank_mapping[g]``. A
     :class:`Schedule` runs as given (its own number of micro-batches)."""
     layout = schedule.layout if isinstance(schedule, Schedule) else layout_for(schedule, world)
     if rank_mapping is not None:
-        rank = rank_mapping.index(rank)
+        rank = rank_mapping[rank]
     streams = layout.num_streams
     report = []
     for step, num_chunks in enumerate(chunk_counts):
