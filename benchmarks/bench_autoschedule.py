@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -353,11 +355,16 @@ def main() -> None:
     if args.quick:
         args.ranks, args.chunks, args.measured = "4", "2x", "2x4"
         args.rounds, args.steps, args.warmup = 1, 2, 1
-    md = [
-        f"Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on {platform.node()} "
-        f"({platform.processor() or platform.machine()}), torch {torch.__version__}",
-        "",
-    ]
+    from bench_pipelines import _git_state, _load
+
+    head = (
+        f"- command: python benchmarks/bench_autoschedule.py {' '.join(sys.argv[1:])}\n"
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__}; "
+        f"{_git_state()}\n- at start: {_load()}"
+    )
+    print(head, flush=True)
+    md = [head, ""]
     if "grid" in parts:
         print(GRID_HEADER)
         ranks = [int(x) for x in args.ranks.split(",")]
@@ -383,6 +390,7 @@ def main() -> None:
             md += [f"### Measured: {token} (ranks x micro-batches), sleep stages "
                    f"F {args.f:g} / B {args.b:g} / W {args.w:g} ms", "", MEASURED_HEADER,
                    *lines, ""]  # fmt: skip
+    md.append(f"- at the end: {_load()}")
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as fh:
             fh.write("\n".join(md) + "\n")
