@@ -12,7 +12,7 @@ from ..schedules.actions import Action, Op, Overlap, Step, step_actions
 from ..schedules.dependency import dependency
 from ..schedules.layout import Layout
 from ..schedules.schedule import Schedule
-from ..simulation import Costs
+from ..simulation import Costs, step_duration
 
 __all__ = ["Policy", "list_schedule"]
 
@@ -332,8 +332,9 @@ def list_schedule(
         touched = {r}
         if fwd < 0 and bwd < 0:
             phase, mb = deferred[r].popleft()
-            end = t + costs.w
-            rows[r].append(Action(Op.WEIGHT, phase, mb))
+            weight = Action(Op.WEIGHT, phase, mb)
+            end = t + step_duration(weight, costs)
+            rows[r].append(weight)
         else:
             f_act = b_act = None
             if fwd >= 0:
@@ -342,14 +343,12 @@ def list_schedule(
                 b_act = backward_action(bwd, r)
             if f_act is not None and b_act is not None:
                 step: Step = Overlap(f_act, b_act)
-                dur = costs.pair - (costs.w if b_act.op is Op.INPUT else 0.0)
             elif f_act is not None:
-                step, dur = f_act, costs.f
+                step = f_act
             else:
                 assert b_act is not None
                 step = b_act
-                dur = costs.b - (costs.w if b_act.op is Op.INPUT else 0.0)
-            end = t + dur
+            end = t + step_duration(step, costs)
             rows[r].append(step)
             t_cursor[r] += 1
             if fwd >= 0:
