@@ -6,6 +6,8 @@ Subcommands::
     dualpipe simulate NAME --ranks N --chunks C [--f F --b B --w W --fb FB --comm X] [--json]
     dualpipe compare --stages PP --chunks C [cost flags]
     dualpipe validate FILE [--layout NAME --ranks N]   (JSON, text, or PyTorch's CSV)
+    dualpipe autoschedule --ranks N --chunks C [cost flags] [--limit A] [--max-deferred D]
+                          [--layout v|dualpipe] [--json] [-o FILE]
     dualpipe demo [ARGS...]
 
 Bad arguments give one line ``dualpipe: error: ...`` on stderr and exit status 2;
@@ -103,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layout", metavar="NAME", help="layout of a text schedule (e.g. dualpipe)")
     p.add_argument("--ranks", type=int, help="ranks of a text schedule (default: its lines)")
+
+    p = sub.add_parser(
+        "autoschedule", help="search the fastest schedule for these costs and memory limit"
+    )
+    p.add_argument("--ranks", type=int, required=True, help="pipeline ranks")
+    p.add_argument("--chunks", type=int, required=True, help="micro-batches per step, in all")
+    _add_costs(p)
+    p.add_argument(
+        "--limit", type=int, help="activations per rank, in stage units (default: stages + 1)"
+    )
+    p.add_argument(
+        "--max-deferred", type=int, help="deferred weight gradients per rank (default: any)"
+    )
+    p.add_argument(
+        "--layout", choices=("v", "dualpipe"), default="v", help="stage placement (default v)"
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="also write the schedule as JSON")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser(
         "demo",
@@ -251,6 +271,43 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_autoschedule(args: argparse.Namespace) -> int:
+    from .autoschedule import search
+
+    found = search(
+        args.ranks,
+        args.chunks,
+        _costs(args),
+        limit=args.limit,
+        layout=args.layout,
+        max_deferred=args.max_deferred,
+    )
+    if args.output:
+        _write(args.output, found.schedule.to_json())
+    summary = {
+        "makespan": found.makespan,
+        "peak_activations": found.peak,
+        "limit": found.limit,
+        "deferred_weights": found.deferred,
+        "seeds": found.seeds,
+        "origin": found.origin,
+        "seconds": found.seconds,
+    }
+    if args.json:
+        print(json.dumps({**summary, "schedule": found.schedule.to_dict()}))
+        return 0
+    print(found.schedule.to_text())
+    print()
+    seeds = ", ".join(
+        f"{name} {'n/a' if v is None else _num(v)}" for name, v in found.seeds.items()
+    )
+    print(f"makespan {_num(found.makespan)} (seeds: {seeds})")
+    print(f"peak activations {found.peak} per rank (limit {found.limit})")
+    print(f"deferred weight gradients at most {found.deferred} per rank")
+    print(f"from: {found.origin} ({found.candidates} candidates, {found.seconds:.2f} s)")
+    return 0
+
+
 def _cmd_demo(argv: list[str]) -> int:
     try:
         from .demo import main as demo_main
@@ -265,6 +322,7 @@ _COMMANDS = {
     "simulate": _cmd_simulate,
     "compare": _cmd_compare,
     "validate": _cmd_validate,
+    "autoschedule": _cmd_autoschedule,
 }
 
 
