@@ -142,3 +142,65 @@ def check_data_parallel(rank: int, world: int) -> list[str]:
         report.append(f"{schedule} dp={dp} pp={pp}: group {sync.ranks}, ok")
     dist.barrier()
     return report
+
+
+def step_losses(pipe: Pipeline, losses: torch.Tensor | None) -> list[float]:
+    """Every micro-batch's loss of the step in global order (streams in order), on every
+    rank (gathered over the pipeline group)."""
+    _, end = _ends(pipe)
+    mine = (end, losses.tolist()) if losses is not None else (None, [])
+    every: list[tuple[int | None, list[float]]] = [(None, [])] * pipe.num_ranks
+    dist.all_gather_object(every, mine, group=pipe.group)
+    by_stream = {s: values for s, values in every if s is not None}
+    return [v for s in sorted(by_stream) for v in by_stream[s]]
+
+
+def checkpoint_run(
+    rank: int,
+    world: int,
+    schedule: str,
+    steps: int,
+    load_from: str | None,
+    save_to: str | None,
+    save_after: int,
+) -> dict[str, object]:
+    """Train the test model with AdamW from scratch or from ``load_from`` (DCP), saving to
+    ``save_to`` after step ``save_after``. Returns every step's losses (global order) and
+    this rank's optimizer state (under the checkpoint's keys) at the save and right after
+    the load."""
+    from dualpipe import checkpoint
+
+    layers = build_layers(seed=11)
+    mine = split_model(layers, schedule)
+    pipe = Pipeline(mine, schedule, timeout=60)
+    optimizer = torch.optim.AdamW(unique(mine), lr=1e-2, weight_decay=0.1)
+    chunks = 8
+    def flat_optimizer_state() -> dict[str, list[float]]:
+        state = checkpoint.optimizer_state_dict(pipe, optimizer)
+        return {k: v.reshape(-1).tolist() for k, v in state.items()
+                if isinstance(v, torch.Tensor)}
+
+    first = 0
+    loaded: dict[str, list[float]] = {}
+    if load_from is not None:
+        first = int(checkpoint.load(load_from, pipe, optimizer, extra={"step": -1})["step"])
+        loaded = flat_optimizer_state()
+    losses: dict[int, list[float]] = {}
+    saved: dict[str, list[float]] = {}
+    for step in range(first, steps):
+        (x,), y = make_batch("mlp", 2 * chunks, seed=100 + step)
+        inputs, labels = my_share(pipe, x, y)
+        loss, _ = pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+        losses[step] = step_losses(pipe, loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if save_to is not None and step + 1 == save_after:
+            checkpoint.save(save_to, pipe, optimizer, extra={"step": step + 1})
+            saved = flat_optimizer_state()
+    return {"losses": losses, "saved": saved, "loaded": loaded}
+
+
+def unique(modules: list[StageModule]) -> list[nn.Parameter]:
+    from dualpipe.stages import unique_parameters
+
+    return unique_parameters(modules)
