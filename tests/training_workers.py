@@ -77,9 +77,14 @@ def my_share(
     return ((xs[start],) if start is not None else ()), ((ys[end],) if end is not None else ())
 
 
-def check_clipping(rank: int, world: int) -> list[str]:
-    """clip_grad_norm_ / grad_norm across the pipeline equal torch's on one process."""
+def check_step_features(rank: int, world: int, out: str) -> list[str]:
+    """On DualPipe and DualPipeV: clip_grad_norm_ / grad_norm across the pipeline equal
+    torch's on one process; step_metrics agree on every rank and the measured timeline
+    is drawn (PNG and trace into ``out``)."""
+    from pathlib import Path
+
     from dualpipe.clip import clip_grad_norm_, grad_norm
+    from dualpipe.metrics import step_metrics
 
     report = []
     for schedule in ("dualpipe", "dualpipev"):
@@ -90,7 +95,7 @@ def check_clipping(rank: int, world: int) -> list[str]:
         chunks = 2 * world
         (x,), y = make_batch("mlp", 4 * chunks, seed=4)
         inputs, labels = my_share(pipe, x, y)
-        pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+        pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels, record=True)
         reference_step(ref, x, y, chunks)
         ref_params = [p for layer in ref for p in layer.parameters()]
         inf_norm = grad_norm(pipe, math.inf)
@@ -102,6 +107,19 @@ def check_clipping(rank: int, world: int) -> list[str]:
         assert norm > 0.25  # so the gradients were really scaled
         assert_grads_close(layer_pairs(mine, ref))
         report.append(f"{schedule}: norm {norm.item():.6f} (one process {expect.item():.6f})")
+
+        metrics = step_metrics(pipe, tokens=4 * chunks)
+        every: list[object] = [None] * world
+        dist.all_gather_object(every, metrics.as_dict())
+        assert all(m == every[0] for m in every), every  # the same on every rank
+        assert metrics.step_ms > 0 and 0.0 <= metrics.bubble < 1.0
+        assert len(metrics.idle_ms) == world
+        assert metrics.tokens_per_s == 4 * chunks / (metrics.step_ms / 1000.0)
+        timeline = pipe.gather_timeline()
+        if rank == 0:
+            assert timeline is not None
+            timeline.save_png(Path(out) / f"{schedule}.png")
+            timeline.save_trace(Path(out) / f"{schedule}.json")
     return report
 
 
@@ -204,3 +222,90 @@ def unique(modules: list[StageModule]) -> list[nn.Parameter]:
     from dualpipe.stages import unique_parameters
 
     return unique_parameters(modules)
+
+
+class Checkpointed(nn.Module):
+    """A layer run under activation checkpointing (recomputed in the backward)."""
+
+    def __init__(self, layer: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        out = checkpoint(self.layer, x, use_reentrant=self.reentrant)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+def _compare_step(
+    pipe: Pipeline,
+    mine: list[StageModule],
+    ref: list[nn.Module],
+    chunks: int,
+    seed: int,
+    exact_loss: bool,
+    rtol: float,
+    atol: float,
+) -> float:
+    """One step of ``pipe`` and of the one-process ``ref``; losses must be bit-equal (or
+    close), gradients close. Returns the largest loss difference."""
+    (x,), y = make_batch("mlp", 2 * chunks, seed=seed)
+    inputs, labels = my_share(pipe, x, y)
+    loss, _ = pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+    expect = torch.stack(reference_step(ref, x, y, chunks))
+    diff = 0.0
+    if loss is not None:
+        if exact_loss:
+            assert torch.equal(loss, expect), (loss, expect)
+        diff = (loss - expect).abs().max().item()
+        torch.testing.assert_close(loss, expect, rtol=rtol, atol=atol)
+    assert_grads_close(layer_pairs(mine, ref), rtol=rtol, atol=atol)
+    return diff
+
+
+def check_compile_checkpointing_autocast(rank: int, world: int) -> list[str]:
+    """DualPipeV on split stages: a torch.compile'd stage (default split backward) equals
+    one process running the same compiled layer bit for bit and eager to rounding;
+    activation checkpointing (both kinds) is exact; bf16 autocast equals one process under
+    autocast (losses bit-equal, gradients to bf16 rounding)."""
+    report = []
+    chunks = 2 * world
+    # compiled: stage 1 (the middle of the V, whose input needs a gradient) on rank 1
+    layers = build_layers(seed=21, n=2 * world)
+    eager = copy.deepcopy(layers)
+    ref = copy.deepcopy(layers)
+    ref[1] = torch.compile(ref[1])
+    mine = split_model(layers, "dualpipev")
+    modules: list[nn.Module] = [torch.compile(m) if m.stage == 1 else m for m in mine]
+    pipe = Pipeline(modules, "dualpipev", timeout=120)
+    for seed in (30, 31):  # the second step runs the already-compiled code
+        for m in [*mine, *ref, *eager]:
+            m.zero_grad(set_to_none=True)
+        _compare_step(pipe, mine, ref, chunks, seed, exact_loss=True, rtol=1e-5, atol=1e-6)
+        (x,), y = make_batch("mlp", 2 * chunks, seed=seed)
+        reference_step(eager, x, y, chunks)
+        assert_grads_close(layer_pairs(mine, eager), rtol=1e-4, atol=1e-5)
+    report.append("compiled stage: exact vs compiled one process, close to eager")
+
+    # activation checkpointing: reentrant on layer 1, non-reentrant elsewhere
+    base = build_layers(seed=22, n=2 * world)
+    layers = [Checkpointed(m, reentrant=i == 1) for i, m in enumerate(base)]
+    ref = copy.deepcopy(base)  # no checkpointing at all: recomputation changes nothing
+    mine = split_model(layers, "dualpipev")
+    pipe = Pipeline(mine, "dualpipev", timeout=60)
+    _compare_step(pipe, mine, [Checkpointed(m, False) for m in ref], chunks, 32,
+                  exact_loss=True, rtol=1e-5, atol=1e-6)
+    report.append("activation checkpointing: exact")
+
+    # bf16 autocast around the whole step
+    layers = build_layers(seed=23, n=2 * world)
+    ref = copy.deepcopy(layers)
+    mine = split_model(layers, "dualpipev")
+    pipe = Pipeline(mine, "dualpipev", timeout=60)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _compare_step(pipe, mine, ref, chunks, 33, exact_loss=True, rtol=2e-2, atol=2e-3)
+    report.append("bf16 autocast: losses exact, gradients to bf16 rounding")
+    return report
