@@ -10,4 +10,4 @@ from .training_workers import check_compile_checkpointing_autocast
 
 def test_compile_checkpointing_autocast_match_single_process() -> None:
     reports = run_distributed(check_compile_checkpointing_autocast, 2, timeout=300)
-    assert all(len(r) == 3 for r in reports)
+    assert all(len(r) == 4 for r in reports)

@@ -78,9 +78,11 @@ def my_share(
 
 
 def check_step_features(rank: int, world: int, out: str) -> list[str]:
-    """On DualPipe and DualPipeV: clip_grad_norm_ / grad_norm across the pipeline equal
-    torch's on one process; step_metrics agree on every rank and the measured timeline
-    is drawn (PNG and trace into ``out``)."""
+    """On DualPipe and DualPipeV with ``loss_reduction="mean"`` and ``broadcast_loss``:
+    every rank gets every micro-batch's loss, bit-equal to one process; gradients are
+    those of the mean loss; clip_grad_norm_ / grad_norm across the pipeline equal torch's
+    on one process; step_metrics agree on every rank and the measured timeline is drawn
+    (PNG and trace into ``out``)."""
     from pathlib import Path
 
     from dualpipe.clip import clip_grad_norm_, grad_norm
@@ -91,12 +93,15 @@ def check_step_features(rank: int, world: int, out: str) -> list[str]:
         layers = build_layers(seed=3)
         ref = copy.deepcopy(layers)
         mine = split_model(layers, schedule)
-        pipe = Pipeline(mine, schedule, timeout=60)
+        pipe = Pipeline(mine, schedule, timeout=60, loss_reduction="mean")
         chunks = 2 * world
         (x,), y = make_batch("mlp", 4 * chunks, seed=4)
         inputs, labels = my_share(pipe, x, y)
-        pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels, record=True)
-        reference_step(ref, x, y, chunks)
+        losses, _ = pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels,
+                              record=True, broadcast_loss=True)
+        expect_losses = reference_step(ref, x, y, chunks, scale=1.0 / chunks)
+        assert losses is not None and torch.equal(losses, torch.stack(expect_losses))
+        assert_grads_close(layer_pairs(mine, ref))  # the mean's gradients
         ref_params = [p for layer in ref for p in layer.parameters()]
         inf_norm = grad_norm(pipe, math.inf)
         expect_inf = max(p.grad.abs().max() for p in ref_params if p.grad is not None)
@@ -273,7 +278,20 @@ def check_compile_checkpointing_autocast(rank: int, world: int) -> list[str]:
     autocast (losses bit-equal, gradients to bf16 rounding)."""
     report = []
     chunks = 2 * world
-    # compiled: stage 1 (the middle of the V, whose input needs a gradient) on rank 1
+    # every stage compiled by AOTAutograd without a code generator (backend "aot_eager"):
+    # donated buffers as with inductor, the same arithmetic as eager
+    layers = build_layers(seed=20, n=2 * world)
+    ref = copy.deepcopy(layers)
+    mine = split_model(layers, "dualpipev")
+    compiled = [torch.compile(m, backend="aot_eager") for m in mine]
+    pipe = Pipeline(compiled, "dualpipev", timeout=120)
+    for seed in (28, 29):
+        for m in [*mine, *ref]:
+            m.zero_grad(set_to_none=True)
+        _compare_step(pipe, mine, ref, chunks, seed, exact_loss=True, rtol=1e-5, atol=1e-6)
+    report.append("aot_eager-compiled stages: exact vs eager")
+
+    # inductor: stage 1 (the middle of the V, whose input needs a gradient) on rank 1
     layers = build_layers(seed=21, n=2 * world)
     eager = copy.deepcopy(layers)
     ref = copy.deepcopy(layers)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .runtime.pipeline import Pipeline
-from .runtime.timeline import MeasuredTimeline, gather_timeline
+from .runtime.timeline import MeasuredTimeline
 
 __all__ = ["StepMetrics", "timeline_metrics", "step_metrics"]
 
@@ -53,9 +53,6 @@ def timeline_metrics(timeline: MeasuredTimeline, tokens: int | None = None) -> S
 def step_metrics(pipe: Pipeline, tokens: int | None = None) -> StepMetrics:
     """Collective over the pipeline's ranks: the metrics of the last step run with
     ``record=True``, the same on every rank."""
-    if pipe.last_record is None:
-        raise RuntimeError("no recorded step: call step(..., record=True) first")
-    record, schedule = pipe.last_record, pipe.executor.schedule
-    timeline = gather_timeline(record, schedule, pipe.rank, pipe.group, dst=None)
+    timeline = pipe.gather_timeline(dst=None)
     assert timeline is not None
     return timeline_metrics(timeline, tokens)
