@@ -78,7 +78,8 @@ def test_balance_by_given_costs() -> None:
 
 
 @pytest.mark.parametrize("schedule,ranks", [("dualpipev", 4), ("dualpipe", 4), ("1f1b", 3),
-                                            ("dualpipev", 1)])
+                                            ("dualpipev", 1), ("zbv", 2),
+                                            ("interleaved-1f1b", 2)])
 def test_each_rank_gets_its_layout_stages(schedule: str, ranks: int) -> None:
     layers = [nn.Linear(4, 4) for _ in range(8)]
     layout = layout_for(schedule, ranks)

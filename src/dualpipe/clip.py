@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .runtime.pipeline import Pipeline
-from .stages import owned_parameters, unique_parameters
+from .stages import local_stages, owned_parameters, unique_parameters
 
 __all__ = ["grad_norm", "clip_grad_norm_"]
 
@@ -73,7 +73,7 @@ def clip_grad_norm_(
             f"({total.item()}); set error_if_nonfinite=False to clip anyway"
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for q in unique_parameters(pipe.module_list):
+    for q in unique_parameters(m for _, m in local_stages(pipe)):
         if q.grad is not None:
             q.grad.detach().mul_(coef.to(q.grad.device, q.grad.dtype))
     return total

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from .runtime.pipeline import Pipeline
-from .stages import local_stages, unique_parameters
+from .stages import is_mirrored, local_stages, unique_parameters
 
 __all__ = ["GradientSync"]
 
@@ -35,7 +35,7 @@ class GradientSync:
     def __init__(
         self, pipe: Pipeline, *, average: bool = True, bucket_bytes: int = 25 * 2**20
     ) -> None:
-        if pipe.mirrored and pipe.sync_mirrored_grads:
+        if is_mirrored(pipe) and pipe.sync_mirrored_grads:
             raise ValueError(
                 "GradientSync sums DualPipe's mirrored copies itself: build the pipeline with "
                 "sync_mirrored_grads=False"
@@ -54,7 +54,7 @@ class GradientSync:
         members: dict[tuple[int, ...], list[int]] = {}
         for rank, (_, k) in enumerate(everyone):
             members.setdefault(k, []).append(rank)
-        copies = 2 if pipe.mirrored else 1
+        copies = 2 if is_mirrored(pipe) else 1
         self.replicas = dist.get_world_size() // pipe.num_ranks
         for k, ranks in members.items():
             if len(ranks) != copies * self.replicas:

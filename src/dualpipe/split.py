@@ -217,10 +217,11 @@ def split_model(
     """This pipeline rank's stage modules, in the order the pipeline expects them.
 
     The layers (an ``nn.Sequential`` or any list of modules, applied in order) are cut into
-    the schedule's stages (DualPipeV on N ranks: 2N; DualPipe: N; 1F1B, ZB1P, GPipe: N) with
-    the largest stage as small as possible under ``costs``, and the stages of
-    ``layout.rank_stages[rank]`` are returned (DualPipeV: ``(S_r, S_{2N-1-r})``; DualPipe:
-    ``(S_r, S_{N-1-r})``), ready for ``Pipeline(split_model(...), schedule)``.
+    the schedule's stages (DualPipeV and ZBV on N ranks: 2N; DualPipe: N; 1F1B, ZB1P,
+    GPipe: N; any registered schedule: its layout's) with the largest stage as small as
+    possible under ``costs``, and the stages of ``layout.rank_stages[rank]`` are returned
+    (DualPipeV: ``(S_r, S_{2N-1-r})``; DualPipe: ``(S_r, S_{N-1-r})``), ready for
+    ``Pipeline(split_model(...), schedule)``.
 
     Every rank must pass the same layers and costs (build the model from one seed). Layers
     that are not this rank's are not touched; drop them to free their memory.

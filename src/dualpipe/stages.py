@@ -10,14 +10,20 @@ from torch import nn
 from .runtime.pipeline import Pipeline
 from .schedules.layout import Layout
 
-__all__ = ["local_stages", "stage_owner", "unique_parameters", "owned_parameters"]
+__all__ = [
+    "local_stages",
+    "stage_owner",
+    "unique_parameters",
+    "owned_parameters",
+    "is_mirrored",
+]
 
 
 def local_stages(pipe: Pipeline) -> list[tuple[int, nn.Module]]:
     """``(stage index, module)`` of every module this rank passed to ``pipe``, sorted by
     stage index (so ranks holding the same stages list them in the same order)."""
     ids = pipe.layout.rank_stages[pipe.rank]
-    return sorted(zip(ids, pipe.module_list, strict=True), key=lambda item: item[0])
+    return sorted(zip(ids, pipe.module, strict=True), key=lambda item: item[0])
 
 
 def stage_owner(layout: Layout, stage: int) -> int:
@@ -43,3 +49,8 @@ def owned_parameters(pipe: Pipeline) -> list[nn.Parameter]:
     return unique_parameters(
         m for k, m in local_stages(pipe) if stage_owner(pipe.layout, k) == pipe.rank
     )
+
+
+def is_mirrored(pipe: Pipeline) -> bool:
+    """Whether ``pipe`` holds every stage on two ranks (DualPipe)."""
+    return pipe.mirrored is not None

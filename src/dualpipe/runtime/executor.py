@@ -48,15 +48,16 @@ class StepData:
     """This rank's part of a step's data.
 
     Attributes:
-        inputs: per micro-batch, the inputs of the stream that starts on this rank.
+        inputs: per micro-batch, the inputs of the stream that starts on this rank
+            (``None`` entries are passed to the first stage as they are).
         labels: per micro-batch, the labels of the stream that ends on this rank.
         criterion: ``criterion(*outputs, *labels) -> scalar loss``.
         return_outputs: keep the last stage's outputs.
         training: run backwards (False: forward-only inference).
     """
 
-    inputs: list[tuple[torch.Tensor, ...]] | None
-    labels: list[tuple[torch.Tensor, ...]] | None
+    inputs: list[tuple[torch.Tensor | None, ...]] | None
+    labels: list[tuple[torch.Tensor | None, ...]] | None
     criterion: Callable[..., torch.Tensor] | None
     return_outputs: bool
     training: bool
@@ -386,7 +387,7 @@ class Executor:
         self._forward_finish(i, fwd, inputs0, out0, loss0)
         self._backward_finish(i + 1, bwd, leaves1, in_grads)
 
-    def _labels(self, action: Action) -> tuple[torch.Tensor, ...]:
+    def _labels(self, action: Action) -> tuple[torch.Tensor | None, ...]:
         labels = self.data.labels
         assert labels is not None
         return labels[action.chunk]
