@@ -92,7 +92,7 @@ def test_each_rank_gets_its_layout_stages(schedule: str, ranks: int) -> None:
     assert sorted(held) == sorted(list(range(8)) * copies)
 
 
-def test_dualpipev_puts_first_and_last_layer_on_rank_0() -> None:
+def test_dualpipev_and_dualpipe_put_first_and_last_layer_on_rank_0() -> None:
     """Why tied embedding / head weights just work with DualPipeV."""
     layers = _gpt_like()
     head = layers[-1]
@@ -100,9 +100,10 @@ def test_dualpipev_puts_first_and_last_layer_on_rank_0() -> None:
     emb = layers[0]
     assert isinstance(emb, nn.Embedding)
     head.weight = emb.weight  # tie
-    first, last = split_model(layers, "dualpipev", rank=0, num_ranks=2)
-    assert first.layer_ids[0] == 0 and last.layer_ids[-1] == 7
-    assert last[-1].weight is first[0].weight
+    for schedule in ("dualpipev", "dualpipe"):
+        first, last = split_model(layers, schedule, rank=0, num_ranks=2)
+        assert first.layer_ids[0] == 0 and last.layer_ids[-1] == 7
+        assert last[-1].weight is first[0].weight
 
 
 def test_stage_module_runs_its_layers_and_keeps_global_names() -> None:
