@@ -142,6 +142,14 @@ def check_data_parallel(rank: int, world: int) -> list[str]:
     pp_group = mesh.get_group("pp")
     replica = mesh.get_local_rank("dp")
     report = []
+    # DualPipe's copies would be summed twice: refused on every rank, before any message
+    summing = Pipeline(split_model(build_layers(seed=7), "dualpipe", group=pp_group),
+                       "dualpipe", process_group=pp_group, timeout=60)
+    try:
+        GradientSync(summing)
+        raise AssertionError("GradientSync accepted a pipeline that sums its copies")
+    except ValueError as exc:
+        assert "sync_mirrored_grads=False" in str(exc), exc
     for schedule in ("dualpipe", "dualpipev"):
         layers = build_layers(seed=7)
         ref = copy.deepcopy(layers)
@@ -206,6 +214,12 @@ def checkpoint_run(
     first = 0
     loaded: dict[str, list[float]] = {}
     if load_from is not None:
+        # a folder without a checkpoint is a clear error on every rank, not a hang
+        try:
+            checkpoint.load(load_from + "-missing", pipe, optimizer)
+            raise AssertionError("loading a missing checkpoint succeeded")
+        except checkpoint.CheckpointError as exc:
+            assert "loading checkpoint" in str(exc) and "No such file" in str(exc), exc
         first = int(checkpoint.load(load_from, pipe, optimizer, extra={"step": -1})["step"])
         loaded = flat_optimizer_state()
     losses: dict[int, list[float]] = {}
@@ -272,8 +286,10 @@ def _compare_step(
 
 
 def check_compile_checkpointing_autocast(rank: int, world: int) -> list[str]:
-    """DualPipeV on split stages: a torch.compile'd stage (default split backward) equals
-    one process running the same compiled layer bit for bit and eager to rounding;
+    """DualPipeV on split stages: stages compiled by AOTAutograd (backend "aot_eager",
+    donated buffers) equal eager bit for bit; an inductor-compiled stage (default split
+    backward) equals one process running the same compiled layer bit for bit and eager to
+    rounding;
     activation checkpointing (both kinds) is exact; bf16 autocast equals one process under
     autocast (losses bit-equal, gradients to bf16 rounding)."""
     report = []

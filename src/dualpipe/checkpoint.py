@@ -13,6 +13,7 @@ copies of a stage have the same keys, so DCP writes them once and loads both.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from .split import StageModule
 from .stages import local_stages
 
 __all__ = [
+    "CheckpointError",
     "model_view",
     "stage_state_dict",
     "load_stage_state_dict",
@@ -31,6 +33,24 @@ __all__ = [
     "save",
     "load",
 ]
+
+
+class CheckpointError(RuntimeError):
+    """Saving or loading a checkpoint failed (raised on every rank)."""
+
+
+def _dcp(action: str, path: str | os.PathLike[str], fn: Callable[[], Any]) -> None:
+    """Run a DCP collective; its failure (a ``BaseException`` naming every failing rank)
+    becomes a :class:`CheckpointError` with each rank's reason."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        fn()
+    except CheckpointException as exc:
+        reasons = "; ".join(
+            f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(exc.failures.items())
+        )
+        raise CheckpointError(f"{action} checkpoint {os.fspath(path)!r} failed: {reasons}") from exc
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -111,7 +131,8 @@ def save(
 ) -> None:
     """Collective (every process of the job): write model, optimizer and ``extra`` (plain
     values such as the step number, equal on every rank) to the folder ``path`` with
-    ``torch.distributed.checkpoint``."""
+    ``torch.distributed.checkpoint``. Raises :class:`CheckpointError` on every rank if any
+    rank fails."""
     import torch.distributed.checkpoint as dcp
 
     state: dict[str, Any] = {"model": stage_state_dict(pipe)}
@@ -119,7 +140,7 @@ def save(
         state["optim"] = optimizer_state_dict(pipe, optimizer)
     if extra:
         state["extra"] = dict(extra)
-    dcp.save(state, checkpoint_id=os.fspath(path))
+    _dcp("saving", path, lambda: dcp.save(state, checkpoint_id=os.fspath(path)))
 
 
 def load(
@@ -130,7 +151,8 @@ def load(
 ) -> dict[str, Any]:
     """Collective: load model (and optimizer) state written by :func:`save`, whatever the
     pipeline size and schedule were then. ``extra`` names the extra values to read, with
-    placeholders (``{"step": 0}``); returns them as saved."""
+    placeholders (``{"step": 0}``); returns them as saved. Raises :class:`CheckpointError`
+    on every rank if any rank fails (a missing folder, missing keys)."""
     import torch.distributed.checkpoint as dcp
 
     state: dict[str, Any] = {"model": stage_state_dict(pipe)}
@@ -138,7 +160,7 @@ def load(
         state["optim"] = optimizer_state_dict(pipe, optimizer)
     if extra:
         state["extra"] = dict(extra)
-    dcp.load(state, checkpoint_id=os.fspath(path))
+    _dcp("loading", path, lambda: dcp.load(state, checkpoint_id=os.fspath(path)))
     load_stage_state_dict(pipe, state["model"])
     if optimizer is not None:
         load_optimizer_state_dict(pipe, optimizer, state["optim"])
