@@ -123,6 +123,18 @@ def load_optimizer_state_dict(
     set_optimizer_state_dict(model_view(pipe), optimizer, state, options=_options())
 
 
+def _full_state(
+    pipe: Pipeline, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a checkpoint holds: ``model``, ``optim`` (with an optimizer), ``extra``."""
+    state: dict[str, Any] = {"model": stage_state_dict(pipe)}
+    if optimizer is not None:
+        state["optim"] = optimizer_state_dict(pipe, optimizer)
+    if extra:
+        state["extra"] = dict(extra)
+    return state
+
+
 def save(
     path: str | os.PathLike[str],
     pipe: Pipeline,
@@ -135,11 +147,7 @@ def save(
     rank fails."""
     import torch.distributed.checkpoint as dcp
 
-    state: dict[str, Any] = {"model": stage_state_dict(pipe)}
-    if optimizer is not None:
-        state["optim"] = optimizer_state_dict(pipe, optimizer)
-    if extra:
-        state["extra"] = dict(extra)
+    state = _full_state(pipe, optimizer, extra)
     _dcp("saving", path, lambda: dcp.save(state, checkpoint_id=os.fspath(path)))
 
 
@@ -155,11 +163,7 @@ def load(
     on every rank if any rank fails (a missing folder, missing keys)."""
     import torch.distributed.checkpoint as dcp
 
-    state: dict[str, Any] = {"model": stage_state_dict(pipe)}
-    if optimizer is not None:
-        state["optim"] = optimizer_state_dict(pipe, optimizer)
-    if extra:
-        state["extra"] = dict(extra)
+    state = _full_state(pipe, optimizer, extra)
     _dcp("loading", path, lambda: dcp.load(state, checkpoint_id=os.fspath(path)))
     load_stage_state_dict(pipe, state["model"])
     if optimizer is not None:
