@@ -27,6 +27,7 @@ from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
 from .declared import Declared, declared
 from .executor import Executor, StepData, StepRecord
+from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch
 from .mirrored import MirroredStages
 from .p2p import PipelineError, Transport
@@ -130,6 +131,10 @@ class Pipeline(nn.Module):
             shapes, and :func:`~dualpipe.set_p2p_tensor_dtype`'s dtype, are then checked
             on the first step), otherwise off: a small header travels once per boundary
             per step (never per micro-batch), so shapes may change between steps.
+        loss_reduction: ``"sum"`` (default, the original's): gradients of the sum of the
+            micro-batch losses; ``"mean"``: of their mean over all micro-batches of the step
+            (what one process computing the mean loss of the batch gets). The returned
+            per-micro-batch losses are the criterion's values either way.
     """
 
     def __init__(
@@ -145,8 +150,14 @@ class Pipeline(nn.Module):
         sync_mirrored_grads: bool = True,
         mirrored_weights: str = "check",
         static_shapes: bool | None = None,
+        loss_reduction: str = "sum",
     ) -> None:
         super().__init__()
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
+            )
+        self.loss_reduction = loss_reduction
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialized: call dist.init_process_group first"
@@ -258,6 +269,7 @@ class Pipeline(nn.Module):
         labels: Sequence[torch.Tensor | None] | None = (),
         return_outputs: bool = False,
         record: bool = False,
+        broadcast_loss: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | tuple[torch.Tensor, ...] | None]:
         """Run one step: forward and backward of every micro-batch (or forward only
         under ``torch.no_grad()``).
@@ -270,9 +282,12 @@ class Pipeline(nn.Module):
 
         Returns ``(loss, outputs)``: where a stream ends, ``loss`` holds the
         per-micro-batch losses (shape ``[C]``) and, with ``return_outputs``, ``outputs``
-        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum of
-        the per-micro-batch losses. ``record=True`` keeps a measured timeline in
-        :attr:`last_record` (see :meth:`gather_timeline`).
+        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum (or,
+        with ``loss_reduction="mean"``, the mean) of the per-micro-batch losses.
+        ``record=True`` keeps a measured timeline in :attr:`last_record` (see
+        :meth:`gather_timeline`). ``broadcast_loss=True`` (collective) returns every
+        micro-batch's loss of the step (all streams, stream 0's first, as float32) on every
+        rank.
         """
         try:
             schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
@@ -296,9 +311,13 @@ class Pipeline(nn.Module):
             if mirrored is not None:
                 mirrored.put_back()
             raise
-        if self._ends()[1] is None:
-            return None, None
+        end = self._ends()[1]
         loss = torch.stack(result.losses) if result.losses else None
+        if broadcast_loss:
+            loss = share_losses(loss, end, schedule.chunks_per_stream,
+                                self.layout.num_streams, self.group, self.transport.device)
+        if end is None:
+            return loss, None
         outputs: Any = None
         if return_outputs:
             outputs = concat_chunks(result.outputs, self.batch_dim)
@@ -342,15 +361,21 @@ class Pipeline(nn.Module):
             labels=split_batch(labels, chunks, self.batch_dim, "labels")
             if end is not None
             else None,
-            criterion=criterion,
+            criterion=(
+                reduced_criterion(criterion, self.loss_reduction, schedule.num_chunks)
+                if criterion is not None
+                else None
+            ),
             return_outputs=return_outputs,
             training=training,
         )
         return schedule, data
 
-    def gather_timeline(self, dst: int = 0) -> MeasuredTimeline | None:
+    def gather_timeline(self, dst: int | None = 0) -> MeasuredTimeline | None:
         """Collective: the measured timeline of the last ``step(..., record=True)`` of
-        every rank, returned on pipeline rank ``dst`` (None elsewhere)."""
+        every rank, returned on pipeline rank ``dst`` (None elsewhere; every rank with
+        ``dst=None``). Draw it with :meth:`MeasuredTimeline.save_png` and
+        :meth:`MeasuredTimeline.save_trace`."""
         if self.last_record is None:
             raise RuntimeError("no recorded step: call step(..., record=True) first")
         assert self.executor.last_plan is not None
