@@ -64,7 +64,7 @@ class AllToAll(AsyncComm):
         out = x.new_empty((rows, *x.shape[1:]))
         work = dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group,
                                       async_op=True)
-        return Pending([work], lambda: (out,))
+        return _on_device(Pending([work], lambda: (out,)), x)
 
     def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
         (x,) = inputs
@@ -96,7 +96,7 @@ class AllReduce(AsyncComm):
     def _sum(self, x: Tensor) -> Pending:
         out = x.clone(memory_format=torch.contiguous_format)
         work = dist.all_reduce(out, group=self.group, async_op=True)
-        return Pending([work], lambda: (out,))
+        return _on_device(Pending([work], lambda: (out,)), x)
 
     def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
         (x,) = inputs
@@ -140,7 +140,8 @@ class AllGather(AsyncComm):
 
 
 class ReduceScatter(AsyncComm):
-    """Sum over ``group``, each rank keeping its block of rows (dimension 0, rank order).
+    """Sum over ``group``, each rank keeping its block of rows (dimension 0, rank order;
+    on gloo an all-to-all of the blocks summed in rank order).
 
     Backward: all-gather of the gradients.
     """
@@ -161,15 +162,29 @@ def _gather(x: Tensor, group: dist.ProcessGroup | None) -> Pending:
     size = dist.get_world_size(group)
     out = x.new_empty((size * x.shape[0], *x.shape[1:]))
     work = _ALL_GATHER(out, x, group=group, async_op=True)
-    return Pending([work], lambda: (out,))
+    return _on_device(Pending([work], lambda: (out,)), x)
 
 
 def _scatter_sum(x: Tensor, group: dist.ProcessGroup | None) -> Pending:
     size = dist.get_world_size(group)
     if x.shape[0] % size:
         raise ValueError(f"reduce-scatter: {x.shape[0]} rows do not split over {size} ranks")
-    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
-    work = _REDUCE_SCATTER(out, x, group=group, async_op=True)
-    return Pending([work], lambda: (out,))
+    rows = x.shape[0] // size
+    if dist.get_backend(group) != "gloo":
+        out = x.new_empty((rows, *x.shape[1:]))
+        work = _REDUCE_SCATTER(out, x, group=group, async_op=True)
+        return _on_device(Pending([work], lambda: (out,)), x)
+    # gloo's reduce-scatter never reports completion before wait(): an all-to-all of the
+    # blocks, summed in rank order on arrival, instead
+    blocks = x.new_empty((size, rows, *x.shape[1:]))
+    work = dist.all_to_all_single(blocks, x, group=group, async_op=True)
+    return Pending([work], lambda: (blocks.sum(0),))
+
+
+def _on_device(pending: Pending, x: Tensor) -> Pending:
+    """On an accelerator, waiting only orders the streams: never worth polling."""
+    if x.device.type != "cpu":
+        pending.device_side = True
+    return pending
 
 

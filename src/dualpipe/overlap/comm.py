@@ -26,16 +26,23 @@ class Pending:
         finish: called once after every handle completed; returns the result tensors.
     """
 
-    __slots__ = ("_works", "_finish", "_result")
+    __slots__ = ("_works", "_finish", "_result", "device_side")
 
-    def __init__(self, works: Sequence[Any], finish: Callable[[], tuple[Tensor, ...]]) -> None:
+    def __init__(self, works: Sequence[Any], finish: Callable[[], tuple[Tensor, ...]],
+                 device_side: bool = False) -> None:
         self._works = list(works)
         self._finish = finish
         self._result: tuple[Tensor, ...] | None = None
+        self.device_side = device_side
+        """True when ``wait`` does not block the host (it orders accelerator streams, as
+        NCCL's does): the engine then never polls it."""
 
     def ready(self) -> bool:
-        """Whether waiting now would not block."""
-        return self._result is not None or all(w.is_completed() for w in self._works)
+        """Whether waiting now would not block the host. Handles must report completion
+        through ``is_completed()`` without a ``wait()`` (gloo's all-to-all, all-reduce and
+        all-gather do; its reduce-scatter does not)."""
+        return (self.device_side or self._result is not None
+                or all(w.is_completed() for w in self._works))
 
     def wait(self) -> tuple[Tensor, ...]:
         """Block until done; the result tensors (the same tuple on every call)."""
