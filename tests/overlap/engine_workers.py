@@ -100,3 +100,11 @@ def forward_only(rank: int, world: int) -> bool:
     assert not task.outputs.requires_grad and not task.segments
     assert torch.equal(task.outputs, plain) and torch.equal(plain, ref)
     return True
+
+
+def engine_cases(rank: int, world: int, cases: list[tuple[str | None, bool]]) -> int:
+    """Run :func:`pair_vs_sequential` for each ``(ckpt, split)``, then :func:`forward_only`."""
+    for ckpt, split in cases:
+        pair_vs_sequential(rank, world, ckpt, split)
+    forward_only(rank, world)
+    return len(cases) + 1

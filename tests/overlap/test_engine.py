@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-
 from dualpipe.testing import run_distributed
 
-from .engine_workers import forward_only, pair_vs_sequential
+from .engine_workers import engine_cases
+
+CASES = [(None, True), (None, False), ("nonreentrant", True), ("reentrant", True)]
 
 
-@pytest.mark.parametrize(
-    "ckpt,split",
-    [(None, True), (None, False), ("nonreentrant", True), ("reentrant", True)],
-)
-def test_pair_is_exact(ckpt: str | None, split: bool) -> None:
-    run_distributed(pair_vs_sequential, 2, ckpt, split, timeout=90)
-
-
-def test_forward_only_under_no_grad() -> None:
-    assert run_distributed(forward_only, 2, timeout=60) == [True, True]
+def test_pair_is_exact_and_forward_only_under_no_grad() -> None:
+    """Every case on one launch of two processes (checkpointing none / non-reentrant /
+    reentrant, with and without the weight-gradient split; then torch.no_grad())."""
+    done = run_distributed(engine_cases, 2, CASES, timeout=120)
+    assert done == [len(CASES) + 1] * 2

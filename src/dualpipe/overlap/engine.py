@@ -5,12 +5,12 @@ parts on one thread, each communication waited for only when its next part needs
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..runtime.split_backward import WeightGradWork, backward_full, backward_input
@@ -125,12 +125,19 @@ def _place(t: Tensor, leaves: list[Tensor], keep: bool = False) -> tuple[str, An
     return ("none", None)
 
 
-class ForwardTask:
-    """The forward of one micro-batch through a :class:`PartedStage`, one part per
-    :meth:`step`. After it is :attr:`done`, :attr:`outputs` is what ``parts`` returned and
-    the task is the record its :class:`BackwardTask` needs (under grad mode)."""
+def _one_part(module: nn.Module, inputs: tuple[Any, ...]) -> Generator[Any, Any, Any]:
+    """An ordinary module as a stage of one computation part."""
+    return module(*inputs)
+    yield  # a generator function
 
-    def __init__(self, stage: PartedStage, inputs: Sequence[Any], waiter: Waiter,
+
+class ForwardTask:
+    """The forward of one micro-batch through a :class:`PartedStage` (or an ordinary
+    module: one computation part), one part per :meth:`step`. After it is :attr:`done`,
+    :attr:`outputs` is what ``parts`` returned and the task is the record its
+    :class:`BackwardTask` needs (under grad mode)."""
+
+    def __init__(self, stage: nn.Module, inputs: Sequence[Any], waiter: Waiter,
                  label: str = "F") -> None:
         self.grad = torch.is_grad_enabled()
         self.inputs = tuple(
@@ -145,8 +152,9 @@ class ForwardTask:
         self.boundaries: list[_Boundary] = []
         self.done = False
         self.outputs: Any = None
-        self._gen = stage.parts(*self.inputs)
-        if not hasattr(self._gen, "send"):
+        self._gen = (stage.parts(*self.inputs) if isinstance(stage, PartedStage)
+                     else _one_part(stage, self.inputs))
+        if not isinstance(self._gen, Generator):
             raise TypeError(f"{type(stage).__name__}.parts must be a generator (use yield)")
         self._started = False
         self._leaves = _tensors(self.inputs)

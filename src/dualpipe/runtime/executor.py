@@ -35,6 +35,8 @@ from .p2p import (
     decode_header,
     encode_header,
 )
+from ..overlap.engine import ForwardTask, PartEvent, Waiter, WeightWorks
+from ..overlap.handlers import is_parted, parted_backward, parted_forward, parted_pair
 from .split_backward import WeightGradWork, backward_full, backward_input
 
 __all__ = ["StepData", "StepResult", "Executor", "StepRecord"]
@@ -77,13 +79,16 @@ class StepRecord:
     ``origin`` is the step's start and ``wall`` the same instant in ``time.time``).
 
     ``steps`` holds ``(step, start, end)`` for every executed step (actions or pairs),
-    ``waits`` holds ``(label, start, end)`` for the time spent blocked on receives.
+    ``waits`` holds ``(label, start, end)`` for the time spent blocked on receives,
+    ``parts`` the part-level events of stages written as parts (computation parts,
+    communications in flight, waits on them, weight work filling them).
     """
 
     origin: float
     wall: float
     steps: list[tuple[Action | Overlap, float, float]] = field(default_factory=list)
     waits: list[tuple[str, float, float]] = field(default_factory=list)
+    parts: list[PartEvent] = field(default_factory=list)
 
 
 def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
@@ -155,7 +160,8 @@ class Executor:
         self.need = need
         self.result = StepResult()
         self.saved: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self.deferred: dict[tuple[int, int], WeightGradWork | None] = {}
+        self.deferred: dict[tuple[int, int], WeightGradWork | WeightWorks | None] = {}
+        self.records: dict[tuple[int, int], ForwardTask] = {}  # parted stages' forwards
         self.local: dict[tuple[bool, int, int, int], list[torch.Tensor]] = {}
         self.arrived: dict[Message, list[torch.Tensor]] = {}
         self.pending: dict[Message, tuple[Pending, list[torch.Tensor]]] = {}
@@ -192,6 +198,7 @@ class Executor:
         self.result.outputs = [outputs[k] for k in sorted(outputs)]
         # drop references so activations are freed between steps
         self.saved = {}
+        self.records = {}
         self.local = {}
         self.arrived = {}
         leftover = [k for k, v in self.deferred.items() if v is not None]
@@ -327,7 +334,14 @@ class Executor:
         action = self.plan.actions[i]
         if action.op is Op.FORWARD:
             inputs = self._forward_inputs(i, action)
-            self._forward_finish(i, action, inputs, self._module(action.phase)(*inputs), None)
+            module = self._module(action.phase)
+            if is_parted(module):
+                task = parted_forward(module, inputs, self._waiter())
+                if task.grad:
+                    self.records[(action.phase, action.chunk)] = task
+                self._forward_finish(i, action, task.inputs, task.outputs, None)
+            else:
+                self._forward_finish(i, action, inputs, module(*inputs), None)
         elif action.op is Op.WEIGHT:
             work = self.deferred.pop((action.phase, action.chunk), None)
             if work is not None:
@@ -335,7 +349,14 @@ class Executor:
         else:
             grads = self._backward_grads(i, action)
             roots, leaves = self.saved.pop((action.phase, action.chunk))
-            if action.op is Op.INPUT and self.split:
+            record = self.records.pop((action.phase, action.chunk), None)
+            if record is not None:
+                in_grads, works = parted_backward(record, roots, grads, leaves,
+                                                  action.op is Op.INPUT, self.split,
+                                                  self._waiter())
+                if action.op is Op.INPUT:
+                    self.deferred[(action.phase, action.chunk)] = works
+            elif action.op is Op.INPUT and self.split:
                 in_grads, work = backward_input(roots, grads, leaves)
                 self.deferred[(action.phase, action.chunk)] = work
             else:
@@ -351,13 +372,36 @@ class Executor:
         # a pair starts when both halves' inputs are here
         self._guarded(Overlap(fwd, bwd), lambda: (self._receive(i), self._receive(i + 1)))
         t0 = time.perf_counter()
-        if fb is None or bwd.op is not Op.BACKWARD:
+        if fb is None and (bwd.phase, bwd.chunk) in self.records:
+            self._guarded(Overlap(fwd, bwd), lambda: self._run_parted_pair(i))
+        elif fb is None or bwd.op is not Op.BACKWARD:
             self._guarded(fwd, lambda: self._run_one(i))
             self._guarded(bwd, lambda: self._run_one(i + 1))
         else:
             self._guarded(Overlap(fwd, bwd), lambda: self._run_overlapped(i, fb, module0, module1))
         if self.record is not None:
             self.record.steps.append((Overlap(fwd, bwd), t0, time.perf_counter()))
+
+    def _waiter(self) -> Waiter:
+        events = self.record.parts if self.record is not None else None
+        return Waiter(self.transport.timeout, self.transport.check_error, events)
+
+    def _run_parted_pair(self, i: int) -> None:
+        """An F&B pair whose backward is a parted stage's: the two interleaved."""
+        fwd, bwd = self.plan.actions[i], self.plan.actions[i + 1]
+        inputs0 = self._forward_inputs(i, fwd)
+        grads1 = self._backward_grads(i + 1, bwd)
+        roots1, leaves1 = self.saved.pop((bwd.phase, bwd.chunk))
+        record1 = self.records.pop((bwd.phase, bwd.chunk))
+        task0, in_grads, works = parted_pair(
+            self._module(fwd.phase), inputs0, record1, roots1, grads1, leaves1,
+            bwd.op is Op.INPUT, self.split, self._waiter())
+        if bwd.op is Op.INPUT:
+            self.deferred[(bwd.phase, bwd.chunk)] = works
+        if task0.grad:
+            self.records[(fwd.phase, fwd.chunk)] = task0
+        self._forward_finish(i, fwd, task0.inputs, task0.outputs, None)
+        self._backward_finish(i + 1, bwd, leaves1, in_grads)
 
     def _run_overlapped(self, i: int, fb: Callable[..., Any], module0: nn.Module,
                         module1: nn.Module) -> None:
