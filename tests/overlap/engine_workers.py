@@ -108,3 +108,36 @@ def engine_cases(rank: int, world: int, cases: list[tuple[str | None, bool]]) ->
         pair_vs_sequential(rank, world, ckpt, split)
     forward_only(rank, world)
     return len(cases) + 1
+
+
+class _Boom(MoEStage):
+    """Raises in its second computation part on expert-parallel rank 1."""
+
+    def parts(self, x: Tensor):  # type: ignore[override]
+        gen = super().parts(x)
+        value = None
+        for part in range(10):
+            if part == 1 and dist.get_rank() == 1:
+                raise RuntimeError("boom")
+            try:
+                value = yield gen.send(value) if part else next(gen)
+            except StopIteration as stop:
+                return stop.value
+        raise AssertionError("unreachable")
+
+
+def peer_failure(rank: int, world: int) -> str:
+    """One rank fails inside a part; the other one's wait ends in a clear, bounded error."""
+    import time
+
+    torch.manual_seed(0)
+    model = _Boom(dist.group.WORLD, ep=world)
+    waiter = Waiter(timeout=3)
+    start = time.monotonic()
+    try:
+        run_forward(model, (_batch(rank, 0),), waiter)
+    except (RuntimeError, TimeoutError) as exc:  # rank 1: its own error
+        if rank == 1:
+            time.sleep(5)  # stay alive: the peer must not rely on a closed connection
+        return f"{type(exc).__name__}: {exc} after {time.monotonic() - start:.0f} s"
+    return "finished"
