@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .partcosts import PartCosts, pair_intervals, parse_parts
-from .schedules.generators import SCHEDULES, generate
-from .schedules.schedule import Schedule, ScheduleError, layout_for
+from .schedules.registry import SCHEDULES, generate, layout_for
+from .schedules.schedule import Schedule, ScheduleError
 from .simulation import Costs, SimResult, seed_bubble, simulate
 
 __all__ = ["main", "build_parser"]
@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the seed's comparison table, measured by simulation")
     p.add_argument("--stages", type=int, required=True, help="pipeline stages PP (even)")
-    p.add_argument("--chunks", type=int, required=True, help="micro-batches (even, >= 2 PP)")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        required=True,
+        help="micro-batches (methods that cannot take them are left out)",
+    )
     _add_costs(p)
 
     p = sub.add_parser("validate", help="check a schedule file (JSON or text) for soundness")

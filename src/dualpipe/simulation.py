@@ -4,11 +4,11 @@ Semantics (one source of truth for the pictures, the comparison table and the
 runtime's "simulated" figures):
 
 * every rank starts at 0 and runs its steps strictly in order;
-* a step starts when its rank is free and its inputs have arrived: a forward
-  needs the previous stage's forward of the same micro-batch, a backward (full
-  or input-only) needs the next stage's backward of the same micro-batch (the
-  last stage's backward needs its own forward), plus ``comm`` when that action
-  ran on another rank;
+* a step starts when its rank is free and its inputs have arrived: what
+  :func:`~dualpipe.schedules.dependency.dependency` names (a forward needs the
+  previous stage's forward of the same micro-batch, a backward the next stage's
+  backward, the last stage's backward its own forward), plus ``comm`` when that
+  action ran on another rank;
 * an overlapped pair waits for both parts' inputs, takes ``fb``, and both
   results exist at its end; a ``W`` needs nothing more;
 * durations: F ``f``, B ``b``, I ``b - w``, W ``w``, pair ``fb`` (``fb - w`` when
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from .partcosts import PartCosts
 from .schedules.actions import Action, Op, Overlap, Step, step_actions
+from .schedules.dependency import dependency
 from .schedules.schedule import Schedule, ScheduleError
 
 __all__ = ["Costs", "TimedStep", "SimResult", "simulate", "step_duration", "seed_bubble"]
@@ -158,19 +159,10 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     timeline: list[list[TimedStep]] = [[] for _ in range(n)]
 
     def ready_time(rank: int, action: Action) -> float | None:
-        stream, pos, chunk = _key(schedule, rank, action)
-        last = len(layout.paths[stream]) - 1
-        if action.op is Op.FORWARD:
-            if pos == 0:
-                return 0.0
-            dep = done_f.get((stream, pos - 1, chunk))
-        elif action.op.is_backward:
-            if pos == last:
-                dep = done_f.get((stream, pos, chunk))
-            else:
-                dep = done_b.get((stream, pos + 1, chunk))
-        else:
+        need = dependency(layout, rank, action)
+        if need is None or need.op is Op.INPUT:  # a W's I ran earlier on this rank
             return 0.0
+        dep = (done_f if need.op is Op.FORWARD else done_b).get(need.key)
         if dep is None:
             return None
         return dep[0] + (costs.comm if dep[1] != rank else 0.0)

@@ -75,7 +75,9 @@ def bad_arguments(rank: int, world: int) -> list[str]:
         )
         expect(ValueError, lambda: pipe().step(num_chunks=4, criterion=criterion, labels=(y,)))
         expect(ValueError, lambda: pipe().step(x, num_chunks=4, labels=(y,)))
-        expect(ValueError, lambda: pipe().step(x, num_chunks=4, criterion=criterion))
+        expect(
+            ValueError, lambda: pipe().step(x, num_chunks=4, criterion=criterion, labels=("y",))
+        )
         expect(ValueError, lambda: DualPipeV([MLPStage(), nn.Linear(8, 8, device="meta")]))
         expect(ValueError, lambda: DualPipeV([MLPStage()]))
         expect(ScheduleError, lambda: Pipeline([MLPStage()], "zigzag"))

@@ -21,7 +21,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
     assert "does not split into 4 equal micro-batches" in rank0[1]
     assert "needs the inputs" in rank0[2]
     assert "needs a criterion" in rank0[3]
-    assert "needs the labels" in rank0[4]
+    assert "labels[0] must be a tensor, got str" in rank0[4]
     assert "one device" in rank0[5]
     assert "needs 2 module(s) per rank, got 1" in rank0[6]
     assert "unknown schedule 'zigzag'" in rank0[7]

@@ -32,6 +32,9 @@ CASES = [
     ("zb1p", 3, 5),
     ("zb1p", 5, 4),
     ("gpipe", 3, 2),
+    ("zbv", 3, 7),
+    ("zbv", 4, 2),
+    ("interleaved-1f1b", 3, 6),
 ]
 
 

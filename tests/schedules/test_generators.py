@@ -328,10 +328,6 @@ def test_seed_picture_sizes() -> None:
         ("dualpipe", 5, 20, "number of ranks must be even"),
         ("dualpipe", 4, 9, "num_chunks must be even"),
         ("dualpipe", 2, 3, "num_chunks must be even"),
-        ("dualpipe", 4, 6, r"num_chunks must be >= 2 \* ranks = 8, got 6"),
-        ("dualpipe", 2, 2, r"num_chunks must be >= 2 \* ranks = 4, got 2"),
-        ("dualpipev", 3, 5, r"num_chunks must be >= 2 \* ranks = 6, got 5"),
-        ("dualpipev", 1, 1, r"num_chunks must be >= 2 \* ranks = 2, got 1"),
     ],
 )
 def test_bidirectional_constraints(name: str, ranks: int, chunks: int, match: str) -> None:

@@ -71,8 +71,10 @@ def _options(args: argparse.Namespace) -> DemoOptions:
     """Validate ``args`` (raising :class:`DemoUsageError`) and build the run's options."""
     if not 1 <= args.ranks <= MAX_RANKS:
         raise DemoUsageError(f"--ranks must be between 1 and {MAX_RANKS}, got {args.ranks}")
-    if args.schedule == "dualpipe" and (args.ranks < 2 or args.ranks % 2):
-        raise DemoUsageError(f"dualpipe needs an even number of ranks >= 2, got {args.ranks}")
+    try:
+        layout_for(args.schedule, args.ranks)  # the registry's rank constraints
+    except ScheduleError as exc:
+        raise DemoUsageError(str(exc)) from None
     chunks = args.chunks if args.chunks is not None else default_chunks(args.schedule, args.ranks)
     try:
         generate(args.schedule, args.ranks, chunks)

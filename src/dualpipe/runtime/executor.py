@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ..overlap.engine import ForwardTask, PartEvent, Waiter, WeightWorks
+from ..overlap.handlers import is_parted, parted_backward, parted_forward, parted_pair
 from ..schedules.actions import Action, Op, Overlap
 from ..schedules.comm import Message, RankPlan, plan_communication
 from ..schedules.schedule import Schedule
@@ -35,8 +37,6 @@ from .p2p import (
     decode_header,
     encode_header,
 )
-from ..overlap.engine import ForwardTask, PartEvent, Waiter, WeightWorks
-from ..overlap.handlers import is_parted, parted_backward, parted_forward, parted_pair
 from .split_backward import WeightGradWork, backward_full, backward_input
 
 __all__ = ["StepData", "StepResult", "Executor", "StepRecord"]
@@ -50,15 +50,16 @@ class StepData:
     """This rank's part of a step's data.
 
     Attributes:
-        inputs: per micro-batch, the inputs of the stream that starts on this rank.
+        inputs: per micro-batch, the inputs of the stream that starts on this rank
+            (``None`` entries are passed to the first stage as they are).
         labels: per micro-batch, the labels of the stream that ends on this rank.
         criterion: ``criterion(*outputs, *labels) -> scalar loss``.
         return_outputs: keep the last stage's outputs.
         training: run backwards (False: forward-only inference).
     """
 
-    inputs: list[tuple[torch.Tensor, ...]] | None
-    labels: list[tuple[torch.Tensor, ...]] | None
+    inputs: list[tuple[torch.Tensor | None, ...]] | None
+    labels: list[tuple[torch.Tensor | None, ...]] | None
     criterion: Callable[..., torch.Tensor] | None
     return_outputs: bool
     training: bool
@@ -430,7 +431,7 @@ class Executor:
         self._forward_finish(i, fwd, inputs0, out0, loss0)
         self._backward_finish(i + 1, bwd, leaves1, in_grads)
 
-    def _labels(self, action: Action) -> tuple[torch.Tensor, ...]:
+    def _labels(self, action: Action) -> tuple[torch.Tensor | None, ...]:
         labels = self.data.labels
         assert labels is not None
         return labels[action.chunk]
