@@ -276,7 +276,7 @@ class BackwardTask:
         k = self._k
         seg = self.record.segments[k]
         if self._pending is not None:
-            what = f"{self.label} comm {k}"
+            what = f"{self.label} comm {k + 1}"  # launched after part k + 1's backward
             comm_grads = self.waiter.wait(self._pending, what, filler)
             self.waiter.log(what, "comm", self._launched, time.perf_counter())
             self._grads = [*comm_grads, *self._carried_grads]
