@@ -70,7 +70,7 @@ class MoEFFN(nn.Module):
         rows = z.repeat_interleave(k, dim=0)[order]
         return rows, order, weight, torch.bincount(flat, minlength=self.config.num_experts)
 
-    def _apply(self, rows: Tensor, counts: list[int], experts: Sequence[int]) -> Tensor:
+    def _run_experts(self, rows: Tensor, counts: list[int], experts: Sequence[int]) -> Tensor:
         outs, at = [], 0
         for e, c in zip(experts, counts, strict=True):
             outs.append(self.experts[e](rows[at:at + c]))
@@ -97,7 +97,7 @@ class MoEFFN(nn.Module):
         mine = range(me * local, (me + 1) * local)
         outs, at = [], 0
         for src in range(ep):
-            outs.append(self._apply(arrived[at:at + recv[src]], per_src[src].tolist(), mine))
+            outs.append(self._run_experts(arrived[at:at + recv[src]], per_src[src].tolist(), mine))
             at += recv[src]
         back, order, weight, residual = yield (
             self.a2a(torch.cat(outs), in_splits=recv, out_splits=send), order, weight, residual)
@@ -112,7 +112,7 @@ class MoEFFN(nn.Module):
         for q in range(self.config.ep):
             experts = range(q * self.config.local, (q + 1) * self.config.local)
             n = sum(per[e] for e in experts)
-            outs.append(self._apply(rows[at:at + n], [per[e] for e in experts], experts))
+            outs.append(self._run_experts(rows[at:at + n], [per[e] for e in experts], experts))
             at += n
         return self._combine(torch.cat(outs), order, weight)
 
@@ -167,6 +167,7 @@ def moe_stages(config: MoEConfig, num_stages: int, group: Any, seed: int = 0) ->
         dense: GPT = build_gpt(config.gpt, seed)
         pieces: list[nn.Module] = [dense.embed]
         for block in dense.blocks:
+            assert isinstance(block, Block)
             moe = MoEBlock(block, config, group)
             for expert in moe.ffn.experts:
                 expert.load_state_dict(copy.deepcopy(block.mlp.state_dict()))
