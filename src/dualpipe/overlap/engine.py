@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..runtime.split_backward import WeightGradWork, backward_full, backward_input
-from .comm import CommCall, Pending
+from .comm import AsyncComm, Pending
 from .stage import PartedStage, reply, split_yield
 
 __all__ = [
@@ -109,7 +109,9 @@ class _Segment:
 class _Boundary:
     """A communication between two computation parts."""
 
-    call: CommCall
+    op: AsyncComm
+    ctx: dict[str, Any]  # the call's options and what its launch kept for the backward
+    n_inputs: int
     n_carried: int  # carried tensors after its results among the next part's leaves
     grad: bool  # whether its inputs needed gradients (then its backward runs)
 
@@ -156,6 +158,7 @@ class ForwardTask:
                      else _one_part(stage, self.inputs))
         if not isinstance(self._gen, Generator):
             raise TypeError(f"{type(stage).__name__}.parts must be a generator (use yield)")
+        self._stage = stage
         self._started = False
         self._leaves = _tensors(self.inputs)
         self._pending: Pending | None = None
@@ -170,17 +173,15 @@ class ForwardTask:
     def step(self, filler: Callable[[], bool] | None = None) -> None:
         """Run the next computation part (waiting for the communication before it) and
         launch the communication after it."""
-        n = len(self.segments)
+        n = len(self.boundaries)  # this part's number
         value: Any = None
         if self._pending is not None:
             what = f"{self.label} comm {n - 1}"
             results = self.waiter.wait(self._pending, what, filler)
             self.waiter.log(what, "comm", self._launched, time.perf_counter())
-            boundary = self.boundaries[-1]
-            res = tuple(_leaf(r, self.grad and boundary.grad) for r in results)
-            if self.grad and boundary.grad:
-                for r in res:
-                    r.requires_grad_(True)
+            needs = self.grad and self.boundaries[-1].grad
+            res = tuple(r.detach().requires_grad_(needs and r.is_floating_point())
+                        for r in results)
             carried = tuple(_leaf(c, self.grad) for c in self._carried)
             value = reply(self._yielded, res, carried)
             self._leaves = [*res, *_tensors(carried)]
@@ -197,7 +198,7 @@ class ForwardTask:
             self.done = True
             return
         self._started = True
-        call, carried = split_yield(yielded, self._gen)
+        call, carried = split_yield(yielded, self._stage)
         outs = [*call.inputs, *_tensors(carried)]
         needs = self.grad and any(t.requires_grad for t in call.inputs)
         if self.grad:
@@ -205,7 +206,8 @@ class ForwardTask:
         self.waiter.log(f"{self.label} part {n}", "compute", t0, time.perf_counter())
         self._launched = time.perf_counter()
         self._pending = call.op.launch(tuple(t.detach() for t in call.inputs), call.ctx)
-        self.boundaries.append(_Boundary(call, len(_tensors(carried)), needs))
+        self.boundaries.append(_Boundary(call.op, call.ctx, len(call.inputs),
+                                         len(_tensors(carried)), needs))
         self._yielded, self._carried = yielded, carried
 
     def finish(self, filler: Callable[[], bool] | None = None) -> Any:
@@ -317,11 +319,11 @@ class BackwardTask:
                 for g, leaf in zip(in_grads[:n_res], seg.leaves[:n_res], strict=True)
             )
             self._launched = time.perf_counter()
-            self._pending = boundary.call.op.launch_backward(res_grads, boundary.call.ctx)
+            self._pending = boundary.op.launch_backward(res_grads, boundary.ctx)
         else:
             none: tuple[Tensor, ...] = ()
             self._pending = Pending([], lambda: none)
-            nothing: list[Tensor | None] = [None] * len(boundary.call.inputs)
+            nothing: list[Tensor | None] = [None] * boundary.n_inputs
             self._carried_grads = nothing + self._carried_grads
         self._k = k - 1
 
