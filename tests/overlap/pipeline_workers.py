@@ -105,7 +105,7 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
                 assert p.grad is None or not p.grad.any(), name
                 continue
             torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6, msg=name)
-    parts = pipe.executor.record.parts if pipe.executor.record is not None else []
+    parts = pipe.executor.last_record.parts if pipe.executor.last_record is not None else []
     # pairs interleaved: a forward part ran between two backward parts of one pair
     interleaved = 0
     labels = [e.label for e in parts if e.kind == "compute"]

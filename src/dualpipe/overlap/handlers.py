@@ -1,18 +1,24 @@
-"""What the executor runs for a stage written as parts: its forward, its backward and
-the F&B pair, in the executor's terms (input leaves, output roots, deferred work)."""
+"""The executor's handlers for stages written as parts: their F, B and I run part by
+part and their F&B pairs interleave; any other stage goes to the table's own handler."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge
 
-from .engine import BackwardTask, ForwardTask, Waiter, WeightWorks, run_pair
+from ..schedules.actions import Op
+from .engine import BackwardTask, ForwardTask, Waiter, run_pair
 from .stage import PartedStage
 
-__all__ = ["is_parted", "parted_forward", "parted_backward", "parted_pair"]
+if TYPE_CHECKING:
+    from ..runtime.handlers import Handler
+    from ..runtime.plan import ActionPlan, PlannedStep
+    from ..runtime.run import StepRun
+
+__all__ = ["is_parted", "with_parts"]
 
 
 def is_parted(module: nn.Module) -> bool:
@@ -23,57 +29,101 @@ def is_parted(module: nn.Module) -> bool:
         type(module), "overlapped_forward_backward")
 
 
-def _for_leaves(task: BackwardTask, leaves: Sequence[Tensor]) -> list[Tensor | None]:
-    """The input gradients of ``task`` for the executor's ``leaves`` (a subset of the
-    forward's tensor inputs, by identity)."""
+def with_parts(table: Mapping[str, Handler]) -> dict[str, Handler]:
+    """``table`` with its ``F``, ``B``, ``I`` and ``FB`` handlers taking stages written
+    as parts (:class:`PartedStage`) and passing every other stage to the original."""
+    return {
+        **table,
+        Op.FORWARD.value: partial(_forward, table[Op.FORWARD.value]),
+        Op.BACKWARD.value: partial(_backward, table[Op.BACKWARD.value]),
+        Op.INPUT.value: partial(_backward, table[Op.INPUT.value]),
+        "FB": partial(_pair, table["FB"]),
+    }
+
+
+def _key(a: ActionPlan) -> tuple[int, int]:
+    return (a.action.phase, a.action.chunk)
+
+
+def _waiter(run: StepRun) -> Waiter:
+    """Bounded by the pipeline's timeout, failing at once when another rank failed;
+    part events go to the step's record when there is one."""
+    events = run.record.parts if run.record is not None else None
+    return Waiter(run.transport.timeout, run.transport.check_error, events)
+
+
+def _input_grads(task: BackwardTask, leaves: list[Tensor]) -> list[Tensor | None]:
+    """The backward's input gradients for the executor's ``leaves`` (a subset of the
+    forward's tensor inputs, matched by identity)."""
     inputs = [t for t in task.record.inputs if isinstance(t, Tensor)]
     by_id = {id(t): g for t, g in zip(inputs, task.input_grads, strict=True)}
     return [by_id.get(id(leaf)) for leaf in leaves]
 
 
-def parted_forward(module: nn.Module, inputs: Sequence[Any], waiter: Waiter) -> ForwardTask:
-    """Run one micro-batch's forward part by part; the finished task (its ``outputs``,
-    and the record its backward needs)."""
-    task = ForwardTask(module, inputs, waiter)
+def _start_forward(run: StepRun, a: ActionPlan) -> ForwardTask:
+    return ForwardTask(run.module(a), run.forward_inputs(a), _waiter(run))
+
+
+def _finish_forward(run: StepRun, a: ActionPlan, task: ForwardTask) -> None:
+    if task.grad:
+        run.parted[_key(a)] = task  # the backward's record, for this step only
+    run.finish_forward(a, task.inputs, task.outputs, None)
+
+
+def _start_backward(run: StepRun, a: ActionPlan, record: ForwardTask,
+                    split: bool) -> tuple[BackwardTask, list[Tensor]]:
+    grads = run.output_grads(a)
+    roots, leaves = run.pop_saved(a)
+    return BackwardTask(record, roots, grads, _waiter(run), split=split), leaves
+
+
+def _finish_backward(run: StepRun, a: ActionPlan, task: BackwardTask,
+                     leaves: list[Tensor]) -> None:
+    if a.action.op is Op.INPUT:
+        run.deferred[_key(a)] = task.weight if task.split else None
+    else:
+        task.weight.run()  # a full backward: whatever the waits did not absorb
+    run.finish_backward(a, leaves, _input_grads(task, leaves))
+
+
+def _forward(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+    """``F`` of a parted stage: its parts in order, each communication waited for
+    before the next part."""
+    (a,) = step.actions
+    if not is_parted(run.module(a)):
+        fallback(run, step)
+        return
+    task = _start_forward(run, a)
     task.finish()
-    return task
+    _finish_forward(run, a, task)
 
 
-def parted_backward(
-    record: ForwardTask,
-    roots: Sequence[Tensor | GradientEdge],
-    grads: Sequence[Tensor | None],
-    leaves: Sequence[Tensor],
-    input_only: bool,
-    split: bool,
-    waiter: Waiter,
-) -> tuple[list[Tensor | None], WeightWorks | None]:
-    """Run one micro-batch's backward part by part: the gradients for ``leaves`` and,
-    for an input-only backward with ``split``, the weight-gradient work left for W."""
-    task = BackwardTask(record, roots, grads, waiter, split=split and input_only)
+def _backward(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+    """``B`` or ``I`` of a parted stage: each part's backward, last part first (input-only
+    per part for an ``I`` with the split on, the weight work kept for its ``W``)."""
+    (a,) = step.actions
+    record = run.parted.pop(_key(a), None)
+    if record is None:
+        fallback(run, step)
+        return
+    task, leaves = _start_backward(run, a, record, run.split and a.action.op is Op.INPUT)
     task.finish()
-    return _for_leaves(task, leaves), task.weight if split and input_only else None
+    _finish_backward(run, a, task, leaves)
 
 
-def parted_pair(
-    module0: nn.Module,
-    inputs0: Sequence[Any],
-    record1: ForwardTask,
-    roots1: Sequence[Tensor | GradientEdge],
-    grads1: Sequence[Tensor | None],
-    leaves1: Sequence[Tensor],
-    input_only: bool,
-    split: bool,
-    waiter: Waiter,
-) -> tuple[ForwardTask, list[Tensor | None], WeightWorks | None]:
-    """Run an F&B pair interleaved (:func:`~dualpipe.overlap.run_pair`): the forward's
-    finished task, the backward's gradients for ``leaves1`` and, for an input-only
-    backward with ``split``, the weight work left for W. A full backward splits per
-    part when ``split`` so its weight work fills the waits, and finishes it here."""
-    forward = ForwardTask(module0, inputs0, waiter, label="F")
-    backward = BackwardTask(record1, roots1, grads1, waiter, split=split, label="B")
-    run_pair(forward, backward, fill_weight=not input_only)
-    if split and not input_only:
-        backward.weight.run()
-    left = backward.weight if split and input_only else None
-    return forward, _for_leaves(backward, leaves1), left
+def _pair(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+    """``F+B`` whose backward is a parted stage's: the two interleaved
+    (:func:`~dualpipe.overlap.run_pair`); a full backward splits per part when the split
+    is on, so its weight work fills the waits. A stage class with its own
+    ``overlapped_forward_backward``, or an ordinary backward, goes to ``fallback``."""
+    fwd, bwd = step.actions
+    own: Any = getattr(type(run.module(fwd)), "overlapped_forward_backward", None)
+    if own is not None or _key(bwd) not in run.parted:
+        fallback(run, step)
+        return
+    record = run.parted.pop(_key(bwd))
+    forward = _start_forward(run, fwd)
+    backward, leaves = _start_backward(run, bwd, record, run.split)
+    run_pair(forward, backward, fill_weight=bwd.action.op is Op.BACKWARD)
+    _finish_forward(run, fwd, forward)
+    _finish_backward(run, bwd, backward, leaves)

@@ -220,13 +220,9 @@ class Pipeline(nn.Module):
 
     def _ends(self) -> tuple[int | None, int | None]:
         """(stream starting on this rank, stream ending on this rank)."""
-        start = end = None
-        for s, path in enumerate(self.layout.paths):
-            if path[0][0] == self.rank:
-                start = s
-            if path[-1][0] == self.rank:
-                end = s
-        return start, end
+        starts = self.layout.streams_starting_on(self.rank)
+        ends = self.layout.streams_ending_on(self.rank)
+        return (starts[0] if starts else None), (ends[0] if ends else None)
 
     def sync_grads(self) -> None:
         """DualPipe: give both copies of every stage the sum of their gradients (only
@@ -272,7 +268,7 @@ class Pipeline(nn.Module):
             mirrored.set_aside()  # sum this step's gradients only, then accumulate
         try:
             result = self.executor.run(schedule, data, record=record)
-            self.last_record = self.executor.record
+            self.last_record = self.executor.last_record
             if mirrored is not None:
                 try:
                     mirrored.sum_grads()
@@ -340,7 +336,8 @@ class Pipeline(nn.Module):
         every rank, returned on pipeline rank ``dst`` (None elsewhere)."""
         if self.last_record is None:
             raise RuntimeError("no recorded step: call step(..., record=True) first")
-        schedule = self.executor.schedule
+        assert self.executor.last_plan is not None
+        schedule = self.executor.last_plan.schedule
         return gather_timeline(self.last_record, schedule, self.rank, self.group, dst)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -19,7 +19,7 @@ from ..schedules.actions import Overlap, parse_step
 from ..schedules.schedule import Schedule
 from ..simulation import Costs, TimedStep
 from ..viz import TimedWait
-from .executor import StepRecord
+from .record import StepRecord
 
 __all__ = ["MeasuredTimeline", "gather_timeline", "measured_costs"]
 
