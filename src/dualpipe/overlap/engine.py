@@ -81,7 +81,7 @@ class Waiter:
                 if now > deadline:
                     raise TimeoutError(f"{what} did not complete within {self.timeout:.0f} s")
                 time.sleep(nap)
-                nap = min(nap * 2, 5e-4)
+                nap = min(nap * 2, 2e-4)
             self.log(what, "wait", t0, time.perf_counter())
         return pending.wait()
 
