@@ -11,6 +11,8 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dualpipe.runtime.pipeline import Pipeline
+from dualpipe.schedules.actions import Op, Overlap
+from dualpipe.schedules.registry import generate
 from dualpipe.schedules.schedule import layout_for
 
 from .models import DIM, MoEStage, expert_owner
@@ -26,6 +28,25 @@ def _data(ep_rank: int, chunks: int) -> tuple[Tensor, Tensor]:
 
 def _criterion(out: Tensor, label: Tensor) -> Tensor:
     return F.mse_loss(out, label)
+
+
+class HookedMoEStage(MoEStage):
+    """A parted stage whose class also defines the original's hook: the hook wins."""
+
+    calls = 0
+
+    @classmethod
+    def overlapped_forward_backward(
+        cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1, output_grads1
+    ):  # noqa: ANN001, ANN206 - the original's signature
+        cls.calls += 1
+        outputs0 = module0(*inputs0)
+        loss0 = criterion0(outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+        else:
+            torch.autograd.backward(outputs1, output_grads1)
+        return outputs0, loss0
 
 
 def pipeline_cases(rank: int, world: int,
@@ -44,7 +65,9 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
     pp_rank, ep_rank = rank // 2, rank % 2
     layout = layout_for(schedule, 2)
     torch.manual_seed(0)
-    stages = [MoEStage(ep, ckpt=ckpt) for _ in range(layout.num_stages)]
+    cls = HookedMoEStage if ckpt == "hook" else MoEStage
+    stages = [cls(ep, ckpt=None if ckpt == "hook" else ckpt) for _ in range(layout.num_stages)]
+    HookedMoEStage.calls = 0
     mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[pp_rank]]
     pipe = Pipeline(mine, schedule, process_group=pp, timeout=60)
     streams = layout.num_streams
@@ -112,5 +135,10 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
     for a, b, c in zip(labels, labels[1:], labels[2:], strict=False):
         if a.startswith("B part") and b.startswith("F part") and c.startswith("B part"):
             interleaved += 1
+    if ckpt == "hook":  # every full-backward pair went to the hook, none interleaved
+        pairs = sum(isinstance(s, Overlap) and s.backward.op is Op.BACKWARD
+                    for s in generate(schedule, 2, chunks).steps[pp_rank])
+        assert HookedMoEStage.calls == pairs > 0 and interleaved == 0
+        return -1
     return interleaved
 
