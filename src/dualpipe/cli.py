@@ -5,6 +5,7 @@ Subcommands::
     dualpipe schedule NAME --ranks N --chunks C [--format text|png|trace|json] [-o FILE]
     dualpipe simulate NAME --ranks N --chunks C [--f F --b B --w W --fb FB --comm X] [--json]
     dualpipe compare --stages PP --chunks C [cost flags]
+    dualpipe pair --part-f F0,C0,F1,... --part-b B0,C0,B1,... --part-w W0,W1,... [-o FILE]
     dualpipe validate FILE [--layout NAME --ranks N]   (JSON, text, or PyTorch's CSV)
     dualpipe autoschedule --ranks N --chunks C [cost flags] [--limit A] [--max-deferred D]
                           [--layout v|dualpipe] [--json] [-o FILE]
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .partcosts import PartCosts, pair_intervals, parse_parts
 from .schedules.registry import SCHEDULES, generate, layout_for
 from .schedules.schedule import Schedule, ScheduleError
 from .schedules.torch_format import from_torch_csv, to_torch_csv
@@ -53,6 +55,17 @@ def _add_costs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w", type=float, default=1.0, help="weight-gradient part of B (default 1)")
     g.add_argument("--fb", type=float, default=None, help="overlapped F&B pair (default f + b)")
     g.add_argument("--comm", type=float, default=0.0, help="latency between ranks (default 0)")
+    _add_parts(g, required=False)
+
+
+def _add_parts(g: Any, required: bool) -> None:
+    extra = "" if required else "; with all three, f, b, w and the pairs derive from the parts"
+    g.add_argument("--part-f", metavar="LIST", required=required,
+                   help="a parted stage's forward: compute,comm,compute,...,compute" + extra)
+    g.add_argument("--part-b", metavar="LIST", required=required,
+                   help="its input backward per part, in forward order: compute,comm,...")
+    g.add_argument("--part-w", metavar="LIST", required=required,
+                   help="its weight-gradient time per computation part")
 
 
 def _add_shape(p: argparse.ArgumentParser) -> None:
@@ -124,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="also write the schedule as JSON")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("pair", help="one F&B pair of a parted stage, parts interleaved")
+    _add_parts(p.add_argument_group("part costs"), required=True)
+    p.add_argument("--input-only", action="store_true",
+                   help="the backward is input-only (its weight work is left to W)")
+    p.add_argument("-o", "--output", metavar="FILE", help="draw a PNG to FILE")
+
     sub.add_parser(
         "demo",
         help="train a small model with the pipeline (arguments go to dualpipe.demo)",
@@ -132,7 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parts(args: argparse.Namespace) -> PartCosts | None:
+    given = [args.part_f, args.part_b, args.part_w]
+    if all(v is None for v in given):
+        return None
+    if any(v is None for v in given):
+        raise CliError("give --part-f, --part-b and --part-w together")
+    return parse_parts(args.part_f, args.part_b, args.part_w)
+
+
 def _costs(args: argparse.Namespace) -> Costs:
+    parts = _parts(args)
+    if parts is not None:
+        return Costs(comm=args.comm, parts=parts, fb=args.fb)
     return Costs(f=args.f, b=args.b, w=args.w, fb=args.fb, comm=args.comm)
 
 
@@ -317,7 +348,26 @@ def _cmd_demo(argv: list[str]) -> int:
     return int(demo_main(argv) or 0)
 
 
+def _cmd_pair(args: argparse.Namespace) -> int:
+    from .viz.pair import render_pair_png, render_pair_text
+
+    parts = _parts(args)
+    assert parts is not None
+    intervals = pair_intervals(parts, full_backward=not args.input_only)
+    pair = parts.pair(full_backward=not args.input_only)
+    back = parts.backward - (parts.weight if args.input_only else 0.0)
+    print(render_pair_text(intervals))
+    comm = sum(parts.f_comm) + sum(parts.b_comm)
+    print(f"pair {_num(pair)} vs F then B {_num(parts.forward + back)}; "
+          f"communication {_num(comm)}, hidden {_num(parts.forward + back - pair)}")
+    if args.output:
+        render_pair_png(intervals, args.output, title="one F&B pair, parts interleaved")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 _COMMANDS = {
+    "pair": _cmd_pair,
     "schedule": _cmd_schedule,
     "simulate": _cmd_simulate,
     "compare": _cmd_compare,

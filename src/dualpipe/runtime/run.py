@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ..overlap.engine import ForwardTask, WeightWorks
 from ..schedules.actions import Action, Overlap
 from .inbox import Inbox
 from .p2p import BaseTransport, PipelineError, RemoteFailure, TensorMeta, encode_header
@@ -111,7 +112,9 @@ class StepRun:
         self.record = record
         self.inbox = Inbox(plan, transport, shapes, record)
         self.saved: dict[tuple[int, int], tuple[list[Any], list[torch.Tensor]]] = {}
-        self.deferred: dict[tuple[int, int], WeightGradWork | None] = {}
+        self.deferred: dict[tuple[int, int], WeightGradWork | WeightWorks | None] = {}
+        # forward records of stages written as parts, until their backward
+        self.parted: dict[tuple[int, int], ForwardTask] = {}
         self.local: dict[HandOff, list[torch.Tensor]] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
