@@ -43,7 +43,8 @@ import torch
 from dualpipe.schedules.actions import parse_step
 from dualpipe.schedules.generators import generate
 from dualpipe.schedules.layout import dualpipev_layout
-from dualpipe.schedules.schedule import Schedule
+from dualpipe.schedules.registry import spec
+from dualpipe.schedules.schedule import Schedule, ScheduleError
 from dualpipe.simulation import Costs, simulate
 
 # (label, runtime, schedule name for the runtime, our schedule to simulate (None: the
@@ -56,8 +57,22 @@ ROWS: list[tuple[str, str, str, str | None, str | None]] = [
     ("1F1B", "ours", "1f1b", "1f1b", "torch 1F1B"),
     ("torch 1F1B", "torch", "1F1B", "1f1b", None),
     ("ZB1P", "ours", "zb1p", "zb1p", None),
+    ("ZBV", "ours", "zbv", "zbv", "torch ZBV"),
 ]
 """Every schedule of a configuration, in table order."""
+
+
+
+def _fits(impl: str, name: str, ranks: int) -> bool:
+    """Whether our schedule ``name`` runs on ``ranks`` ranks (the registry's constraints)."""
+    if impl != "ours":
+        return True
+    try:
+        spec(name).check_ranks(ranks)
+    except ScheduleError:
+        return False
+    return True
+
 
 SIZES = {"4k": 1024, "4m": 1024 * 1024}
 """Activation sizes (fp32 elements per micro-batch)."""
@@ -337,7 +352,7 @@ def run_sleep(
                         continue
                     if args.schedules and label not in args.schedules:
                         continue
-                    if name == "dualpipe" and ranks % 2:
+                    if not _fits(impl, name, ranks):
                         continue
                     chunks = _chunks_for(token, bench_workers.num_stages(name, ranks))
                     row = Row(section, ranks, _size_label(numel), chunks, label, impl, vs=vs)

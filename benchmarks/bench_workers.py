@@ -32,7 +32,7 @@ from torch import nn
 
 __all__ = [
     "TORCH_SCHEDULES",
-    "V_SCHEDULES",
+    "TORCH_TO_OURS",
     "num_stages",
     "sleep_worker",
     "gpt_worker",
@@ -46,23 +46,23 @@ TORCH_SCHEDULES = {
 }
 """Short name -> class name in ``torch.distributed.pipelining``."""
 
-V_SCHEDULES = {"dualpipev", "DualPipeV", "ZBV"}
-"""Schedules with two stages per rank in V placement (2N stages on N ranks)."""
+TORCH_TO_OURS = {"DualPipeV": "dualpipev", "ZBV": "zbv", "1F1B": "1f1b"}
+"""Short torch name -> our registry name of the same schedule (same layout)."""
+
+
+def _layout(schedule: str, ranks: int) -> Any:
+    from dualpipe.schedules.registry import layout_for
+
+    return layout_for(TORCH_TO_OURS.get(schedule, schedule), ranks)
 
 
 def num_stages(schedule: str, ranks: int) -> int:
-    """Model stages of ``schedule`` on ``ranks`` ranks (2N for V schedules, else N)."""
-    return 2 * ranks if schedule in V_SCHEDULES else ranks
+    """Model stages of ``schedule`` (ours or a torch short name) on ``ranks`` ranks."""
+    return int(_layout(schedule, ranks).num_stages)
 
 
 def _stage_ids(impl: str, schedule: str, rank: int, ranks: int) -> tuple[int, ...]:
-    if impl == "ours":
-        from dualpipe.schedules.schedule import layout_for
-
-        return tuple(layout_for(schedule, ranks).rank_stages[rank])
-    if schedule in V_SCHEDULES:
-        return (rank, 2 * ranks - 1 - rank)
-    return (rank,)
+    return tuple(_layout(schedule, ranks).rank_stages[rank])
 
 
 @dataclass

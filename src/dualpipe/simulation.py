@@ -4,15 +4,17 @@ Semantics (one source of truth for the pictures, the comparison table and the
 runtime's "simulated" figures):
 
 * every rank starts at 0 and runs its steps strictly in order;
-* a step starts when its rank is free and its inputs have arrived: a forward
-  needs the previous stage's forward of the same micro-batch, a backward (full
-  or input-only) needs the next stage's backward of the same micro-batch (the
-  last stage's backward needs its own forward), plus ``comm`` when that action
-  ran on another rank;
+* a step starts when its rank is free and its inputs have arrived: what
+  :func:`~dualpipe.schedules.dependency.dependency` names (a forward needs the
+  previous stage's forward of the same micro-batch, a backward the next stage's
+  backward, the last stage's backward its own forward), plus ``comm`` when that
+  action ran on another rank;
 * an overlapped pair waits for both parts' inputs, takes ``fb``, and both
   results exist at its end; a ``W`` needs nothing more;
 * durations: F ``f``, B ``b``, I ``b - w``, W ``w``, pair ``fb`` (``fb - w`` when
-  its backward is input-only).
+  its backward is input-only); with per-part costs (``Costs(parts=...)``) a pair's
+  time is its parts interleaved on a compute and a communication resource
+  (:mod:`dualpipe.partcosts`).
 
 Per rank it reports busy time, bubble (makespan - busy) and peak activations
 (micro-batches whose forward has started and whose backward has not finished).
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .partcosts import PartCosts
 from .schedules.actions import Action, Op, Overlap, Step, step_actions
+from .schedules.dependency import dependency
 from .schedules.schedule import Schedule, ScheduleError
 
 __all__ = ["Costs", "TimedStep", "SimResult", "simulate", "step_duration", "seed_bubble"]
@@ -38,6 +42,9 @@ class Costs:
         w: weight-gradient part of a backward; an input-only backward takes ``b - w``.
         fb: an overlapped forward+backward pair; defaults to ``f + b``.
         comm: latency of a message between two different ranks.
+        parts: the stage's per-part costs (:class:`~dualpipe.partcosts.PartCosts`):
+            then ``f``, ``b`` and ``w`` are derived from them (whatever was passed) and
+            each pair's time is its parts interleaved (``fb`` must not be given).
     """
 
     f: float = 1.0
@@ -45,8 +52,15 @@ class Costs:
     w: float = 1.0
     fb: float | None = None
     comm: float = 0.0
+    parts: PartCosts | None = None
 
     def __post_init__(self) -> None:
+        if self.parts is not None:
+            if self.fb is not None:
+                raise ValueError("give either fb or parts: with parts, a pair's time is derived")
+            object.__setattr__(self, "f", self.parts.forward)
+            object.__setattr__(self, "b", self.parts.backward)
+            object.__setattr__(self, "w", self.parts.weight)
         for name in ("f", "b", "w", "comm"):
             value = getattr(self, name)
             if not value >= 0:
@@ -58,14 +72,23 @@ class Costs:
 
     @property
     def pair(self) -> float:
-        """Time of an overlapped pair (``fb``, or ``f + b`` when not given)."""
+        """Time of an overlapped pair (from ``parts``, else ``fb``, else ``f + b``)."""
+        if self.parts is not None:
+            return self.parts.pair(full_backward=True)
         return self.f + self.b if self.fb is None else self.fb
+
+    @property
+    def pair_input(self) -> float:
+        """Time of a pair whose backward is input-only (from ``parts``, else ``pair - w``)."""
+        if self.parts is not None:
+            return self.parts.pair(full_backward=False)
+        return self.pair - self.w
 
 
 def step_duration(step: Step, costs: Costs) -> float:
     """Time a step takes under ``costs``."""
     if isinstance(step, Overlap):
-        return costs.pair - (costs.w if step.backward.op is Op.INPUT else 0.0)
+        return costs.pair_input if step.backward.op is Op.INPUT else costs.pair
     return {
         Op.FORWARD: costs.f,
         Op.BACKWARD: costs.b,
@@ -136,19 +159,10 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     timeline: list[list[TimedStep]] = [[] for _ in range(n)]
 
     def ready_time(rank: int, action: Action) -> float | None:
-        stream, pos, chunk = _key(schedule, rank, action)
-        last = len(layout.paths[stream]) - 1
-        if action.op is Op.FORWARD:
-            if pos == 0:
-                return 0.0
-            dep = done_f.get((stream, pos - 1, chunk))
-        elif action.op.is_backward:
-            if pos == last:
-                dep = done_f.get((stream, pos, chunk))
-            else:
-                dep = done_b.get((stream, pos + 1, chunk))
-        else:
+        need = dependency(layout, rank, action)
+        if need is None or need.op is Op.INPUT:  # a W's I ran earlier on this rank
             return 0.0
+        dep = (done_f if need.op is Op.FORWARD else done_b).get(need.key)
         if dep is None:
             return None
         return dep[0] + (costs.comm if dep[1] != rank else 0.0)

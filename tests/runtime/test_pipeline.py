@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from dualpipe.schedules import Schedule, interleaved_1f1b
 from dualpipe.testing import run_distributed
 
 from .workers import (
@@ -36,6 +37,50 @@ def test_matches_single_process(world: int, cases: list[tuple[str, str, list[int
     reports = run_distributed(check_many, world, cases, timeout=240)
     expected = sum(len(c[2]) for c in cases)
     assert all(len(r) == expected for r in reports)
+
+
+@pytest.mark.parametrize(
+    "world,cases",
+    [
+        (
+            2,
+            [
+                ("zbv", "mlp", [2, 5]),
+                ("zbv", "traps", [3]),
+                ("interleaved-1f1b", "two", [2, 4]),
+                ("dualpipev", "traps", [1, 3]),  # fewer micro-batches than 2N
+                ("dualpipe", "mlp", [2]),  # one per direction
+                ("v-half", "traps", [4]),
+                ("v-min", "mlp", [3]),
+            ],
+        ),
+        (
+            3,
+            [
+                ("zbv", "two", [4]),
+                ("interleaved-1f1b", "traps", [3, 6]),
+                ("dualpipev", "mlp", [2]),
+                (interleaved_1f1b(3, 3, 3), "mlp", [3]),  # three stages per rank
+            ],
+        ),
+        (
+            4,
+            [
+                ("dualpipe", "traps", [2, 6]),
+                ("zbv", "mlp", [3]),
+                ("v-half", "two", [8]),
+                ("v-min", "traps", [5]),
+            ],
+        ),
+    ],
+    ids=["world2", "world3", "world4"],
+)
+def test_new_schedules_and_few_micro_batches(
+    world: int, cases: list[tuple[str | Schedule, str, list[int]]]
+) -> None:
+    reports = run_distributed(check_many, world, cases, timeout=240)
+    expected = sum(len(c[2]) for c in cases)
+    assert all(len(r) == expected for r in reports), reports
 
 
 def test_baselines_match_single_process() -> None:

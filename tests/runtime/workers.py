@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dualpipe.runtime.pipeline import Pipeline
-from dualpipe.schedules.schedule import layout_for
+from dualpipe.schedules.schedule import Schedule, layout_for
 
 from .models import build_stages, criterion, make_batch
 
@@ -45,7 +45,7 @@ def _reference(
 def check_pipeline(
     rank: int,
     world: int,
-    schedule: str,
+    schedule: str | Schedule,
     kind: str,
     chunk_counts: list[int],
     split_backward: bool = True,
@@ -55,10 +55,11 @@ def check_pipeline(
 
     Losses and outputs must be bit-equal; gradients equal to rounding. Each chunk
     count also changes the batch size, so shapes change between steps. With
-    ``rank_mapping``, process ``rank_mapping[i]`` acts as pipeline rank ``i``."""
-    layout = layout_for(schedule, world)
+    ``rank_mapping``, process ``g`` acts as pipeline rank ``rank_mapping[g]``. A
+    :class:`Schedule` runs as given (its own number of micro-batches)."""
+    layout = schedule.layout if isinstance(schedule, Schedule) else layout_for(schedule, world)
     if rank_mapping is not None:
-        rank = rank_mapping.index(rank)
+        rank = rank_mapping[rank]
     streams = layout.num_streams
     report = []
     for step, num_chunks in enumerate(chunk_counts):
@@ -127,11 +128,14 @@ def check_pipeline(
             outs2 = outs2[0] if isinstance(outs2, tuple) else outs2
             assert torch.equal(outs2, torch.cat(ref_outs2[end[0]])), "inference outputs differ"
             assert torch.equal(loss2, torch.stack(ref_losses2[end[0]]))
-        report.append(f"{schedule} ranks={world} chunks={num_chunks} ok")
+        name = schedule.name if isinstance(schedule, Schedule) else schedule
+        report.append(f"{name} ranks={world} chunks={num_chunks} ok")
     return report
 
 
-def check_many(rank: int, world: int, cases: list[tuple[str, str, list[int]]]) -> list[str]:
+def check_many(
+    rank: int, world: int, cases: list[tuple[str | Schedule, str, list[int]]]
+) -> list[str]:
     """Run :func:`check_pipeline` for several (schedule, model kind, chunk counts) cases."""
     out: list[str] = []
     for schedule, kind, chunk_counts in cases:

@@ -1,7 +1,7 @@
-"""Generators against SCHEDULES.md.
+"""Generators against the step tables of docs/schedules.md.
 
 The expected token lists below were derived by hand from the step tables of
-SCHEDULES.md (not by running the generators); the structural tests re-read the
+docs/schedules.md (not by running the generators); the structural tests re-read the
 DualPipe / DualPipeV step table for many sizes.
 """
 
@@ -148,7 +148,7 @@ def test_one_f_one_b_with_fewer_micro_batches_than_ranks() -> None:
 
 
 def step_table(h: int, half: int, main: int, split: bool) -> list[tuple[int, list[str]]]:
-    """The eight steps of SCHEDULES.md as shapes (tokens without micro-batch ids;
+    """The eight steps of docs/schedules.md as shapes (tokens without micro-batch ids;
     ``W`` for any W). ``h`` = distance to the nearer end (DualPipe) or ``r``
     (DualPipeV), ``half`` = H (DualPipe) or N (DualPipeV), ``main`` = step-4 repeats."""
     outer = half - h - 1
@@ -328,10 +328,6 @@ def test_seed_picture_sizes() -> None:
         ("dualpipe", 5, 20, "number of ranks must be even"),
         ("dualpipe", 4, 9, "num_chunks must be even"),
         ("dualpipe", 2, 3, "num_chunks must be even"),
-        ("dualpipe", 4, 6, r"num_chunks must be >= 2 \* ranks = 8, got 6"),
-        ("dualpipe", 2, 2, r"num_chunks must be >= 2 \* ranks = 4, got 2"),
-        ("dualpipev", 3, 5, r"num_chunks must be >= 2 \* ranks = 6, got 5"),
-        ("dualpipev", 1, 1, r"num_chunks must be >= 2 \* ranks = 2, got 1"),
     ],
 )
 def test_bidirectional_constraints(name: str, ranks: int, chunks: int, match: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dualpipe.schedules import (
@@ -17,6 +17,7 @@ from dualpipe.schedules import (
     generate,
     layout_for,
     problems,
+    spec,
     step_actions,
     validate,
 )
@@ -28,17 +29,18 @@ MAX_CHUNKS = 64
 
 @st.composite
 def sized(draw: st.DrawFn, names: tuple[str, ...] = tuple(SCHEDULES), min_ranks: int = 1):
-    """(name, ranks, chunks) within each generator's constraints."""
+    """(name, ranks, chunks) within each generator's constraints (from the registry)."""
     name = draw(st.sampled_from(names))
-    if name == "dualpipe":
-        ranks = 2 * draw(st.integers(max(1, (min_ranks + 1) // 2), MAX_RANKS // 2))
-        chunks = 2 * draw(st.integers(ranks, MAX_CHUNKS // 2))
-    elif name == "dualpipev":
-        ranks = draw(st.integers(min_ranks, MAX_RANKS))
-        chunks = draw(st.integers(2 * ranks, MAX_CHUNKS))
-    else:
-        ranks = draw(st.integers(min_ranks, MAX_RANKS))
-        chunks = draw(st.integers(1, MAX_CHUNKS))
+    entry = spec(name)
+    k = entry.rank_multiple
+    least = max(min_ranks, entry.min_ranks)
+    ranks = k * draw(st.integers(-(-least // k), MAX_RANKS // k))
+    c = entry.chunk_multiple
+    chunks = c * draw(st.integers(1, MAX_CHUNKS // c))
+    try:
+        entry.check(ranks, chunks)
+    except ScheduleError:
+        assume(False)
     return name, ranks, chunks
 
 
@@ -249,6 +251,7 @@ def test_duplicate_w_is_named(case: tuple[str, int, int], data: st.DataObject) -
     rank = data.draw(st.integers(0, schedule.num_ranks - 1), label="rank")
     row = list(schedule.steps[rank])
     ws = [i for i, s in enumerate(row) if isinstance(s, Action) and s.op is Op.WEIGHT]
+    assume(ws)
     first = data.draw(st.sampled_from(ws), label="w")
     at = data.draw(st.integers(first + 1, len(row)), label="copy at")
     w = row[first]
@@ -267,6 +270,7 @@ def test_w_before_its_i_is_named(case: tuple[str, int, int], data: st.DataObject
     rank = data.draw(st.integers(0, schedule.num_ranks - 1), label="rank")
     row = list(schedule.steps[rank])
     inputs = [(i, a) for i, s in enumerate(row) for a in step_actions(s) if a.op is Op.INPUT]
+    assume(inputs)
     i, action = data.draw(st.sampled_from(inputs), label="I")
     w = Action(Op.WEIGHT, action.phase, action.chunk)
     j = row.index(w)
@@ -399,3 +403,16 @@ def test_pairs_keep_their_order() -> None:
     assert isinstance(pair, Overlap) and str(pair) == "F1.1+B0.0"
     with pytest.raises(ValueError):
         Overlap(pair.backward, pair.forward)
+
+
+NEW = ("zbv", "v-half", "v-min", "interleaved-1f1b")
+
+
+@pytest.mark.parametrize("name", NEW + ("dualpipe", "dualpipev"))
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_new_generators_and_few_micro_batches_are_sound(name: str, data: st.DataObject) -> None:
+    """Every new generator, and DualPipe/DualPipeV with any number of micro-batches
+    (fewer than 2N too), through the validator on the grid ranks <= 16, chunks <= 64."""
+    _, ranks, chunks = data.draw(sized((name,)), label="size")
+    assert problems(generate(name, ranks, chunks)) == []

@@ -6,6 +6,7 @@ import pytest
 
 from dualpipe import Costs, ScheduleError
 from dualpipe.viz import compare_table, format_compare_table
+from dualpipe.viz.table import COMPARED
 
 DEFAULT = Costs(f=1, b=2, w=1, fb=3, comm=0)
 
@@ -14,7 +15,7 @@ DEFAULT = Costs(f=1, b=2, w=1, fb=3, comm=0)
 def test_simulated_bubbles_and_memory_match_the_seed_for_default_costs(
     pp: int, chunks: int
 ) -> None:
-    rows = compare_table(pp, chunks, DEFAULT)
+    rows = compare_table(pp, chunks, DEFAULT)[:4]  # the seed's rows
     assert [r["method"] for r in rows] == ["1F1B", "ZB1P", "DualPipe", "DualPipeV"]
     expected_bubble = {
         "1F1B": (pp - 1) * 3,
@@ -36,7 +37,7 @@ def test_formatted_table() -> None:
     text = format_compare_table(compare_table(8, 20, DEFAULT))
     lines = text.splitlines()
     table = [line for line in lines if line.startswith("|")]
-    assert len(table) == 2 + 4
+    assert len(table) == 2 + len(COMPARED)
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert cells[0] == ["1F1B", "21", "21", "(PP-1)(F+B)", "1×", "8", "PP = 8", "8 (PP)"]
     assert cells[1] == ["ZB1P", "7", "7", "(PP-1)(F+B-2W)", "1×", "8", "PP = 8", "8 (PP)"]
@@ -51,20 +52,29 @@ def test_formatted_table() -> None:
         "PP+1 = 9",
         "4 (PP/2)",
     ]
+    # rows the seed has no formula for: ZBV's F = I = W bubble is 3 on 4 ranks
+    # (tests/schedules/test_zbv.py); interleaved 1F1B's is (N-1)(F+B) = 9 on 4 ranks,
+    # with v = 2 half-size stages per rank
+    assert cells[4] == ["ZBV", "3", "—", "—", "2×", "8", "—", "4 (PP/2)"]
+    # V-Half and V-Min: tests/schedules/test_controllable.py (12 and 11 idle slots at
+    # F = I = W on 4 ranks from their building blocks' warm-up and cool-down)
+    assert cells[5] == ["V-Half", "12", "—", "—", "2×", "6", "—", "4 (PP/2)"]
+    assert cells[6] == ["V-Min", "11", "—", "—", "2×", "4", "—", "4 (PP/2)"]
+    assert cells[7] == ["Interleaved 1F1B", "9", "—", "—", "2×", "11", "—", "4 (PP/2)"]
     assert "Units:" in text and "DualPipeV" in text
     assert "differ" not in text  # nothing to explain with the default costs
     assert all(len(line) <= 100 for line in lines if not line.startswith("|"))
 
 
 def test_differences_are_footnoted() -> None:
-    rows = compare_table(4, 8, Costs(f=1, b=2, w=1, fb=3, comm=0.5))
+    rows = compare_table(4, 8, Costs(f=1, b=2, w=1, fb=3, comm=0.5))[:4]
     assert all(r["bubble"] > r["bubble_formula"] for r in rows)
     text = format_compare_table(rows)
     assert "* Simulation and seed formula differ for 1F1B" in text
     assert "communication" in text and "comm = 0.5" in text
     rows = compare_table(4, 8, Costs(f=1, b=3, w=1, fb=3))
     text = format_compare_table(rows)
-    assert [r["bubble"] == pytest.approx(r["bubble_formula"]) for r in rows] == [
+    assert [r["bubble"] == pytest.approx(r["bubble_formula"]) for r in rows[:4]] == [
         True,
         True,
         False,
@@ -79,10 +89,19 @@ def test_differences_are_footnoted() -> None:
     [
         (7, 20, "even"),
         (0, 20, "even"),
-        (8, 10, r">= 2 \* stages = 16"),
-        (4, 9, "even"),
+        (4, 0, "no method fits.*positive integer"),
     ],
 )
 def test_bad_arguments(pp: int, chunks: int, match: str) -> None:
     with pytest.raises(ScheduleError, match=match):
         compare_table(pp, chunks, DEFAULT)
+
+
+def test_methods_that_do_not_fit_are_left_out_and_named() -> None:
+    rows = compare_table(8, 9, DEFAULT)  # odd: no DualPipe; 9 is no multiple of 2 rounds
+    assert "DualPipe" not in [r["method"] for r in rows]
+    assert "Interleaved 1F1B" not in [r["method"] for r in rows]
+    text = format_compare_table(rows)
+    assert "* DualPipe left out: dualpipe: num_chunks must be even, got 9" in text
+    assert "* Interleaved 1F1B left out:" in text
+    assert [r["num_chunks"] for r in rows] == [9] * len(rows)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "local CPU processes (gloo), check the first step's gradients against one process, "
         "and write the loss curve and the measured timeline of a step.",
     )
+    p.add_argument("--model", default="gpt", choices=["gpt", "moe"],
+                   help="gpt (default) or moe: FFNs of experts sharded over an expert-parallel "
+                   "group, 2 pipeline x 2 expert ranks, DualPipeV with the overlap engine")
     p.add_argument("--schedule", default="dualpipev", choices=list(SCHEDULES),
                    help="pipeline schedule (default: dualpipev)")
     p.add_argument("--ranks", type=int, default=4, help="processes (default: 4)")
@@ -71,8 +74,10 @@ def _options(args: argparse.Namespace) -> DemoOptions:
     """Validate ``args`` (raising :class:`DemoUsageError`) and build the run's options."""
     if not 1 <= args.ranks <= MAX_RANKS:
         raise DemoUsageError(f"--ranks must be between 1 and {MAX_RANKS}, got {args.ranks}")
-    if args.schedule == "dualpipe" and (args.ranks < 2 or args.ranks % 2):
-        raise DemoUsageError(f"dualpipe needs an even number of ranks >= 2, got {args.ranks}")
+    try:
+        layout_for(args.schedule, args.ranks)  # the registry's rank constraints
+    except ScheduleError as exc:
+        raise DemoUsageError(str(exc)) from None
     chunks = args.chunks if args.chunks is not None else default_chunks(args.schedule, args.ranks)
     try:
         generate(args.schedule, args.ranks, chunks)
@@ -95,6 +100,21 @@ def _options(args: argparse.Namespace) -> DemoOptions:
         lr=args.lr,
         progress=not args.no_progress,
     )
+
+
+def _moe(args: argparse.Namespace, out: Path) -> int:
+    """The MoE run: 4 processes (2 pipeline x 2 expert-parallel), DualPipeV."""
+    from .moe_run import run_moe
+    from .moe_train import MoEOptions
+
+    if args.schedule != "dualpipev" or args.ranks != 4:
+        print(f"{PROG}: error: --model moe runs dualpipev on 4 processes (2 pipeline x 2 "
+              "expert-parallel ranks)", file=sys.stderr)
+        return 2
+    steps = args.steps if args.steps != DEFAULT_STEPS else 60
+    opts = MoEOptions(chunks=args.chunks or 8, steps=steps, micro_batch=args.micro_batch,
+                      seed=args.seed, lr=args.lr)
+    return run_moe(opts, args.ranks, out, args.timeout)
 
 
 def _prepare_out(path: str) -> Path:
@@ -122,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except DemoUsageError as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    if args.model == "moe":
+        return _moe(args, out)
     missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
     if missing:
         print(f"{PROG}: error: the demo needs {' and '.join(missing)}: "

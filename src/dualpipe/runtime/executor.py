@@ -15,6 +15,7 @@ from functools import partial
 from torch import nn
 
 from ..schedules.schedule import Schedule
+from .declared import Declared
 from .errors import RemoteFailure
 from .handlers import DEFAULT_HANDLERS, Handler
 from .p2p import BaseTransport
@@ -60,6 +61,7 @@ class Executor:
         self.transport = transport
         self.split = split_backward
         self.static_shapes = static_shapes
+        self.declared: Declared | None = None  # the user's declared shapes/dtype, checked
         self.lookahead = lookahead
         self.handlers = dict(handlers if handlers is not None else DEFAULT_HANDLERS)
         self._plans: dict[tuple[Schedule, bool, bool], ExecutionPlan] = {}
@@ -98,7 +100,11 @@ class Executor:
         known = self._known.get((schedule, data.training)) if self.static_shapes else None
         plan = self.plan(schedule, data.training, headers=known is None)
         self.transport.check_error()  # a pipeline that failed before stays failed
-        shapes = known.copy() if known is not None else BoundaryShapes(static=self.static_shapes)
+        shapes = (
+            known.copy()
+            if known is not None
+            else BoundaryShapes(static=self.static_shapes, declared=self.declared)
+        )
         trace = StepRecord(time.perf_counter(), time.time()) if record else None
         stamp = Stamp(self.transport.pipeline, number, schedule.num_chunks, data.training,
                       self.static_shapes)

@@ -10,14 +10,17 @@ __all__ = ["split_batch", "concat_chunks"]
 
 
 def split_batch(
-    tensors: Sequence[torch.Tensor], num_chunks: int, batch_dim: int, what: str
-) -> list[tuple[torch.Tensor, ...]]:
-    """Split every tensor into ``num_chunks`` equal slices along ``batch_dim``.
+    tensors: Sequence[torch.Tensor | None], num_chunks: int, batch_dim: int, what: str
+) -> list[tuple[torch.Tensor | None, ...]]:
+    """Split every tensor into ``num_chunks`` equal slices along ``batch_dim``; a ``None``
+    entry stays ``None`` in every micro-batch.
 
     Returns one tuple per micro-batch. Raises ``ValueError`` naming ``what``
     (``inputs``/``labels``) when a tensor does not split evenly.
     """
     for i, t in enumerate(tensors):
+        if t is None:
+            continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{what}[{i}] must be a tensor, got {type(t).__name__}")
         if t.dim() <= batch_dim:
@@ -30,7 +33,10 @@ def split_batch(
                 f"{what}[{i}] has {size} samples along batch_dim={batch_dim}, which does not "
                 f"split into {num_chunks} equal micro-batches"
             )
-    pieces = [t.tensor_split(num_chunks, dim=batch_dim) for t in tensors]
+    pieces = [
+        t.tensor_split(num_chunks, dim=batch_dim) if t is not None else (None,) * num_chunks
+        for t in tensors
+    ]
     return [tuple(p[k] for p in pieces) for k in range(num_chunks)]
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import base64
 import queue
 import threading
 import time
@@ -463,14 +464,14 @@ class Transport(BaseTransport):
 
     def _publish(self, name: str, value: bytes) -> None:
         if self.store is not None:
-            self.store.set(f"{self.key}/{name}", value)
+            self.store.set(f"{self.key}/{name}", base64.b64encode(value).decode())
 
     def _read(self, name: str) -> bytes | None:
         if self.store is None:
             return None
         key = f"{self.key}/{name}"
         try:
-            return self.store.get(key) if self.store.check([key]) else None
+            return base64.b64decode(self.store.get(key)) if self.store.check([key]) else None
         except Exception:  # noqa: BLE001 - the store's host is gone: nothing to read
             return None
 

@@ -15,22 +15,25 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..schedules.generators import SCHEDULES, generate
+from ..schedules.generators import generate
 from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
+from .declared import Declared, declared
 from .errors import PipelineError, RemoteFailure
 from .executor import Executor, StepData, StepRecord
+from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch
+from .mirrored import MirroredStages
 from .p2p import Transport
-from .protocol import EXCHANGE_SEQ, PipelineIdentity, handshake
+from .protocol import PipelineIdentity, handshake
 from .timeline import MeasuredTimeline, gather_timeline
 
 __all__ = ["Pipeline", "DualPipe", "DualPipeV", "PipelineError"]
@@ -46,39 +49,97 @@ def _module_device(modules: Sequence[nn.Module]) -> torch.device:
     return devices.pop() if devices else torch.device("cpu")
 
 
+def _stage_modules(modules: nn.Module | Iterable[nn.Module], expected: int) -> list[nn.Module]:
+    """The stage modules a user passed: any iterable of modules (``(a, b)``, a list,
+    ``nn.Sequential(a, b)``, ``nn.ModuleList``), or one module where one is expected."""
+    if isinstance(modules, nn.Module) and (expected == 1 or not _is_container(modules)):
+        return [modules]
+    stages = list(modules)  # type: ignore[arg-type]  # a container module iterates
+    for i, m in enumerate(stages):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"modules[{i}] must be an nn.Module, got {type(m).__name__}")
+    return stages
+
+
+def _is_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Sequential, nn.ModuleList))
+
+
+def _pipeline_to_group(rank_mapping: Sequence[int] | None, size: int) -> list[int]:
+    """Invert the original's ``rank_mapping`` (group rank -> pipeline rank): the group
+    rank of each pipeline rank."""
+    if rank_mapping is None:
+        return list(range(size))
+    mapping = [int(r) for r in rank_mapping]
+    if sorted(mapping) != list(range(size)):
+        raise ValueError(
+            f"rank_mapping must be a permutation of 0..{size - 1} (rank_mapping[group rank] = "
+            f"pipeline rank), got {mapping}"
+        )
+    to_group = [0] * size
+    for group_rank, pipeline_rank in enumerate(mapping):
+        to_group[pipeline_rank] = group_rank
+    return to_group
+
+
+def _accept_module_list_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load checkpoints written before the stages were named ``module`` (``module_list.*``)."""
+    old = prefix + "module_list."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "module." + key[len(old) :]] = state_dict.pop(key)
+
+
 class Pipeline(nn.Module):
     """Runs a named schedule over the ranks of a process group.
 
     Args:
-        modules: the stage modules this rank holds (one for ``1f1b``/``zb1p``/``gpipe``;
-            two for ``dualpipe`` — stages r and N-1-r — and ``dualpipev`` — stages r and
-            2N-1-r).
-        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``),
+        modules: the stage modules this rank holds, as any iterable of modules (a tuple, a
+            list, ``nn.Sequential(stage_a, stage_b)``), in the order of
+            ``layout_for(name, N).rank_stages[r]``: one for ``1f1b``/``zb1p``/``gpipe``
+            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —,
+            for the V schedules ``dualpipev``/``zbv``/``v-half``/``v-min`` — stages r and
+            2N-1-r — and for ``interleaved-1f1b`` — r and r+N. They are kept as
+            :attr:`module` (an ``nn.ModuleList``), so state-dict keys are ``module.0.*``,
+            ``module.1.*`` as in the original.
+        schedule: a registered schedule name (see ``dualpipe.schedules.schedule_names()``),
             or a :class:`~dualpipe.schedules.Schedule` of your own (for example parsed
-            with ``Schedule.from_text``): it is validated first, and every step then runs
-            exactly its ``num_chunks`` micro-batches.
+            with ``Schedule.from_text`` or ``from_torch_csv``): it is validated first, and
+            every step then runs exactly its ``num_chunks`` micro-batches.
         batch_dim: dimension along which inputs and labels are split into micro-batches.
         process_group: the pipeline's process group (default: the world).
-        rank_mapping: ``rank_mapping[i]`` is the group rank that acts as pipeline rank ``i``
-            (default: identity).
+        rank_mapping: as in the original, ``rank_mapping[g]`` is the pipeline rank of the
+            process with rank ``g`` in ``process_group`` (default: identity); it must be a
+            permutation. (Earlier versions of this library read it the other way round, as
+            the group rank of each pipeline rank.)
         timeout: seconds a rank waits for a message before the step fails; a failure on
             another rank is noticed within a fraction of a second.
         split_backward: defer weight-gradient work of input-only backwards to the ``W``
             actions (automatic for ordinary autograd stages). False runs full backwards.
         sync_mirrored_grads: DualPipe only: after each training step, sum the gradients
-            of the two copies of every stage so both hold the true gradient.
+            of the two copies of every stage so both hold the true gradient (the original
+            leaves this to the user; pass False to keep doing it yourself).
         mirrored_weights: DualPipe only: ``"check"`` (default) raises if the two copies of
             a stage differ at construction, ``"sync"`` copies the lower rank's weights to
-            the higher rank, ``"ignore"`` skips the check.
+            the higher rank, ``"ignore"`` skips the comparison of values. The copies'
+            structure and ``requires_grad`` must agree in every mode.
         static_shapes: promise that every step has the same boundary shapes. Shapes are
             still discovered (on the first step); afterwards no metadata message is sent.
-            By default a small header travels once per boundary per step (never per
-            micro-batch), so shapes may change between steps.
+            Default (``None``): on if the original's module-level
+            :func:`~dualpipe.set_p2p_tensor_shapes` was called before construction (its
+            shapes, and :func:`~dualpipe.set_p2p_tensor_dtype`'s dtype, are then checked
+            on the first step), otherwise off: a small header travels once per boundary
+            per step (never per micro-batch), so shapes may change between steps.
+        loss_reduction: ``"sum"`` (default, the original's): gradients of the sum of the
+            micro-batch losses; ``"mean"``: of their mean over all micro-batches of the step
+            (what one process computing the mean loss of the batch gets). The returned
+            per-micro-batch losses are the criterion's values either way.
     """
 
     def __init__(
         self,
-        modules: nn.Module | Sequence[nn.Module],
+        modules: nn.Module | Iterable[nn.Module],
         schedule: str | Schedule = "dualpipev",
         *,
         batch_dim: int = 0,
@@ -88,23 +149,25 @@ class Pipeline(nn.Module):
         split_backward: bool = True,
         sync_mirrored_grads: bool = True,
         mirrored_weights: str = "check",
-        static_shapes: bool = False,
+        static_shapes: bool | None = None,
+        loss_reduction: str = "sum",
     ) -> None:
         super().__init__()
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
+            )
+        self.loss_reduction = loss_reduction
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialized: call dist.init_process_group first"
             )
-        if isinstance(modules, nn.Module):
-            modules = (modules,)
         self.group = process_group
         size = dist.get_world_size(process_group)
         group_rank = dist.get_rank(process_group)
-        mapping = list(rank_mapping) if rank_mapping is not None else list(range(size))
-        if sorted(mapping) != list(range(size)):
-            raise ValueError(f"rank_mapping must be a permutation of 0..{size - 1}, got {mapping}")
+        to_group = _pipeline_to_group(rank_mapping, size)
         self.num_ranks = size
-        self.rank = mapping.index(group_rank)
+        self.rank = to_group.index(group_rank)
         self._fixed: Schedule | None = None
         if isinstance(schedule, Schedule):
             if schedule.num_ranks != size:
@@ -117,51 +180,56 @@ class Pipeline(nn.Module):
             self.layout = schedule.layout
         else:
             self.schedule_name = schedule.lower()
-            if self.schedule_name not in SCHEDULES:
-                raise ScheduleError(
-                    f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
-                )
-            if self.schedule_name == "dualpipe" and size % 2:
-                raise ScheduleError(f"dualpipe: the number of ranks must be even, got {size}")
-            self.layout = layout_for(self.schedule_name, size)
-        # DualPipe's layout holds every stage on two ranks (r and N-1-r)
-        self.mirrored = size % 2 == 0 and self.layout == dualpipe_layout(size)
+            self.layout = layout_for(self.schedule_name, size)  # the registry checks name and ranks
         expected = len(self.layout.rank_stages[self.rank])
-        if len(modules) != expected:
+        stages = _stage_modules(modules, expected)
+        if len(stages) != expected:
             raise ValueError(
                 f"schedule {self.schedule_name} needs {expected} module(s) per rank, "
-                f"got {len(modules)}"
+                f"got {len(stages)}"
             )
-        self.module_list = nn.ModuleList(modules)
-        self.device = _module_device(modules)
+        # the original's attribute name, so state_dict keys are ``module.0.*``, ``module.1.*``
+        self.module = nn.ModuleList(stages)
+        self.register_load_state_dict_pre_hook(_accept_module_list_keys)
+        self.device = _module_device(stages)
         self.batch_dim = batch_dim
         self.timeout = timeout
-        self.transport = Transport(process_group, mapping, self.rank, self.device, timeout)
+        self.transport = Transport(process_group, to_group, self.rank, self.device, timeout)
+        declaration = declared()
+        if static_shapes is None:
+            static_shapes = declaration.shapes is not None
         self.executor = Executor(
-            self.rank, modules, self.transport, split_backward, static_shapes=static_shapes
+            self.rank, stages, self.transport, split_backward, static_shapes=static_shapes
         )
+        if declaration != Declared():
+            self.executor.declared = declaration
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
         self._steps = 0
         self.last_record: StepRecord | None = None
-        if self.mirrored and mirrored_weights not in ("check", "sync", "ignore"):
-            raise ValueError("mirrored_weights must be 'check', 'sync' or 'ignore'")
         self.identity = self._handshake(
             group_rank,
             {
                 "schedule": self._fixed.to_text() if self._fixed else self.schedule_name,
                 "layout": (self.layout.paths, self.layout.stages, self.layout.rank_stages),
-                "rank_mapping": mapping,
+                "rank_mapping": to_group,
                 "static_shapes": static_shapes,
                 "split_backward": split_backward,
                 "sync_mirrored_grads": sync_mirrored_grads,
                 "mirrored_weights": mirrored_weights,
                 "batch_dim": batch_dim,
+                "loss_reduction": loss_reduction,
             },
         )
         self._finalizer = weakref.finalize(self, self.transport.close)
-        if self.mirrored and mirrored_weights != "ignore":
-            self._mirror_weights(sync=mirrored_weights == "sync")
+        # DualPipe's layout holds every stage on two ranks (r and N-1-r)
+        self.mirrored: MirroredStages | None = None
+        if size % 2 == 0 and self.layout == dualpipe_layout(size):
+            self.mirrored = MirroredStages(
+                stages, self.layout.rank_stages[self.rank], self.rank, size - 1 - self.rank,
+                self.transport,
+            )
+            self.mirrored.check(mirrored_weights)
 
     def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
         """Agree with the other ranks on who this pipeline is and on its configuration."""
@@ -195,14 +263,20 @@ class Pipeline(nn.Module):
         self.close()
 
     # --------------------------------------------------------------- compat
-    def set_p2p_tensor_shapes(self, shapes: Any) -> None:
-        """Compatibility with the original DualPipe. Shapes are discovered at run time;
-        calling this (on every rank) only promises they stay fixed, which turns on
-        ``static_shapes`` (no metadata messages after the first step)."""
+    def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
+        """Like the module-level :func:`~dualpipe.set_p2p_tensor_shapes`, for this pipeline
+        only (call it on every rank, before the first step): turns on ``static_shapes``
+        and checks them the next time a step discovers its shapes."""
+        fixed = tuple(tuple(int(n) for n in shape) for shape in shapes)
+        old = self.executor.declared or Declared()
+        self.executor.declared = Declared(fixed, old.dtype)
         self.executor.static_shapes = True
 
-    def set_p2p_tensor_dtype(self, dtype: Any) -> None:
-        """Accepted for compatibility with the original DualPipe; dtypes are discovered."""
+    def set_p2p_tensor_dtype(self, dtype: torch.dtype) -> None:
+        """Like the module-level :func:`~dualpipe.set_p2p_tensor_dtype`, for this pipeline
+        only: the dtype is checked the next time a step discovers its shapes."""
+        old = self.executor.declared or Declared()
+        self.executor.declared = Declared(old.shapes, dtype)
 
     # --------------------------------------------------------------- helpers
     def _schedule(self, num_chunks: int) -> Schedule:
@@ -223,102 +297,42 @@ class Pipeline(nn.Module):
         ends = self.layout.streams_ending_on(self.rank)
         return (starts[0] if starts else None), (ends[0] if ends else None)
 
-    def _partner(self) -> int:
-        return self.num_ranks - 1 - self.rank
-
-    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not tensors:
-            return torch.zeros(0, device=self.transport.device)
-        return torch.cat([t.detach().reshape(-1).to(self.transport.device) for t in tensors])
-
-    def _exchange(self, flat: torch.Tensor) -> torch.Tensor:
-        peer = self._partner()
-        return self.transport.exchange(flat, peer, EXCHANGE_SEQ,
-                                       f"mirrored stage data from rank {peer}")
-
-    def _mirror_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """Parameters of (module 0, module 1); module 0 of this rank mirrors module 1 of
-        the partner."""
-        return list(self.module_list[0].parameters()), list(self.module_list[1].parameters())
-
-    def _swap_with_partner(
-        self, tensors: list[torch.Tensor], n0: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Swap flattened ``tensors`` (module 0's first, ``n0`` values) with the partner.
-
-        Returns ``(mine0, mine1, theirs0, theirs1)`` where ``theirs0`` is the partner's copy
-        of this rank's module 0 (the partner's module 1) and ``theirs1`` of module 1."""
-        flat = self._flat(tensors)
-        other = self._exchange(flat)
-        n1 = flat.numel() - n0  # the partner sends its module 0 (= my module 1) first
-        return flat[:n0], flat[n0:], other[n1:], other[:n1]
-
-    @staticmethod
-    def _pieces(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-        """``flat`` cut back into tensors shaped like ``params`` (on their devices)."""
-        out, offset = [], 0
-        for p in params:
-            out.append(flat[offset : offset + p.numel()].view_as(p).to(p.device))
-            offset += p.numel()
-        return out
-
-    def _mirror_weights(self, sync: bool) -> None:
-        params0, params1 = self._mirror_params()
-        n0 = sum(p.numel() for p in params0)
-        mine0, mine1, theirs0, theirs1 = self._swap_with_partner(params0 + params1, n0)
-        if theirs0.numel() != n0:
-            raise ValueError(
-                f"rank {self.rank}: the two copies of a DualPipe stage have different "
-                f"parameter counts (ranks {self.rank} and {self._partner()})"
-            )
-        if sync:
-            if self.rank > self._partner():
-                with torch.no_grad():
-                    for params, theirs in ((params0, theirs0), (params1, theirs1)):
-                        for p, piece in zip(params, self._pieces(theirs, params), strict=True):
-                            p.copy_(piece)
-            return
-        if not (torch.equal(theirs0, mine0) and torch.equal(theirs1, mine1)):
-            raise ValueError(
-                f"rank {self.rank}: the two copies of a DualPipe stage differ between ranks "
-                f"{self.rank} and {self._partner()}; build them from the same weights or pass "
-                "mirrored_weights='sync'"
-            )
-
     def sync_grads(self) -> None:
-        """DualPipe: sum the gradients of the two copies of every stage (both copies end
-        with the same, summed gradient). Called after each training step unless
-        ``sync_mirrored_grads=False``."""
-        if not self.mirrored:
-            return
-        params0, params1 = self._mirror_params()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params0 + params1]
-        n0 = sum(p.numel() for p in params0)
-        mine0, mine1, theirs0, theirs1 = self._swap_with_partner(grads, n0)
-        for params, total in ((params0, mine0 + theirs0), (params1, mine1 + theirs1)):
-            for p, piece in zip(params, self._pieces(total, params), strict=True):
-                p.grad = piece.clone()
+        """DualPipe: give both copies of every stage the sum of their gradients (only
+        parameters that require grad and got a gradient on at least one copy; existing
+        ``.grad`` tensors are accumulated into in place). Called after each training step
+        unless ``sync_mirrored_grads=False``; a no-op for other schedules."""
+        if self.mirrored is not None:
+            self.mirrored.sum_grads()
 
     # --------------------------------------------------------------- step
     def step(
         self,
-        *inputs: torch.Tensor,
+        *inputs: torch.Tensor | None,
         num_chunks: int = 0,
         criterion: Callable[..., torch.Tensor] | None = None,
-        labels: Sequence[torch.Tensor] = (),
+        labels: Sequence[torch.Tensor | None] | None = (),
         return_outputs: bool = False,
         record: bool = False,
+        broadcast_loss: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | tuple[torch.Tensor, ...] | None]:
         """Run one step: forward and backward of every micro-batch (or forward only
         under ``torch.no_grad()``).
 
         Inputs are given on the ranks where a stream starts and labels where it ends
         (DualPipe: rank 0 and rank N-1, each with half the batch; others: rank 0 / the
-        last rank). Returns ``(loss, outputs)``: where a stream ends, ``loss`` holds the
+        last rank); other ranks pass none, or ``None`` as in the original
+        (``step(None, num_chunks=..., criterion=..., labels=(None,))``). The criterion
+        is called as ``criterion(*outputs, *labels)`` and may take no labels.
+
+        Returns ``(loss, outputs)``: where a stream ends, ``loss`` holds the
         per-micro-batch losses (shape ``[C]``) and, with ``return_outputs``, ``outputs``
-        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum of
-        the per-micro-batch losses. ``record=True`` keeps a measured timeline in
-        :attr:`last_record` (see :meth:`gather_timeline`).
+        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum (or,
+        with ``loss_reduction="mean"``, the mean) of the per-micro-batch losses.
+        ``record=True`` keeps a measured timeline in :attr:`last_record` (see
+        :meth:`gather_timeline`). ``broadcast_loss=True`` (collective) returns every
+        micro-batch's loss of the step (all streams, stream 0's first, as float32) on every
+        rank.
         """
         if self.closed:
             raise PipelineError("this pipeline is closed")
@@ -331,17 +345,29 @@ class Pipeline(nn.Module):
             self.transport.post_error(f"rank {self.rank}: invalid step arguments: {exc}")
             self.executor.abandon(RemoteFailure(str(exc)))
             raise
-        result = self.executor.run(schedule, data, self._steps, record=record)
-        self.last_record = self.executor.last_record
-        if data.training and self.sync_mirrored_grads:
-            try:
-                self.sync_grads()
-            except Exception as exc:
-                self.executor.abandon(exc)
-                raise
-        if self._ends()[1] is None:
-            return None, None
+        mirrored = self.mirrored if data.training and self.sync_mirrored_grads else None
+        if mirrored is not None:
+            mirrored.set_aside()  # sum this step's gradients only, then accumulate
+        try:
+            result = self.executor.run(schedule, data, self._steps, record=record)
+            self.last_record = self.executor.last_record
+            if mirrored is not None:
+                try:
+                    mirrored.sum_grads()
+                except Exception as exc:
+                    self.executor.abandon(exc)  # a failed pipeline stays failed
+                    raise
+        except BaseException:
+            if mirrored is not None:
+                mirrored.put_back()
+            raise
+        end = self._ends()[1]
         loss = torch.stack(result.losses) if result.losses else None
+        if broadcast_loss:
+            loss = share_losses(loss, end, schedule.chunks_per_stream,
+                                self.layout.num_streams, self.group, self.transport.device)
+        if end is None:
+            return loss, None
         outputs: Any = None
         if return_outputs:
             outputs = concat_chunks(result.outputs, self.batch_dim)
@@ -351,45 +377,55 @@ class Pipeline(nn.Module):
 
     def _prepare(
         self,
-        inputs: tuple[torch.Tensor, ...],
+        inputs: tuple[torch.Tensor | None, ...],
         num_chunks: int,
         criterion: Callable[..., torch.Tensor] | None,
-        labels: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor | None] | None,
         return_outputs: bool,
     ) -> tuple[Schedule, StepData]:
-        """Check this rank's step arguments (no communication) and split them."""
+        """Check this rank's step arguments (no communication) and split them.
+
+        As in the original, ``None`` entries stand for "nothing": a rank where no stream
+        starts (ends) may pass ``None`` inputs (labels), e.g. ``step(None, ...,
+        labels=(None,))``; where a stream starts (ends), a ``None`` entry is handed to the
+        first stage (the criterion) as ``None`` for every micro-batch."""
         training = torch.is_grad_enabled()
         schedule = self._schedule(num_chunks)  # raises ScheduleError on bad counts
         chunks = schedule.chunks_per_stream
         start, end = self._ends()
-        labels = tuple(labels)
-        if start is None and inputs:
+        labels = tuple(labels) if labels is not None else ()
+        has_inputs = any(t is not None for t in inputs)
+        if start is None and has_inputs:
             raise ValueError(f"rank {self.rank} takes no inputs in {self.schedule_name}")
-        if start is not None and not inputs:
+        if start is not None and not has_inputs:
             raise ValueError(f"rank {self.rank} needs the inputs of the stream that starts there")
         if training and end is not None and criterion is None:
             raise ValueError(
                 f"rank {self.rank} computes the loss: training (grad enabled) needs a criterion "
                 "here; use torch.no_grad() for inference"
             )
-        if end is None and labels:
+        if end is None and any(t is not None for t in labels):
             raise ValueError(f"rank {self.rank} takes no labels in {self.schedule_name}")
-        if end is not None and criterion is not None and not labels:
-            raise ValueError(f"rank {self.rank} needs the labels of the stream that ends there")
         data = StepData(
-            inputs=split_batch(inputs, chunks, self.batch_dim, "inputs") if inputs else None,
-            labels=split_batch(labels, chunks, self.batch_dim, "labels") if labels else None,
-            criterion=criterion,
+            inputs=split_batch(inputs, chunks, self.batch_dim, "inputs") if has_inputs else None,
+            labels=split_batch(labels, chunks, self.batch_dim, "labels")
+            if end is not None
+            else None,
+            criterion=(
+                reduced_criterion(criterion, self.loss_reduction, schedule.num_chunks)
+                if criterion is not None
+                else None
+            ),
             return_outputs=return_outputs,
             training=training,
         )
-        if data.labels is None and end is not None:
-            data.labels = [()] * chunks
         return schedule, data
 
-    def gather_timeline(self, dst: int = 0) -> MeasuredTimeline | None:
+    def gather_timeline(self, dst: int | None = 0) -> MeasuredTimeline | None:
         """Collective: the measured timeline of the last ``step(..., record=True)`` of
-        every rank, returned on pipeline rank ``dst`` (None elsewhere)."""
+        every rank, returned on pipeline rank ``dst`` (None elsewhere; every rank with
+        ``dst=None``). Draw it with :meth:`MeasuredTimeline.save_png` and
+        :meth:`MeasuredTimeline.save_trace`."""
         if self.last_record is None:
             raise RuntimeError("no recorded step: call step(..., record=True) first")
         assert self.executor.last_plan is not None
@@ -409,7 +445,7 @@ class _NamedPipeline(Pipeline):
 
     def __init__(
         self,
-        modules: Sequence[nn.Module],
+        modules: nn.Module | Iterable[nn.Module],
         batch_dim: int = 0,
         process_group: dist.ProcessGroup | None = None,
         rank_mapping: Sequence[int] | None = None,

@@ -15,6 +15,7 @@ checks made at construction and at the start of every step.
 
 from __future__ import annotations
 
+import base64
 import pickle
 import time
 from collections.abc import Mapping, Sequence
@@ -99,7 +100,8 @@ def handshake(
     arrival = store.add(f"{base}/built", 1) - 1
     number = arrival // len(ranks)
     identity = PipelineIdentity(tuple(ranks), number)
-    store.set(f"{identity.key}/config/{pipeline_rank}", pickle.dumps(dict(config)))
+    store.set(f"{identity.key}/config/{pipeline_rank}",
+              base64.b64encode(pickle.dumps(dict(config))).decode())
     keys = [f"{identity.key}/config/{r}" for r in range(len(ranks))]
     deadline = time.monotonic() + timeout
     while not store.check(keys):
@@ -111,7 +113,7 @@ def handshake(
                 "in the same order)"
             )
         time.sleep(0.01)
-    configs = [pickle.loads(store.get(k)) for k in keys]
+    configs = [pickle.loads(base64.b64decode(store.get(k))) for k in keys]
     message = disagreement(dict(enumerate(configs)), f"pipeline construction ({identity.key})")
     if message is not None:
         raise PipelineError(message)

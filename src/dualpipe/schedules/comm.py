@@ -1,8 +1,10 @@
 """Communication derived from a schedule: who sends what to whom, and when.
 
-Nothing here is written per schedule. Each forward sends its outputs to the rank
-of the next position on its path; each backward (B or I) sends its input
-gradients to the rank of the previous position. Where both positions are on
+Nothing here is written per schedule. Every action receives what
+:func:`~dualpipe.schedules.dependency.dependency` says it needs, from the rank
+that produces it: so each forward sends its outputs to the rank of the next
+position on its path and each backward (B or I) sends its input gradients to
+the rank of the previous position. Where both positions are on
 the same rank (the turn of DualPipeV's V) the hand-off is local; at path ends
 nothing is sent.
 
@@ -22,6 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .actions import Action, Op, step_actions
+from .dependency import dependency
 from .schedule import Schedule
 
 __all__ = ["Message", "RankPlan", "plan_communication"]
@@ -107,9 +110,25 @@ def plan_communication(
         actions, pair_of = _flatten(schedule, rank, forward_only)
         plans.append(RankPlan(rank, actions, pair_of))
 
+    # who consumes each result on another rank: the dependency rule, read from the consumer
+    Key = tuple[bool, int, int, int]  # (gradient?, stream, position, chunk) of a result
+    needs: list[list[tuple[Key, int] | None]] = []
+    consumer: dict[Key, int] = {}
+    for plan in plans:
+        row: list[tuple[Key, int] | None] = []
+        for action in plan.actions:
+            dep = dependency(layout, plan.rank, action)
+            if dep is None or dep.op is Op.INPUT or dep.rank == plan.rank:
+                row.append(None)
+                continue
+            key = (dep.op is not Op.FORWARD, *dep.key)
+            consumer[key] = plan.rank
+            row.append((key, dep.rank))
+        needs.append(row)
+
     counters: dict[tuple[int, int], int] = defaultdict(int)
     announced: set[tuple[int, int]] = set()
-    produced: dict[tuple[bool, int, int, int], list[Message]] = {}
+    produced: dict[Key, list[Message]] = {}
     for plan in plans:
         plan.sends = [[] for _ in plan.actions]
         plan.recvs = [[] for _ in plan.actions]
@@ -118,11 +137,8 @@ def plan_communication(
                 continue
             stream, pos = layout.locate(plan.rank, action.phase)
             grad = action.op.is_backward
-            if grad:
-                peer = layout.prev(plan.rank, action.phase)
-            else:
-                peer = layout.next(plan.rank, action.phase)
-            if peer is None or peer[0] == plan.rank:
+            dst = consumer.get((grad, stream, pos, action.chunk))
+            if dst is None:
                 continue
             kinds = [False]  # payload; preceded by a header on a boundary's first message
             if headers and not grad and (stream, pos) not in announced:
@@ -130,31 +146,24 @@ def plan_communication(
                 kinds.insert(0, True)
             out = []
             for header in kinds:
-                dst = peer[0]
                 seq = counters[(plan.rank, dst)]
                 counters[(plan.rank, dst)] += 1
                 out.append(Message(plan.rank, dst, grad, stream, pos, action.chunk, header, seq))
             plan.sends[i] = out
             produced[(grad, stream, pos, action.chunk)] = out
 
-    for plan in plans:
+    for plan, row in zip(plans, needs, strict=True):
         incoming: dict[int, list[Message]] = defaultdict(list)
-        for i, action in enumerate(plan.actions):
-            if action.op is Op.WEIGHT:
+        for i, need in enumerate(row):
+            if need is None:
                 continue
-            stream, pos = layout.locate(plan.rank, action.phase)
-            if action.op is Op.FORWARD:
-                src = layout.prev(plan.rank, action.phase)
-                key = (False, stream, pos - 1, action.chunk)
-            else:
-                src = layout.next(plan.rank, action.phase)
-                key = (True, stream, pos + 1, action.chunk)
-            if src is None or src[0] == plan.rank:
-                continue
+            key, src = need
             msgs = produced.get(key)
             if msgs is None:
-                raise ValueError(f"rank {plan.rank}: {action} needs a message nobody sends")
+                raise ValueError(
+                    f"rank {plan.rank}: {plan.actions[i]} needs a message nobody sends"
+                )
             plan.recvs[i] = msgs
-            incoming[src[0]].extend(msgs)
+            incoming[src].extend(msgs)
         plan.incoming = {src: sorted(ms, key=lambda m: m.seq) for src, ms in incoming.items()}
     return plans

@@ -1,8 +1,8 @@
 """Schedule generators: DualPipe, DualPipeV and the baselines (GPipe, 1F1B, ZB1P).
 
 Each generator returns a :class:`~dualpipe.schedules.schedule.Schedule` whose
-per-rank lists follow ``SCHEDULES.md`` to the letter. DualPipe on 4 ranks,
-10 micro-batches (``C = 5`` per direction), printed as tokens::
+per-rank lists follow the step tables of ``docs/schedules.md`` to the letter.
+DualPipe on 4 ranks, 10 micro-batches (``C = 5`` per direction), printed as tokens::
 
     rank 0: F0.0 F0.1 F0.2 F1.0 F0.3 F1.1 F0.4+B1.0 ...
 
@@ -13,12 +13,10 @@ deferred weight gradient it runs (FIFO over the rank's input-only backwards).
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
-
-from .actions import Action, Op, Overlap, Step
+from .builder import RankBuilder, drop_chunks
 from .layout import dualpipe_layout, dualpipev_layout, linear_layout
-from .schedule import Schedule, ScheduleError
+from .registry import SCHEDULES, generate, register
+from .schedule import Schedule
 
 __all__ = [
     "SCHEDULES",
@@ -31,53 +29,11 @@ __all__ = [
 ]
 
 
-class _RankBuilder:
-    """Appends steps for one rank, numbering micro-batches and tracking deferred W's."""
-
-    def __init__(self, num_phases: int) -> None:
-        self.steps: list[Step] = []
-        self._next_f = [0] * num_phases
-        self._next_b = [0] * num_phases
-        self._deferred: deque[Action] = deque()
-
-    def _forward(self, phase: int) -> Action:
-        action = Action(Op.FORWARD, phase, self._next_f[phase])
-        self._next_f[phase] += 1
-        return action
-
-    def _backward(self, phase: int, zero_bubble: bool) -> Action:
-        action = Action(Op.INPUT if zero_bubble else Op.BACKWARD, phase, self._next_b[phase])
-        self._next_b[phase] += 1
-        if zero_bubble:
-            self._deferred.append(action)
-        return action
-
-    def f(self, phase: int) -> None:
-        self.steps.append(self._forward(phase))
-
-    def b(self, phase: int, zero_bubble: bool = False) -> None:
-        self.steps.append(self._backward(phase, zero_bubble))
-
-    def w(self) -> None:
-        if not self._deferred:
-            raise AssertionError("W with nothing deferred")  # generator bug
-        done = self._deferred.popleft()
-        self.steps.append(Action(Op.WEIGHT, done.phase, done.chunk))
-
-    def fb(self, f_phase: int, b_phase: int, zero_bubble: bool = False) -> None:
-        fwd = self._forward(f_phase)
-        self.steps.append(Overlap(fwd, self._backward(b_phase, zero_bubble)))
-
-    @property
-    def pending_weights(self) -> int:
-        return len(self._deferred)
-
-
 def _bidirectional_rank(
-    b: _RankBuilder, h: int, half: int, main_repeats: int, split_first_pair: bool
+    b: RankBuilder, h: int, half: int, main_repeats: int, split_first_pair: bool
 ) -> None:
     """The eight steps shared by DualPipe (h = distance to the nearer end, half = N/2)
-    and DualPipeV (h = r, half = N). See SCHEDULES.md."""
+    and DualPipeV (h = r, half = N). See docs/schedules.md."""
     outer = half - h - 1
     for _ in range(2 * outer):  # step 1
         b.f(0)
@@ -107,78 +63,72 @@ def _bidirectional_rank(
         b.b(0, zero_bubble=True)
     for _ in range(h + 1):  # step 8
         b.w()
-    if b.pending_weights:
+    if b.pending_weights():
         raise AssertionError("weight gradients left deferred")  # generator bug
 
 
-def _check_positive(name: str, value: int, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ScheduleError(f"{name}: {what} must be a positive integer, got {value!r}")
-
-
+@register(
+    "dualpipe",
+    label="DualPipe",
+    layout=dualpipe_layout,
+    description="bidirectional: half the micro-batches enter at rank 0, half at rank N-1",
+    rank_multiple=2,
+    min_ranks=2,
+    chunk_multiple=2,
+)
 def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
-    """DualPipe on ``num_ranks`` (even, >= 2) ranks; ``num_chunks`` (even, >= 2N)
-    micro-batches in total, half going down from rank 0 and half up from rank N-1."""
-    _check_positive("dualpipe", num_ranks, "ranks")
-    _check_positive("dualpipe", num_chunks, "chunks")
-    if num_ranks % 2:
-        raise ScheduleError(f"dualpipe: the number of ranks must be even, got {num_ranks}")
-    if num_chunks % 2:
-        raise ScheduleError(f"dualpipe: num_chunks must be even, got {num_chunks}")
-    if num_chunks < 2 * num_ranks:
-        raise ScheduleError(
-            f"dualpipe: num_chunks must be >= 2 * ranks = {2 * num_ranks}, got {num_chunks}"
-        )
+    """DualPipe on ``num_ranks`` (even, >= 2) ranks; ``num_chunks`` (even) micro-batches
+    in total, half going down from rank 0 and half up from rank N-1.
+
+    With ``num_chunks >= 2N`` the lists follow the step table of docs/schedules.md. With fewer,
+    the schedule for ``2N`` micro-batches is generated and the surplus micro-batches'
+    actions are dropped on every rank (:func:`~dualpipe.schedules.builder.drop_chunks`).
+    """
     n, half, c = num_ranks, num_ranks // 2, num_chunks // 2
+    full = max(c, n)
     rows = []
     for r in range(n):
         h = min(r, n - 1 - r)
-        b = _RankBuilder(2)
-        _bidirectional_rank(b, h, half, c - n + h + 1, split_first_pair=h == half - 1)
-        rows.append(tuple(b.steps))
+        b = RankBuilder(2)
+        _bidirectional_rank(b, h, half, full - n + h + 1, split_first_pair=h == half - 1)
+        rows.append(drop_chunks(b.steps, c))
     return Schedule("dualpipe", dualpipe_layout(n), c, tuple(rows))
 
 
+@register(
+    "dualpipev",
+    label="DualPipeV",
+    layout=dualpipev_layout,
+    description="V-shape (cut-in-half): 2N stages, rank r holds stages r and 2N-1-r",
+)
 def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
     """DualPipeV ("cut-in-half") on ``num_ranks`` (>= 1) ranks holding ``2N`` stages;
-    ``num_chunks`` (>= 2N) micro-batches, all entering and leaving at rank 0."""
-    _check_positive("dualpipev", num_ranks, "ranks")
-    _check_positive("dualpipev", num_chunks, "chunks")
-    if num_chunks < 2 * num_ranks:
-        raise ScheduleError(
-            f"dualpipev: num_chunks must be >= 2 * ranks = {2 * num_ranks}, got {num_chunks}"
-        )
+    ``num_chunks`` micro-batches, all entering and leaving at rank 0.
+
+    With ``num_chunks >= 2N`` the lists follow the step table of docs/schedules.md; with fewer,
+    the ``2N`` schedule with the surplus micro-batches dropped.
+    """
     n, c = num_ranks, num_chunks
+    full = max(c, 2 * n)
     rows = []
     for r in range(n):
-        b = _RankBuilder(2)
-        _bidirectional_rank(b, r, n, c - 2 * n + r + 1, split_first_pair=r == n - 1)
-        rows.append(tuple(b.steps))
+        b = RankBuilder(2)
+        _bidirectional_rank(b, r, n, full - 2 * n + r + 1, split_first_pair=r == n - 1)
+        rows.append(drop_chunks(b.steps, c))
     return Schedule("dualpipev", dualpipev_layout(n), c, tuple(rows))
 
 
-def gpipe(num_ranks: int, num_chunks: int) -> Schedule:
-    """GPipe: every forward, then every (full) backward."""
-    _check_positive("gpipe", num_ranks, "ranks")
-    _check_positive("gpipe", num_chunks, "chunks")
-    rows = []
-    for _ in range(num_ranks):
-        b = _RankBuilder(1)
-        for _ in range(num_chunks):
-            b.f(0)
-        for _ in range(num_chunks):
-            b.b(0)
-        rows.append(tuple(b.steps))
-    return Schedule("gpipe", linear_layout(num_ranks), num_chunks, tuple(rows))
-
-
+@register(
+    "1f1b",
+    label="1F1B",
+    layout=linear_layout,
+    description="one forward, one backward in the steady state",
+)
 def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     """1F1B: rank r warms up with ``P-r-1`` forwards, alternates F and B, then drains."""
-    _check_positive("1f1b", num_ranks, "ranks")
-    _check_positive("1f1b", num_chunks, "chunks")
     rows = []
     for r in range(num_ranks):
-        b = _RankBuilder(1)
+        b = RankBuilder(1)
         warmup = min(num_ranks - r - 1, num_chunks)
         for _ in range(warmup):
             b.f(0)
@@ -191,6 +141,12 @@ def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     return Schedule("1f1b", linear_layout(num_ranks), num_chunks, tuple(rows))
 
 
+@register(
+    "zb1p",
+    label="ZB1P",
+    layout=linear_layout,
+    description="1F1B with split backwards, weight gradients moved into the bubbles (ZB-H1)",
+)
 def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     """ZB1P (ZB-H1): 1F1B with every backward split into ``I`` and ``W``.
 
@@ -201,11 +157,9 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     zero-bubble paper's costs (forward, input-only backward and weight gradient
     equally long) the bubble is ``(P-1)(F+B-2W)``; peak activations equal 1F1B's.
     """
-    _check_positive("zb1p", num_ranks, "ranks")
-    _check_positive("zb1p", num_chunks, "chunks")
     rows = []
     for r in range(num_ranks):
-        b = _RankBuilder(1)
+        b = RankBuilder(1)
         warmup = min(num_ranks - r - 1, num_chunks)
         keep = r
         for _ in range(warmup):
@@ -213,34 +167,33 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
         for _ in range(num_chunks - warmup):
             b.f(0)
             b.b(0, zero_bubble=True)
-            if b.pending_weights > keep:
+            if b.pending_weights() > keep:
                 b.w()
         for _ in range(warmup):
             b.b(0, zero_bubble=True)
-            if b.pending_weights:
+            if b.pending_weights():
                 b.w()
-        while b.pending_weights:
+        while b.pending_weights():
             b.w()
         rows.append(tuple(b.steps))
     return Schedule("zb1p", linear_layout(num_ranks), num_chunks, tuple(rows))
 
 
-SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
-    "dualpipe": dualpipe,
-    "dualpipev": dualpipev,
-    "1f1b": one_f_one_b,
-    "zb1p": zb1p,
-    "gpipe": gpipe,
-}
-"""Generator of every named schedule: ``SCHEDULES[name](num_ranks, num_chunks)``."""
-
-
-def generate(name: str, num_ranks: int, num_chunks: int) -> Schedule:
-    """Build the named schedule (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``)."""
-    try:
-        make = SCHEDULES[name.lower()]
-    except KeyError:
-        raise ScheduleError(
-            f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}"
-        ) from None
-    return make(num_ranks, num_chunks)
+@register(
+    "gpipe",
+    label="GPipe",
+    layout=linear_layout,
+    description="every forward, then every backward",
+    compare=False,
+)
+def gpipe(num_ranks: int, num_chunks: int) -> Schedule:
+    """GPipe: every forward, then every (full) backward."""
+    rows = []
+    for _ in range(num_ranks):
+        b = RankBuilder(1)
+        for _ in range(num_chunks):
+            b.f(0)
+        for _ in range(num_chunks):
+            b.b(0)
+        rows.append(tuple(b.steps))
+    return Schedule("gpipe", linear_layout(num_ranks), num_chunks, tuple(rows))

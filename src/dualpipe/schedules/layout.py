@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Layout", "Position", "dualpipe_layout", "dualpipev_layout", "linear_layout"]
+__all__ = [
+    "Layout",
+    "Position",
+    "dualpipe_layout",
+    "dualpipev_layout",
+    "interleaved_layout",
+    "linear_layout",
+]
 
 Position = tuple[int, int]
 """A ``(rank, phase)`` pair."""
@@ -169,4 +176,21 @@ def linear_layout(num_ranks: int) -> Layout:
         paths=(tuple((r, 0) for r in range(n)),),
         stages=(tuple(range(n)),),
         rank_stages=tuple((r,) for r in range(n)),
+    )
+
+
+def interleaved_layout(num_ranks: int, stages_per_rank: int = 2) -> Layout:
+    """Looped placement (Megatron's virtual stages): ``v = stages_per_rank`` stages per
+    rank, rank r holds ``S_r, S_{r+N}, ..., S_{r+(v-1)N}`` as phases ``0 .. v-1``; one
+    stream runs ``S_0 .. S_{vN-1}``, passing from rank N-1 back to rank 0 between loops."""
+    n, v = num_ranks, stages_per_rank
+    if n < 1:
+        raise ValueError(f"a pipeline needs at least 1 rank, got {n}")
+    if v < 1:
+        raise ValueError(f"stages per rank must be >= 1, got {v}")
+    return Layout(
+        num_ranks=n,
+        paths=(tuple((s % n, s // n) for s in range(n * v)),),
+        stages=(tuple(range(n * v)),),
+        rank_stages=tuple(tuple(r + k * n for k in range(v)) for r in range(n)),
     )

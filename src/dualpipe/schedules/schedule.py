@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .actions import Action, Step, parse_step, step_actions
-from .layout import Layout, dualpipe_layout, dualpipev_layout, linear_layout
+from .layout import Layout
 
 __all__ = ["Schedule", "ScheduleError", "layout_for"]
 
@@ -124,14 +124,8 @@ class Schedule:
 
 
 def layout_for(name: str, num_ranks: int) -> Layout:
-    """The layout a named schedule uses on ``num_ranks`` ranks."""
-    if name == "dualpipe":
-        return dualpipe_layout(num_ranks)
-    if name == "dualpipev":
-        return dualpipev_layout(num_ranks)
-    if name in ("1f1b", "zb1p", "gpipe"):
-        return linear_layout(num_ranks)
-    raise ScheduleError(
-        f"unknown schedule {name!r}; choose one of dualpipe, dualpipev, 1f1b, zb1p, gpipe"
-    )
+    """The layout a named schedule uses on ``num_ranks`` ranks (see
+    :func:`dualpipe.schedules.registry.layout_for`)."""
+    from .registry import layout_for as registry_layout_for  # the registry imports this module
 
+    return registry_layout_for(name, num_ranks)

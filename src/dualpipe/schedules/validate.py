@@ -16,15 +16,16 @@ deadlock report last, since a missing or misplaced action often explains it):
     at all, only a later one, or a full ``B``), or a second ``W``, is an error,
     and nothing may stay deferred at the end (a ``W`` names the micro-batch it
     completes, so it need not be the oldest deferred one);
-(d) **order / deadlock-freedom**: every forward needs the previous position's
-    forward of its micro-batch, every backward the next position's backward
-    (the communication of SCHEDULES.md; a hand-off inside one rank is a
-    same-rank dependency). Each rank runs its steps in order, a send is posted
-    (non-blocking) right after the action that produces the tensor, and a step
-    starts once every input of its actions has arrived. With non-blocking sends
-    the schedule can deadlock exactly when this dependency graph plus program
-    order has a cycle, so the check replays the ranks and reports, for every
-    rank that can never finish, the step it is blocked at and what it waits for;
+(d) **order / deadlock-freedom**: every action needs what
+    :func:`~dualpipe.schedules.dependency.dependency` names (a forward the
+    previous position's forward of its micro-batch, a backward the next
+    position's backward; a hand-off inside one rank is a same-rank dependency).
+    Each rank runs its steps in order, a send is posted (non-blocking) right
+    after the action that produces the tensor, and a step starts once every
+    input of its actions has arrived. With non-blocking sends the schedule can
+    deadlock exactly when this dependency graph plus program order has a cycle,
+    so the check replays the ranks and reports, for every rank that can never
+    finish, the step it is blocked at and what it waits for;
 (e) **pairs**: an overlapped pair whose forward and backward are the same
     micro-batch at the same position cannot overlap anything (the backward
     needs the forward's result) and is an error.
@@ -39,6 +40,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .actions import Action, Op, Overlap, Step, step_actions
+from .dependency import dependency
 from .schedule import Schedule, ScheduleError
 
 __all__ = ["problems", "validate"]
@@ -183,8 +185,8 @@ def problems(schedule: Schedule) -> list[str]:
                             f"{site.at()}: W for B{name}, a full backward that defers nothing"
                         )
                     elif any(op is Op.INPUT for op, _ in later):
-                        step = next(s.step for op, s in later if op is Op.INPUT)
-                        found.append(f"{site.at()}: W{name} runs before its I{name} (step {step})")
+                        at = next(s.step for op, s in later if op is Op.INPUT)
+                        found.append(f"{site.at()}: W{name} runs before its I{name} (step {at})")
                     else:
                         found.append(f"{site.at()}: W{name} without an earlier I{name}")
         for (phase, chunk), site in pending.items():
@@ -208,17 +210,6 @@ def problems(schedule: Schedule) -> list[str]:
     # (d) replay with non-blocking sends: who waits for what.
     found.extend(_deadlocks(schedule, rank_actions, forwards, backwards))
     return found
-
-
-def _needs(schedule: Schedule, key: _Key, op: Op) -> _Key | None:
-    """The ``(stream, position, chunk)`` whose result ``op`` at ``key`` must receive."""
-    stream, pos, chunk = key
-    if op is Op.FORWARD:
-        return (stream, pos - 1, chunk) if pos > 0 else None
-    if op.is_backward:
-        last = len(schedule.layout.paths[stream]) - 1
-        return (stream, pos + 1, chunk) if pos < last else None
-    return None
 
 
 def _deadlocks(
@@ -245,13 +236,14 @@ def _deadlocks(
     done: set[tuple[int, int]] = set()  # (rank, flat) of actions that ran
     cursor = [0] * num_ranks
 
-    def producer(action: Action, key: _Key) -> tuple[_Key, _Site | None] | None:
-        need = _needs(schedule, key, action.op)
-        if need is None:
+    def producer(rank: int, action: Action, key: _Key) -> tuple[_Key, _Site | None] | None:
+        dep = dependency(schedule.layout, rank, action)
+        # a W's I and the last stage's own forward are this rank's order: checks (b), (c)
+        if dep is None or dep.op is Op.INPUT or dep.index == key[1]:
             return None
-        table = forwards if action.op is Op.FORWARD else backwards
-        sites = table.get(need)
-        return need, (sites[0] if sites else None)
+        table = forwards if dep.op is Op.FORWARD else backwards
+        sites = table.get(dep.key)
+        return dep.key, (sites[0] if sites else None)
 
     def blocker(rank: int) -> tuple[Action, _Key, _Site | None] | None:
         """The first unmet dependency of ``rank``'s current step, if any."""
@@ -259,7 +251,7 @@ def _deadlocks(
         for site, action, key in entries:
             if key is None:
                 continue
-            dep = producer(action, key)
+            dep = producer(rank, action, key)
             if dep is None:
                 continue
             need, src = dep

@@ -1,21 +1,21 @@
-"""The seed's comparison table, measured by simulation.
+"""The seed's comparison table, measured by simulation, with every other schedule as rows.
 
 For ``PP`` pipeline stages and the same total number of micro-batches, every
-method is generated and simulated under the same costs:
+method is generated and simulated under the same costs, on as many ranks as it
+needs to hold ``PP`` stages (its layout says how many stages a rank holds):
 
 * 1F1B and ZB1P: ``PP`` ranks, one stage each;
 * DualPipe: ``PP`` ranks, two stages each (``S_r`` and ``S_{PP-1-r}``), half of
   the micro-batches in each direction;
-* DualPipeV: ``PP/2`` ranks, two stages each (the V).
+* DualPipeV, ZBV, V-Half, V-Min and interleaved 1F1B: ``PP/2`` ranks, two stages each.
 
 Bubble is the simulated idle time (makespan minus busy time), maximum over
-ranks, next to the seed formula's value. Parameters per device are in units of
-one stage's parameters (``1/PP`` of the model); activations per device are the
-simulated peak number of (micro-batch, stage) forward results a device holds
-whose backward has not run, in units of one stage's activations for one
-micro-batch. All methods cut the model into the same ``PP`` stages, so these
-units are the same for every row: a DualPipeV device holding two stages counts
-the activations of both in that unit, and no rescaling is needed.
+ranks, next to the seed formula's value where the seed gives one. Parameters
+per device are in units of one stage's parameters (``1/PP`` of the model);
+activations per device are the simulated peak number of (micro-batch, stage)
+forward results a device holds whose backward has not run, in units of one
+stage's activations for one micro-batch. All methods cut the model into the
+same ``PP`` stages, so these units are the same for every row.
 """
 
 from __future__ import annotations
@@ -23,26 +23,41 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from ..schedules.generators import generate
+from ..schedules.registry import generate, spec, specs
 from ..schedules.schedule import ScheduleError
 from ..simulation import Costs, seed_bubble, simulate
 
-__all__ = ["compare_table", "format_compare_table", "METHODS"]
+__all__ = ["compare_table", "format_compare_table", "COMPARED", "METHODS", "SEED_FORMULAS"]
 
-METHODS: tuple[tuple[str, str, str, str], ...] = (
-    # label, schedule name, bubble formula, activations formula
-    ("1F1B", "1f1b", "(PP-1)(F+B)", "PP"),
-    ("ZB1P", "zb1p", "(PP-1)(F+B-2W)", "PP"),
-    ("DualPipe", "dualpipe", "(PP/2-1)(F&B+B-3W)", "PP+1"),
-    ("DualPipeV", "dualpipev", "(PP/2-1)(F&B+B-3W)", "PP+1"),
-)
-"""The seed table's rows: label, schedule name, bubble and activation formulas."""
+SEED_FORMULAS: dict[str, tuple[str, str]] = {
+    # schedule name: (bubble formula, activations formula) of the seed's table
+    "1f1b": ("(PP-1)(F+B)", "PP"),
+    "zb1p": ("(PP-1)(F+B-2W)", "PP"),
+    "dualpipe": ("(PP/2-1)(F&B+B-3W)", "PP+1"),
+    "dualpipev": ("(PP/2-1)(F&B+B-3W)", "PP+1"),
+}
+"""The seed table's formulas, for the rows it has."""
+
+def compared() -> tuple[str, ...]:
+    """Rows of the table, in order: the seed's four, then every other registered
+    schedule marked for comparison, in registry order."""
+    others = (s.name for s in specs() if s.compare and s.name not in SEED_FORMULAS)
+    return (*SEED_FORMULAS, *others)
+
+
+COMPARED: tuple[str, ...] = compared()
+"""The default rows (see :func:`compared`)."""
+
+METHODS = COMPARED
+"""Same as :data:`COMPARED` (the name the table's rows had before)."""
 
 _TOL = 1e-6
 
 
 def _ranks(name: str, pp: int) -> int:
-    return pp // 2 if name == "dualpipev" else pp
+    """Ranks the schedule needs to hold ``pp`` stages (from its layout on 2 ranks)."""
+    per_rank = spec(name).layout(2).num_stages / 2
+    return int(pp / per_rank)
 
 
 def _num(x: float) -> str:
@@ -51,54 +66,59 @@ def _num(x: float) -> str:
     return f"{r:.0f}" if r == int(r) else f"{r:.4g}"
 
 
-def compare_table(num_stages: int, num_chunks: int, costs: Costs) -> list[dict[str, Any]]:
-    """Simulate the seed table's four methods for ``num_stages`` stages.
+def compare_table(
+    num_stages: int, num_chunks: int, costs: Costs, names: tuple[str, ...] = COMPARED
+) -> list[dict[str, Any]]:
+    """Simulate every method of ``names`` for ``num_stages`` stages.
 
     Args:
         num_stages: pipeline stages ``PP`` (even, >= 2).
-        num_chunks: micro-batches of one step, the same for every method (even,
-            >= ``2 * PP`` as DualPipe requires).
+        num_chunks: micro-batches of one step, the same for every method. A method
+            whose constraints this count (or its number of ranks) breaks is left out
+            and named in the ``skipped`` key of the first row.
         costs: per-action times.
+        names: registry names of the rows.
 
     Returns:
         One dict per method with keys ``method``, ``schedule``, ``stages``,
         ``devices``, ``num_chunks``, ``makespan``, ``bubble`` (simulated, max over
-        ranks), ``bubble_formula`` (the seed formula's value), ``formula``,
-        ``params_per_device``, ``activations`` (simulated peak),
-        ``activations_formula`` (value), ``activations_formula_text`` and ``costs``.
+        ranks), ``bubble_formula`` (the seed formula's value, None where the seed has
+        none), ``formula``, ``params_per_device``, ``activations`` (simulated peak),
+        ``activations_formula`` (value or None), ``activations_formula_text``,
+        ``costs`` and ``skipped`` (``[(name, reason)]`` of the left-out methods).
 
     Raises:
-        ScheduleError: for an odd or too small ``num_stages`` or ``num_chunks``.
+        ScheduleError: for an odd or too small ``num_stages``, or when no method fits.
     """
     pp = num_stages
     if not isinstance(pp, int) or pp < 2 or pp % 2:
         raise ScheduleError(f"compare: the number of stages must be even and >= 2, got {pp}")
-    if not isinstance(num_chunks, int) or num_chunks % 2 or num_chunks < 2 * pp:
-        raise ScheduleError(
-            f"compare: the number of micro-batches must be even and >= 2 * stages = {2 * pp}"
-            f" (DualPipe's requirement), got {num_chunks}"
-        )
-    rows = []
-    for label, name, formula, act_text in METHODS:
-        schedule = generate(name, _ranks(name, pp), num_chunks)
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for name in names:
+        entry = spec(name)
+        try:
+            schedule = generate(name, _ranks(name, pp), num_chunks)
+        except ScheduleError as exc:
+            skipped.append((entry.label, str(exc)))
+            continue
         result = simulate(schedule, costs)
         layout = schedule.layout
-        formula_value = seed_bubble(name, pp, costs)
-        assert formula_value is not None
+        formula, act_text = SEED_FORMULAS.get(name, ("", ""))
         rows.append(
             {
-                "method": label,
+                "method": entry.label,
                 "schedule": name,
                 "stages": pp,
                 "devices": schedule.num_ranks,
                 "num_chunks": schedule.num_chunks,
                 "makespan": result.makespan,
                 "bubble": max(result.bubble),
-                "bubble_formula": formula_value,
+                "bubble_formula": seed_bubble(name, pp, costs),
                 "formula": formula,
                 "params_per_device": max(len(s) for s in layout.rank_stages),
                 "activations": max(result.peak_activations),
-                "activations_formula": pp + 1 if act_text == "PP+1" else pp,
+                "activations_formula": (pp + 1 if act_text == "PP+1" else pp) if act_text else None,
                 "activations_formula_text": act_text,
                 "costs": {
                     "f": costs.f,
@@ -109,12 +129,22 @@ def compare_table(num_stages: int, num_chunks: int, costs: Costs) -> list[dict[s
                 },
             }
         )
+    if not rows:
+        raise ScheduleError(
+            "compare: no method fits these sizes: " + "; ".join(r for _, r in skipped)
+        )
+    rows[0]["skipped"] = skipped
     return rows
+
+
+def _differs(row: dict[str, Any]) -> bool:
+    formula = row["bubble_formula"]
+    return formula is not None and abs(row["bubble"] - formula) > _TOL
 
 
 def _differences(rows: list[dict[str, Any]]) -> list[str]:
     """Footnote lines naming the rows whose simulated bubble differs from the formula, and why."""
-    differ = [r for r in rows if abs(r["bubble"] - r["bubble_formula"]) > _TOL]
+    differ = [r for r in rows if _differs(r)]
     if not differ:
         return []
     c = rows[0]["costs"]
@@ -160,17 +190,19 @@ def format_compare_table(rows: list[dict[str, Any]]) -> str:
     ]
     body = []
     for row in rows:
-        mark = "" if abs(row["bubble"] - row["bubble_formula"]) <= _TOL else " *"
-        act_mark = "" if row["activations"] == row["activations_formula"] else " *"
+        seeded = row["bubble_formula"] is not None
+        mark = " *" if _differs(row) else ""
+        act_formula = row["activations_formula"]
+        act_mark = " *" if act_formula is not None and row["activations"] != act_formula else ""
         body.append(
             [
                 row["method"],
                 _num(row["bubble"]) + mark,
-                _num(row["bubble_formula"]),
-                row["formula"],
+                _num(row["bubble_formula"]) if seeded else "—",
+                row["formula"] or "—",
                 f"{row['params_per_device']}×",
                 f"{row['activations']}{act_mark}",
-                f"{row['activations_formula_text']} = {row['activations_formula']}",
+                f"{row['activations_formula_text']} = {act_formula}" if act_formula else "—",
                 f"{row['devices']} ({'PP/2' if row['devices'] * 2 == pp else 'PP'})",
             ]
         )
@@ -188,7 +220,8 @@ def format_compare_table(rows: list[dict[str, Any]]) -> str:
         *(line(r) for r in body),
         "",
         "Bubble (sim): simulated makespan minus busy time, maximum over ranks (1F1B, ZB1P and"
-        " DualPipe on PP ranks, DualPipeV on PP/2 ranks, all with the same micro-batches).",
+        " DualPipe on PP ranks, the two-stages-per-rank schedules on PP/2 ranks, all with the"
+        " same micro-batches); '—': the seed's table has no such row.",
         "Units: parameters in one stage's parameters (1/PP of the model); activations = peak"
         " (micro-batch, stage) forward results held on one device awaiting their backward, in one"
         " stage's activations for one micro-batch. Every method cuts the model into the same PP"
@@ -196,8 +229,11 @@ def format_compare_table(rows: list[dict[str, Any]]) -> str:
         " simulator's peak_activations is used as is.",
     ]
     out.extend(_differences(rows))
+    for label, reason in first.get("skipped", []):
+        out.append(f"* {label} left out: {reason}")
     for row in rows:
-        if row["activations"] != row["activations_formula"]:
+        formula = row["activations_formula"]
+        if formula is not None and row["activations"] != formula:
             out.append(
                 f"* {row['method']}: simulated peak activations {row['activations']} vs"
                 f" {row['activations_formula_text']} = {row['activations_formula']}."
