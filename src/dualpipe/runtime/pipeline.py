@@ -14,6 +14,7 @@ measured timeline on request.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,17 +27,16 @@ from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
 from .declared import Declared, declared
+from .errors import PipelineError, RemoteFailure
 from .executor import Executor, StepData, StepRecord
 from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch
 from .mirrored import MirroredStages
-from .p2p import PipelineError, Transport
+from .p2p import Transport
+from .protocol import PipelineIdentity, handshake
 from .timeline import MeasuredTimeline, gather_timeline
 
 __all__ = ["Pipeline", "DualPipe", "DualPipeV", "PipelineError"]
-
-_instances = itertools.count()
-
 
 def _module_device(modules: Sequence[nn.Module]) -> torch.device:
     devices = {
@@ -193,10 +193,8 @@ class Pipeline(nn.Module):
         self.register_load_state_dict_pre_hook(_accept_module_list_keys)
         self.device = _module_device(stages)
         self.batch_dim = batch_dim
-        uid = next(_instances)
-        self.transport = Transport(
-            process_group, to_group, self.device, timeout, f"dualpipe/{uid}/error"
-        )
+        self.timeout = timeout
+        self.transport = Transport(process_group, to_group, self.rank, self.device, timeout)
         declaration = declared()
         if static_shapes is None:
             static_shapes = declaration.shapes is not None
@@ -207,7 +205,23 @@ class Pipeline(nn.Module):
             self.executor.declared = declaration
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
+        self._steps = 0
         self.last_record: StepRecord | None = None
+        self.identity = self._handshake(
+            group_rank,
+            {
+                "schedule": self._fixed.to_text() if self._fixed else self.schedule_name,
+                "layout": (self.layout.paths, self.layout.stages, self.layout.rank_stages),
+                "rank_mapping": to_group,
+                "static_shapes": static_shapes,
+                "split_backward": split_backward,
+                "sync_mirrored_grads": sync_mirrored_grads,
+                "mirrored_weights": mirrored_weights,
+                "batch_dim": batch_dim,
+                "loss_reduction": loss_reduction,
+            },
+        )
+        self._finalizer = weakref.finalize(self, self.transport.close)
         # DualPipe's layout holds every stage on two ranks (r and N-1-r)
         self.mirrored: MirroredStages | None = None
         if size % 2 == 0 and self.layout == dualpipe_layout(size):
@@ -216,6 +230,37 @@ class Pipeline(nn.Module):
                 self.transport,
             )
             self.mirrored.check(mirrored_weights)
+
+    def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
+        """Agree with the other ranks on who this pipeline is and on its configuration."""
+        pg = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
+        ranks = dist.get_process_group_ranks(pg)
+        store = self.transport.store
+        if store is None:  # no store to meet in: nothing to compare, one pipeline per group
+            identity = PipelineIdentity(tuple(ranks), 0)
+        else:
+            identity = handshake(store, ranks, group_rank, config, self.timeout)
+        self.transport.key = identity.key
+        self.transport.pipeline = identity.number
+        return identity
+
+    # --------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Release what the pipeline holds: its per-peer threads and its reference to the
+        process group (which stays yours to destroy). Idempotent; also done when the
+        pipeline is garbage-collected, and at the end of a ``with`` block."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --------------------------------------------------------------- compat
     def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
@@ -289,23 +334,28 @@ class Pipeline(nn.Module):
         micro-batch's loss of the step (all streams, stream 0's first, as float32) on every
         rank.
         """
+        if self.closed:
+            raise PipelineError("this pipeline is closed")
+        self._steps += 1
+        self.transport.begin_step(self._steps)
         try:
             schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
         except (ValueError, ScheduleError) as exc:
             # tell the other ranks at once instead of letting them wait for a timeout
             self.transport.post_error(f"rank {self.rank}: invalid step arguments: {exc}")
+            self.executor.abandon(RemoteFailure(str(exc)))
             raise
         mirrored = self.mirrored if data.training and self.sync_mirrored_grads else None
         if mirrored is not None:
             mirrored.set_aside()  # sum this step's gradients only, then accumulate
         try:
-            result = self.executor.run(schedule, data, record=record)
+            result = self.executor.run(schedule, data, self._steps, record=record)
             self.last_record = self.executor.last_record
             if mirrored is not None:
                 try:
                     mirrored.sum_grads()
-                except PipelineError as exc:
-                    self.transport.post_error(str(exc))  # a failed pipeline stays failed
+                except Exception as exc:
+                    self.executor.abandon(exc)  # a failed pipeline stays failed
                     raise
         except BaseException:
             if mirrored is not None:
