@@ -93,8 +93,8 @@ def _ours(
     pipe = Pipeline(modules, name, timeout=cfg["timeout"])
     per_stream = chunks // layout.num_streams
     batches = [make_stream_batch(per_stream) for _ in range(layout.num_streams)]
-    start = [s for s, path in enumerate(layout.paths) if path[0][0] == rank]
-    end = [s for s, path in enumerate(layout.paths) if path[-1][0] == rank]
+    start = layout.streams_starting_on(rank)
+    end = layout.streams_ending_on(rank)
     inputs = (batches[start[0]][0],) if start else ()
     labels = (batches[end[0]][1],) if end else ()
 

@@ -86,8 +86,8 @@ def setup() -> tuple[int, int, torch.device]:
 
 def ends(layout: Layout, rank: int) -> tuple[int | None, int | None]:
     """(stream whose inputs enter at ``rank``, stream whose labels/loss live at ``rank``)."""
-    start = next((s for s, path in enumerate(layout.paths) if path[0][0] == rank), None)
-    end = next((s for s, path in enumerate(layout.paths) if path[-1][0] == rank), None)
+    start = next(iter(layout.streams_starting_on(rank)), None)
+    end = next(iter(layout.streams_ending_on(rank)), None)
     return start, end
 
 

@@ -7,6 +7,7 @@ import weakref
 import torch
 from torch import nn
 
+from dualpipe.runtime.handlers import DEFAULT_HANDLERS
 from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.schedules.schedule import layout_for
 from dualpipe.simulation import peak_activations
@@ -21,7 +22,7 @@ class ScaleStage(nn.Module):
     sent activations must not be kept for the backward (only their graph edges are),
     and the bytes of sends in flight are recorded."""
 
-    executor = None
+    run = None  # the step in progress (set by a spying forward handler)
     most_in_flight = 0
     held_output_tensors = 0
 
@@ -30,7 +31,7 @@ class ScaleStage(nn.Module):
         self.w = nn.Parameter(torch.full((WIDTH,), 1.01))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ex = ScaleStage.executor
+        ex = ScaleStage.run
         if ex is not None:
             ScaleStage.most_in_flight = max(
                 ScaleStage.most_in_flight, ex.transport.send_bytes_in_flight()
@@ -91,7 +92,11 @@ def measure_peak(
     start = any(p[0][0] == rank for p in layout.paths)
     end = any(p[-1][0] == rank for p in layout.paths)
     _Held.live = _Held.peak = 0
-    ScaleStage.executor = pipe.executor
+    def spying_forward(run, step) -> None:  # noqa: ANN001
+        ScaleStage.run = run
+        DEFAULT_HANDLERS["F"](run, step)
+
+    pipe.executor.handlers["F"] = spying_forward
     ScaleStage.most_in_flight = ScaleStage.held_output_tensors = 0
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         pipe.step(
@@ -100,7 +105,9 @@ def measure_peak(
             criterion=scalar_loss,
             labels=(y,) if end else (),
         )
-    schedule_obj = pipe.executor.schedule
+    ScaleStage.run = None
+    assert pipe.executor.last_plan is not None
+    schedule_obj = pipe.executor.last_plan.schedule
     return (
         _Held.peak,
         peak_activations(schedule_obj, rank),

@@ -67,6 +67,7 @@ def overlapped(rank: int, world: int, schedule: str, num_chunks: int) -> tuple[i
     for k, module in zip(layout.rank_stages[rank], mine, strict=True):
         for p, q in zip(module.parameters(), ref[k].parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
-    pipe_steps = pipe.executor.schedule.steps[rank]
+    assert pipe.executor.last_plan is not None
+    pipe_steps = pipe.executor.last_plan.schedule.steps[rank]
     pairs = sum(isinstance(s, Overlap) and s.backward.op is Op.BACKWARD for s in pipe_steps)
     return calls, pairs

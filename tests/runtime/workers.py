@@ -79,8 +79,8 @@ def check_pipeline(
             )
             for s in range(streams)
         ]
-        start = [s for s, path in enumerate(layout.paths) if path[0][0] == rank]
-        end = [s for s, path in enumerate(layout.paths) if path[-1][0] == rank]
+        start = layout.streams_starting_on(rank)
+        end = layout.streams_ending_on(rank)
         my_inputs = data[start[0]][0] if start else ()
         my_labels = (data[end[0]][1],) if end else ()
 
@@ -167,8 +167,9 @@ def check_static_shapes(rank: int, world: int) -> tuple[int, int, str]:
             assert torch.equal(loss, torch.stack(ref_losses[0]))
         else:
             pipe.step(num_chunks=2 * world, criterion=criterion)
-        plan = pipe.executor.plan
-        headers.append(sum(m.header for msgs in plan.sends + plan.recvs for m in msgs))
+        plan = pipe.executor.last_plan
+        assert plan is not None
+        headers.append(sum(m.header for m in plan.messages))
     message = ""
     try:
         if rank == 0:

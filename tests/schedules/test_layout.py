@@ -1,4 +1,4 @@
-"""Layouts: where each stage of each path lives (SCHEDULES.md, DualPipe and DualPipeV)."""
+"""Layouts: where each stage of each path lives (docs/schedules.md, DualPipe and DualPipeV)."""
 
 from __future__ import annotations
 
@@ -110,3 +110,16 @@ def test_layout_rejects_inconsistent_placements() -> None:
         Layout(1, (((0, 0), (1, 0)),), ((0, 1),), ((0,), (1,)))
     with pytest.raises(ValueError, match="one stage id per position"):
         Layout(2, (((0, 0), (1, 0)),), ((0,),), ((0,), (1,)))
+
+
+def test_where_streams_enter_and_leave() -> None:
+    layout = dualpipe_layout(4)
+    assert (layout.entry(0), layout.exit(0)) == ((0, 0), (3, 1))
+    assert (layout.entry(1), layout.exit(1)) == ((3, 0), (0, 1))
+    assert layout.streams_starting_on(0) == (0,) and layout.streams_ending_on(0) == (1,)
+    assert layout.streams_starting_on(1) == () and layout.streams_ending_on(2) == ()
+    v = dualpipev_layout(3)
+    assert v.entry(0) == (0, 0) and v.exit(0) == (0, 1)
+    assert v.streams_starting_on(0) == v.streams_ending_on(0) == (0,)
+    line = linear_layout(3)
+    assert line.streams_starting_on(0) == (0,) and line.streams_ending_on(2) == (0,)

@@ -44,8 +44,9 @@ GRAD_ATOL = 1e-6
 
 
 def default_chunks(schedule: str, ranks: int) -> int:
-    """Micro-batches per step: ``2 * ranks``, the least DualPipe and DualPipeV take;
-    the single-direction schedules get the same count (and batch) so runs compare."""
+    """Micro-batches per step: ``2 * ranks``, the least with which DualPipe and DualPipeV
+    reach their steady state; the other schedules get the same count (and batch) so
+    runs compare."""
     del schedule
     return 2 * ranks
 
@@ -114,7 +115,7 @@ class RankResult:
 
 def reporter_rank(layout: Layout) -> int:
     """The rank that shows progress: the lowest rank where a stream ends (holds a loss)."""
-    return min(path[-1][0] for path in layout.paths)
+    return min(layout.exit(s)[0] for s in range(layout.num_streams))
 
 
 def stream_batches(
@@ -229,8 +230,8 @@ def train_rank(rank: int, world: int, opts: DemoOptions) -> RankResult:
     optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
     reporter = reporter_rank(layout)
-    starts = [s for s, path in enumerate(layout.paths) if path[0][0] == rank]
-    ends = [s for s, path in enumerate(layout.paths) if path[-1][0] == rank]
+    starts = layout.streams_starting_on(rank)
+    ends = layout.streams_ending_on(rank)
     num_streams = layout.num_streams
     per_stream = opts.chunks // num_streams
     batch_size = opts.chunks * opts.micro_batch

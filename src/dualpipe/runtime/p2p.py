@@ -30,6 +30,7 @@ __all__ = [
     "decode_header",
     "PipelineError",
     "RemoteFailure",
+    "BaseTransport",
     "Transport",
     "Pending",
 ]
@@ -160,65 +161,39 @@ class _Channel:
         return pending
 
 
-class Transport:
-    """Non-blocking point-to-point messages between pipeline ranks.
+class BaseTransport:
+    """Non-blocking messages between the ranks of one pipeline, with bounded waits.
 
-    Args:
-        group: process group (None = default).
-        group_ranks: rank in ``group`` of each pipeline rank.
-        device: where messages live (CPU for gloo, the GPU for NCCL).
+    Subclasses post messages (:meth:`_submit`) and share failures
+    (:meth:`post_error`, :meth:`_posted_error`); the waiting, draining and
+    swapping logic lives here once.
+
+    Attributes:
+        device: where message tensors live.
         timeout: seconds a wait may last before the step fails.
-        error_key: key in the process group's store where failures are posted.
     """
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup | None,
-        group_ranks: Sequence[int],
-        device: torch.device,
-        timeout: float,
-        error_key: str,
-    ) -> None:
-        self.group = group
-        self._pg = group if group is not None else dist.distributed_c10d._get_default_group()
-        self.group_ranks = list(group_ranks)
-        self.ranks = [dist.get_global_rank(self._pg, g) for g in self.group_ranks]
+    def __init__(self, device: torch.device, timeout: float) -> None:
         self.device = device
         self.timeout = timeout
-        self.error_key = error_key
-        backend = dist.get_backend(group)
-        self.batched = backend == "nccl"
-        try:
-            self.store: dist.Store | None = dist.distributed_c10d._get_default_store()
-        except Exception:  # noqa: BLE001 - no store: failures are noticed by timeout only
-            self.store = None
-        self._channels: dict[tuple[int, bool], _Channel] = {}
         self._sends: list[Pending] = []
 
-    def _channel(self, peer: int, send: bool) -> _Channel:
-        channel = self._channels.get((peer, send))
-        if channel is None:
-            # the process group's own send/recv (group ranks), without the Python
-            # wrappers of torch.distributed.isend/irecv (about 20 us per call)
-            op = None if self.batched else (self._pg.send if send else self._pg.recv)
-            name = f"dualpipe-{'send-to' if send else 'recv-from'}-{peer}"
-            channel = _Channel(name, op, self.group_ranks[peer])
-            self._channels[(peer, send)] = channel
-        return channel
-
     def _submit(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool) -> Pending:
-        pending = Pending(list(tensors) if send else None)
-        if self.batched:
-            op = dist.isend if send else dist.irecv
-            try:
-                works = dist.batch_isend_irecv(
-                    [dist.P2POp(op, t, self.ranks[peer], self.group, tag) for t in tensors]
-                )
-            except RuntimeError as exc:
-                self.check_error()
-                raise PipelineError(f"communication failed: {exc}") from exc
-            return self._channel(peer, send).submit(list(works), tag, pending)
-        return self._channel(peer, send).submit(list(tensors), tag, pending)
+        raise NotImplementedError
+
+    def post_error(self, message: str) -> None:
+        """Tell every rank that this step failed."""
+        raise NotImplementedError
+
+    def _posted_error(self) -> str | None:
+        """The failure another rank posted, if any."""
+        raise NotImplementedError
+
+    def check_error(self) -> None:
+        """Raise :class:`RemoteFailure` if another rank posted a failure."""
+        message = self._posted_error()
+        if message is not None:
+            raise RemoteFailure(message)
 
     def send(self, tensors: Sequence[torch.Tensor], peer: int, tag: int) -> Pending:
         """Send ``tensors`` (one message) to pipeline rank ``peer``; returns at once. The
@@ -231,29 +206,6 @@ class Transport:
         """Receive one message from pipeline rank ``peer`` into ``buffers``; returns at
         once. Complete it with :meth:`wait`."""
         return self._submit(list(buffers), peer, tag, send=False)
-
-    def post_error(self, message: str) -> None:
-        """Tell every rank that this step failed."""
-        if self.store is not None:
-            try:
-                self.store.set(self.error_key, message)
-            except Exception:  # noqa: BLE001, S110 - best effort while failing
-                pass
-
-    def check_error(self) -> None:
-        """Raise if another rank posted a failure."""
-        if self.store is None:
-            return
-        try:
-            failed = self.store.check([self.error_key])
-            message = self.store.get(self.error_key).decode() if failed else ""
-        except Exception as exc:  # noqa: BLE001 - the store went away with its host rank
-            raise RemoteFailure(
-                f"lost the process group's store ({type(exc).__name__}); the rank hosting it "
-                "has probably failed and exited"
-            ) from exc
-        if failed:
-            raise RemoteFailure(message)
 
     def wait(self, pending: Pending, what: str) -> None:
         """Complete ``pending``; fail after ``timeout`` seconds, or as soon as another rank
@@ -288,3 +240,82 @@ class Transport:
         self.wait(outgoing, what)
         self._sends.remove(outgoing)
         return other
+
+
+class Transport(BaseTransport):
+    """Point-to-point messages over a ``torch.distributed`` process group.
+
+    Args:
+        group: process group (None = default).
+        group_ranks: rank in ``group`` of each pipeline rank.
+        device: where messages live (CPU for gloo, the GPU for NCCL).
+        timeout: seconds a wait may last before the step fails.
+        error_key: key in the process group's store where failures are posted.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        group_ranks: Sequence[int],
+        device: torch.device,
+        timeout: float,
+        error_key: str,
+    ) -> None:
+        super().__init__(device, timeout)
+        self.group = group
+        self._pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        self.group_ranks = list(group_ranks)
+        self.ranks = [dist.get_global_rank(self._pg, g) for g in self.group_ranks]
+        self.error_key = error_key
+        backend = dist.get_backend(group)
+        self.batched = backend == "nccl"
+        try:
+            self.store: dist.Store | None = dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - no store: failures are noticed by timeout only
+            self.store = None
+        self._channels: dict[tuple[int, bool], _Channel] = {}
+
+    def _channel(self, peer: int, send: bool) -> _Channel:
+        channel = self._channels.get((peer, send))
+        if channel is None:
+            # the process group's own send/recv (group ranks), without the Python
+            # wrappers of torch.distributed.isend/irecv (about 20 us per call)
+            op = None if self.batched else (self._pg.send if send else self._pg.recv)
+            name = f"dualpipe-{'send-to' if send else 'recv-from'}-{peer}"
+            channel = _Channel(name, op, self.group_ranks[peer])
+            self._channels[(peer, send)] = channel
+        return channel
+
+    def _submit(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool) -> Pending:
+        pending = Pending(list(tensors) if send else None)
+        if self.batched:
+            op = dist.isend if send else dist.irecv
+            try:
+                works = dist.batch_isend_irecv(
+                    [dist.P2POp(op, t, self.ranks[peer], self.group, tag) for t in tensors]
+                )
+            except RuntimeError as exc:
+                self.check_error()
+                raise PipelineError(f"communication failed: {exc}") from exc
+            return self._channel(peer, send).submit(list(works), tag, pending)
+        return self._channel(peer, send).submit(list(tensors), tag, pending)
+
+    def post_error(self, message: str) -> None:
+        """Tell every rank that this step failed."""
+        if self.store is not None:
+            try:
+                self.store.set(self.error_key, message)
+            except Exception:  # noqa: BLE001, S110 - best effort while failing
+                pass
+
+    def _posted_error(self) -> str | None:
+        if self.store is None:
+            return None
+        try:
+            failed = self.store.check([self.error_key])
+            return self.store.get(self.error_key).decode() if failed else None
+        except Exception as exc:  # noqa: BLE001 - the store went away with its host rank
+            raise RemoteFailure(
+                f"lost the process group's store ({type(exc).__name__}); the rank hosting it "
+                "has probably failed and exited"
+            ) from exc

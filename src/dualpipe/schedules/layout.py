@@ -108,6 +108,22 @@ class Layout:
         stream, pos = self.locate(rank, phase)
         return self.paths[stream][pos - 1] if pos > 0 else None
 
+    def entry(self, stream: int) -> Position:
+        """Where micro-batches of ``stream`` enter (its inputs live there)."""
+        return self.paths[stream][0]
+
+    def exit(self, stream: int) -> Position:
+        """Where ``stream`` ends (its labels and loss live there)."""
+        return self.paths[stream][-1]
+
+    def streams_starting_on(self, rank: int) -> tuple[int, ...]:
+        """Streams whose inputs enter at ``rank``."""
+        return tuple(s for s in range(self.num_streams) if self.entry(s)[0] == rank)
+
+    def streams_ending_on(self, rank: int) -> tuple[int, ...]:
+        """Streams whose loss is computed on ``rank``."""
+        return tuple(s for s in range(self.num_streams) if self.exit(s)[0] == rank)
+
     def is_first(self, rank: int, phase: int) -> bool:
         """True where micro-batches of this stream enter (inputs live here)."""
         return self.locate(rank, phase)[1] == 0

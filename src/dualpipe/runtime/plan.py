@@ -1,0 +1,191 @@
+"""One rank's execution plan, derived once from a schedule: for every action, where
+its inputs come from, where its outputs go, and which receives are posted before it.
+
+The executor and its handlers read only this plan; nothing rediscovers routes from
+the layout while a step runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..schedules.actions import Action, Op, Overlap
+from ..schedules.comm import Message, plan_communication
+from ..schedules.schedule import Schedule
+
+__all__ = ["Route", "HandOff", "ActionPlan", "PlannedStep", "ExecutionPlan", "build_plan",
+           "LOOKAHEAD"]
+
+LOOKAHEAD = 4
+"""Receives are posted (in each sender's order) for the next this-many actions."""
+
+HandOff = tuple[bool, int, int, int]
+"""Key of a local hand-off: ``(grad, stream, producing position, chunk)``."""
+
+
+class Route(enum.Enum):
+    """Where an action's inputs come from (``source``) or its outputs go (``sink``)."""
+
+    DATA = "data"  # forward source: the step's inputs of this micro-batch
+    LOSS = "loss"  # forward sink: the criterion; backward source: the loss itself
+    LOCAL = "local"  # a hand-off to or from another stage on this rank
+    MESSAGE = "message"  # point-to-point messages with another rank
+    NONE = "none"  # nothing: a W, or the input gradients of the first stage
+
+
+@dataclass(frozen=True)
+class ActionPlan:
+    """One action of this rank with everything its handler needs.
+
+    Attributes:
+        index: position in the rank's flattened action list (pairs: forward first).
+        action: the action.
+        module: index of the module it runs in the rank's module tuple.
+        stream, position: the path and the position on it computed here.
+        source, sink: where inputs come from and outputs go.
+        source_key, sink_key: the local hand-off keys when the route is ``LOCAL``.
+        boundary_in: ``(stream, position)`` of the boundary whose tensors arrive here
+            by message (forward: the previous position; backward: this one).
+        recvs: messages (header first, then payload) that must have arrived.
+        sends: messages (header first, then payload) posted right after it.
+    """
+
+    index: int
+    action: Action
+    module: int
+    stream: int
+    position: int
+    source: Route
+    sink: Route
+    source_key: HandOff | None
+    sink_key: HandOff | None
+    recvs: tuple[Message, ...]
+    sends: tuple[Message, ...]
+
+    @property
+    def payload_recv(self) -> Message | None:
+        """The message carrying the tensors (not the header), if any."""
+        return next((m for m in self.recvs if not m.header), None)
+
+    @property
+    def header_send(self) -> bool:
+        """True when this action's outputs are preceded by a shape header."""
+        return any(m.header for m in self.sends)
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One entry of the rank's list: a single action or an overlapped pair.
+
+    Attributes:
+        kind: handler key: ``"F"``, ``"B"``, ``"I"``, ``"W"`` or ``"FB"`` (a pair).
+        label: the schedule's step (printed in errors and timelines).
+        actions: its actions (a pair: forward then backward).
+        due: per source rank, how many of its messages (in sender order) have their
+            receives posted before this step starts.
+    """
+
+    kind: str
+    label: Action | Overlap
+    actions: tuple[ActionPlan, ...]
+    due: dict[int, int]
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Everything one rank needs to run its list of one schedule.
+
+    Attributes:
+        rank: the pipeline rank.
+        schedule: the schedule.
+        training: False for forward-only inference (no backward, no gradients).
+        headers: whether shape headers travel in this step.
+        steps: the steps in issue order.
+        incoming: per source rank, every message from it, in sender order.
+    """
+
+    rank: int
+    schedule: Schedule
+    training: bool
+    headers: bool
+    steps: tuple[PlannedStep, ...]
+    incoming: dict[int, tuple[Message, ...]]
+
+    @property
+    def actions(self) -> list[ActionPlan]:
+        """Every action in issue order."""
+        return [a for step in self.steps for a in step.actions]
+
+    @property
+    def messages(self) -> list[Message]:
+        """Every message this rank sends or receives in a step."""
+        return [m for a in self.actions for m in (*a.sends, *a.recvs)]
+
+
+def _routes(
+    schedule: Schedule, rank: int, action: Action
+) -> tuple[Route, Route, HandOff | None, HandOff | None]:
+    layout = schedule.layout
+    stream, pos = layout.locate(rank, action.phase)
+    prev, nxt = layout.prev(rank, action.phase), layout.next(rank, action.phase)
+    c = action.chunk
+
+    def route(peer: tuple[int, int] | None, end: Route) -> Route:
+        if peer is None:
+            return end
+        return Route.LOCAL if peer[0] == rank else Route.MESSAGE
+
+    if action.op is Op.FORWARD:
+        source, sink = route(prev, Route.DATA), route(nxt, Route.LOSS)
+        return (source, sink, (False, stream, pos - 1, c) if source is Route.LOCAL else None,
+                (False, stream, pos, c) if sink is Route.LOCAL else None)
+    if action.op is Op.WEIGHT:
+        return Route.NONE, Route.NONE, None, None
+    source, sink = route(nxt, Route.LOSS), route(prev, Route.NONE)
+    return (source, sink, (True, stream, pos + 1, c) if source is Route.LOCAL else None,
+            (True, stream, pos, c) if sink is Route.LOCAL else None)
+
+
+def build_plan(
+    schedule: Schedule, rank: int, training: bool, headers: bool, lookahead: int = LOOKAHEAD
+) -> ExecutionPlan:
+    """Derive ``rank``'s execution plan of ``schedule`` (inference drops B, I and W)."""
+    comm = plan_communication(schedule, not training, headers)[rank]
+    layout = schedule.layout
+    need = {m: i for i, msgs in enumerate(comm.recvs) for m in msgs}
+    # a message's receive is posted once it and every earlier one from its sender are
+    # needed within the look-ahead window
+    post_at: dict[Message, int] = {}
+    for msgs in comm.incoming.values():
+        latest = 0
+        for m in msgs:
+            latest = max(latest, need[m])
+            post_at[m] = max(0, latest - lookahead + 1)
+
+    actions = []
+    for i, action in enumerate(comm.actions):
+        stream, pos = layout.locate(rank, action.phase)
+        source, sink, skey, okey = _routes(schedule, rank, action)
+        actions.append(ActionPlan(
+            index=i, action=action, module=layout.module_index(rank, action.phase),
+            stream=stream, position=pos, source=source, sink=sink, source_key=skey,
+            sink_key=okey, recvs=tuple(comm.recvs[i]), sends=tuple(comm.sends[i]),
+        ))
+
+    steps: list[PlannedStep] = []
+    i = 0
+    while i < len(actions):
+        partner = comm.pair_of[i]
+        group = tuple(actions[i : i + 2]) if partner == i + 1 else (actions[i],)
+        due = {src: sum(1 for m in msgs if post_at[m] <= i) for src, msgs in comm.incoming.items()}
+        if len(group) == 2:
+            label: Action | Overlap = Overlap(group[0].action, group[1].action)
+            kind = "FB"
+        else:
+            label = group[0].action
+            kind = label.op.value
+        steps.append(PlannedStep(kind, label, group, due))
+        i += len(group)
+    incoming = {src: tuple(msgs) for src, msgs in comm.incoming.items()}
+    return ExecutionPlan(rank, schedule, training, headers, tuple(steps), incoming)

@@ -1,0 +1,280 @@
+"""The state of one step on one rank (:class:`StepRun`), created when the step starts
+and dropped when it ends, and the primitives handlers build actions from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from ..overlap.engine import ForwardTask, WeightWorks
+from ..schedules.actions import Action, Overlap
+from .inbox import Inbox
+from .p2p import BaseTransport, PipelineError, RemoteFailure, TensorMeta, encode_header
+from .plan import ActionPlan, ExecutionPlan, HandOff, PlannedStep, Route
+from .record import StepRecord
+from .shapes import BoundaryShapes
+from .split_backward import WeightGradWork
+
+if TYPE_CHECKING:
+    from .handlers import Handler
+
+__all__ = ["StepData", "StepResult", "StepRun", "ActionFailure"]
+
+
+class ActionFailure(PipelineError):
+    """An action failed on this rank (already reported to the other ranks)."""
+
+
+@dataclass
+class StepData:
+    """This rank's part of a step's data.
+
+    Attributes:
+        inputs: per micro-batch, the inputs of the stream that starts on this rank
+            (``None`` entries are passed to the first stage as they are).
+        labels: per micro-batch, the labels of the stream that ends on this rank.
+        criterion: ``criterion(*outputs, *labels) -> scalar loss``.
+        return_outputs: keep the last stage's outputs.
+        training: run backwards (False: forward-only inference).
+    """
+
+    inputs: list[tuple[torch.Tensor | None, ...]] | None
+    labels: list[tuple[torch.Tensor | None, ...]] | None
+    criterion: Callable[..., torch.Tensor] | None
+    return_outputs: bool
+    training: bool
+
+
+@dataclass
+class StepResult:
+    """What a step leaves on this rank: per-micro-batch losses and outputs of the
+    stream that ends here (empty elsewhere)."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+
+
+def as_tensors(out: Any) -> tuple[torch.Tensor, ...]:
+    """A stage's return value as a tuple of tensors (or a clear error)."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+        return tuple(out)
+    raise PipelineError(
+        f"a stage must return a tensor or a tuple of tensors, got {type(out).__name__}"
+    )
+
+
+class StepRun:
+    """Everything one step holds on one rank, and the primitives handlers use.
+
+    Lifetime: one step. It holds the stage inputs and output roots kept for the
+    backward (``saved``), the deferred weight work of input-only backwards
+    (``deferred``), local hand-offs between the rank's own stages, the losses and
+    outputs, the inbox and the record; all of it is dropped with the run.
+
+    Attributes:
+        plan: this rank's execution plan of the step's schedule.
+        data: the step's inputs, labels and flags.
+        modules: the rank's modules (indexed by ``ActionPlan.module``).
+        split: input-only backwards defer the weight work (False: full backwards).
+        keep_outputs: keep stage outputs (not just their graph edges) for the backward
+            (stages with ``overlapped_forward_backward`` receive them).
+        inbox: the step's receives.
+        record: the measured timeline, when asked for.
+    """
+
+    def __init__(
+        self,
+        plan: ExecutionPlan,
+        data: StepData,
+        modules: Sequence[nn.Module],
+        transport: BaseTransport,
+        shapes: BoundaryShapes,
+        handlers: Mapping[str, Handler],
+        split: bool,
+        keep_outputs: bool,
+        record: StepRecord | None,
+    ) -> None:
+        self.plan = plan
+        self.data = data
+        self.modules = modules
+        self.transport = transport
+        self.shapes = shapes
+        self.handlers = handlers
+        self.split = split
+        self.keep_outputs = keep_outputs
+        self.record = record
+        self.inbox = Inbox(plan, transport, shapes, record)
+        self.saved: dict[tuple[int, int], tuple[list[Any], list[torch.Tensor]]] = {}
+        self.deferred: dict[tuple[int, int], WeightGradWork | WeightWorks | None] = {}
+        # forward records of stages written as parts, until their backward
+        self.parted: dict[tuple[int, int], ForwardTask] = {}
+        self.local: dict[HandOff, list[torch.Tensor]] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    # ------------------------------------------------------------ running
+    def guard(self, label: Action | Overlap, fn: Callable[[], None]) -> None:
+        """Run ``fn``; a failure is reported to every rank, naming this rank and ``label``."""
+        try:
+            fn()
+        except (RemoteFailure, ActionFailure):
+            raise
+        except Exception as exc:
+            message = (
+                f"rank {self.plan.rank} failed in {label} ({self.plan.schedule.name}): "
+                f"{type(exc).__name__}: {exc}"
+            )
+            self.transport.post_error(message)
+            raise ActionFailure(message) from exc
+
+    def run_action(self, a: ActionPlan) -> None:
+        """Run one action through its handler (errors name the action)."""
+        kind = a.action.op.value
+        self.guard(a.action, lambda: self.handlers[kind](self, PlannedStep(kind, a.action, (a,),
+                                                                            {})))
+
+    def receive(self, step: PlannedStep) -> None:
+        """Wait for every message ``step`` needs (before its timed compute)."""
+        for a in step.actions:
+            for msg in a.recvs:
+                self.inbox.complete(msg)
+
+    def result(self) -> StepResult:
+        """The losses and outputs, in micro-batch order; checks no W was forgotten."""
+        leftover = [k for k, v in self.deferred.items() if v is not None]
+        if leftover:
+            raise PipelineError(
+                f"rank {self.plan.rank}: weight gradients never run for {leftover}"
+            )
+        return StepResult(
+            [self.losses[k] for k in sorted(self.losses)],
+            [self.outputs[k] for k in sorted(self.outputs)],
+        )
+
+    # ------------------------------------------------------------ primitives
+    def module(self, a: ActionPlan) -> nn.Module:
+        """The module ``a`` runs."""
+        return self.modules[a.module]
+
+    def labels(self, a: ActionPlan) -> tuple[torch.Tensor | None, ...]:
+        """The labels of ``a``'s micro-batch (at the end of a stream)."""
+        labels = self.data.labels
+        assert labels is not None
+        return labels[a.action.chunk]
+
+    def forward_inputs(self, a: ActionPlan) -> tuple[torch.Tensor | None, ...]:
+        """The inputs of forward ``a``: step data (where ``None`` entries are passed on
+        as they are), a local hand-off or a message."""
+        training = self.data.training
+        if a.source is Route.DATA:
+            assert self.data.inputs is not None
+            return self.data.inputs[a.action.chunk]
+        if a.source is Route.LOCAL:
+            assert a.source_key is not None
+            outs = self.local.pop(a.source_key)
+            return tuple(t.detach().requires_grad_(training and t.requires_grad) for t in outs)
+        msg = a.payload_recv
+        assert msg is not None
+        bufs = self.inbox.take(msg)
+        if training:
+            metas = self.shapes.received[(msg.stream, msg.position)]
+            for t, m in zip(bufs, metas, strict=True):
+                if m.requires_grad:
+                    t.requires_grad_(True)
+        return tuple(bufs)
+
+    def finish_forward(
+        self,
+        a: ActionPlan,
+        inputs: Sequence[torch.Tensor | None],
+        out: Any,
+        loss: torch.Tensor | None,
+    ) -> None:
+        """Keep what forward ``a``'s backward needs and pass its outputs on (or compute
+        the loss at the end of the stream). ``loss`` is given when the stage computed it."""
+        outputs = as_tensors(out)
+        chunk = a.action.chunk
+        leaves = (
+            [t for t in inputs if t is not None and t.requires_grad and t.grad_fn is None]
+            if a.position
+            else []
+        )
+        training = self.data.training
+        if a.sink is Route.LOSS:
+            if loss is None and self.data.criterion is not None:
+                loss = self.data.criterion(*outputs, *self.labels(a))
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise PipelineError("criterion must return a scalar tensor")
+            if loss is not None:
+                self.losses[chunk] = loss.detach()
+            if self.data.return_outputs:
+                self.outputs[chunk] = tuple(t.detach() for t in outputs)
+            if training:
+                assert loss is not None
+                self.saved[(a.action.phase, chunk)] = ([loss], leaves)
+            return
+        if training:
+            roots: list[Any] = [t for t in outputs if t.requires_grad]
+            if not self.keep_outputs:
+                # keep only the outputs' places in the graph: a sent activation is freed as
+                # soon as its send completes, not at its backward
+                roots = [get_gradient_edge(t) for t in roots]
+            self.saved[(a.action.phase, chunk)] = (roots, leaves)
+        if a.sink is Route.LOCAL:
+            assert a.sink_key is not None
+            self.local[a.sink_key] = list(outputs)
+            return
+        metas = [TensorMeta.of(t) for t in outputs]
+        if not training:
+            metas = [TensorMeta(m.shape, m.dtype, False) for m in metas]
+        self.shapes.note_sent((a.stream, a.position), metas, chunk)
+        self.send(a, list(outputs), metas)
+
+    def output_grads(self, a: ActionPlan) -> list[torch.Tensor | None]:
+        """Gradients of backward ``a``'s stage outputs (``[None]`` for a loss)."""
+        if a.source is Route.LOSS:
+            return [None]
+        if a.source is Route.LOCAL:
+            assert a.source_key is not None
+            return list(self.local.pop(a.source_key))
+        msg = a.payload_recv
+        assert msg is not None
+        return list(self.inbox.take(msg))
+
+    def pop_saved(self, a: ActionPlan) -> tuple[list[Any], list[torch.Tensor]]:
+        """``(output roots, input leaves)`` kept by ``a``'s forward, handed over once."""
+        return self.saved.pop((a.action.phase, a.action.chunk))
+
+    def finish_backward(
+        self, a: ActionPlan, leaves: list[torch.Tensor], in_grads: Sequence[torch.Tensor | None]
+    ) -> None:
+        """Pass backward ``a``'s input gradients on (zeros where an input got none)."""
+        if a.sink is Route.NONE:
+            return
+        grads = [
+            g if g is not None else torch.zeros_like(leaf)
+            for leaf, g in zip(leaves, in_grads, strict=True)
+        ]
+        if a.sink is Route.LOCAL:
+            assert a.sink_key is not None
+            self.local[a.sink_key] = grads
+        else:
+            self.send(a, grads, None)
+
+    def send(self, a: ActionPlan, tensors: list[torch.Tensor],
+             metas: list[TensorMeta] | None) -> None:
+        """Post ``a``'s messages (the header from ``metas`` first, when planned)."""
+        device = self.transport.device
+        for msg in a.sends:
+            if msg.header:
+                assert metas is not None
+                self.transport.send([encode_header(metas, device)], msg.dst, msg.seq)
+            else:
+                self.transport.send([t.detach().contiguous() for t in tensors], msg.dst, msg.seq)
