@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..overlap.handlers import with_parts
 from ..schedules.actions import Op
 from .plan import ActionPlan, PlannedStep, Route
 from .split_backward import backward_full, backward_input
@@ -106,15 +107,17 @@ def _overlapped(run: StepRun, fb: Callable[..., Any], fwd: ActionPlan, bwd: Acti
     last0, last1 = fwd.sink is Route.LOSS, bwd.source is Route.LOSS
     for leaf in leaves1:
         leaf.grad = None
+    # the original's conventions: [] for the labels of a forward without a loss and for
+    # the outputs and gradients of a backward that starts from the loss
     out0, loss0 = fb(
         run.module(fwd),
         list(inputs0),
         run.data.criterion if last0 else None,
-        list(run.labels(fwd)) if last0 else None,
+        list(run.labels(fwd)) if last0 else [],
         run.module(bwd),
         roots1[0] if last1 else None,
-        None if last1 else list(roots1),
-        None if last1 else list(grads1),
+        [] if last1 else list(roots1),
+        [] if last1 else list(grads1),
     )
     in_grads: list[torch.Tensor | None] = [leaf.grad for leaf in leaves1]
     for leaf in leaves1:
@@ -123,11 +126,13 @@ def _overlapped(run: StepRun, fb: Callable[..., Any], fwd: ActionPlan, bwd: Acti
     run.finish_backward(bwd, leaves1, in_grads)
 
 
-DEFAULT_HANDLERS: dict[str, Handler] = {
+DEFAULT_HANDLERS: dict[str, Handler] = with_parts({
     Op.FORWARD.value: run_forward,
     Op.BACKWARD.value: run_backward,
     Op.INPUT.value: run_input,
     Op.WEIGHT.value: run_weight,
     "FB": run_pair,
-}
-"""The handler of each step kind."""
+})
+"""The handler of each step kind; stages written as parts
+(:class:`~dualpipe.overlap.PartedStage`) run part by part and their pairs interleave
+(:func:`dualpipe.overlap.handlers.with_parts`)."""

@@ -25,6 +25,7 @@ from ..schedules.generators import generate
 from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
+from .declared import Declared, declared
 from .executor import Executor, StepData, StepRecord
 from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch
@@ -95,15 +96,17 @@ class Pipeline(nn.Module):
 
     Args:
         modules: the stage modules this rank holds, as any iterable of modules (a tuple, a
-            list, ``nn.Sequential(stage_a, stage_b)``): one for ``1f1b``/``zb1p``/``gpipe``
-            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —
-            and ``dualpipev`` — stages r and 2N-1-r. They are kept as :attr:`module` (an
-            ``nn.ModuleList``), so state-dict keys are ``module.0.*``, ``module.1.*`` as in
-            the original.
-        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``),
+            list, ``nn.Sequential(stage_a, stage_b)``), in the order of
+            ``layout_for(name, N).rank_stages[r]``: one for ``1f1b``/``zb1p``/``gpipe``
+            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —,
+            for the V schedules ``dualpipev``/``zbv``/``v-half``/``v-min`` — stages r and
+            2N-1-r — and for ``interleaved-1f1b`` — r and r+N. They are kept as
+            :attr:`module` (an ``nn.ModuleList``), so state-dict keys are ``module.0.*``,
+            ``module.1.*`` as in the original.
+        schedule: a registered schedule name (see ``dualpipe.schedules.schedule_names()``),
             or a :class:`~dualpipe.schedules.Schedule` of your own (for example parsed
-            with ``Schedule.from_text``): it is validated first, and every step then runs
-            exactly its ``num_chunks`` micro-batches.
+            with ``Schedule.from_text`` or ``from_torch_csv``): it is validated first, and
+            every step then runs exactly its ``num_chunks`` micro-batches.
         batch_dim: dimension along which inputs and labels are split into micro-batches.
         process_group: the pipeline's process group (default: the world).
         rank_mapping: as in the original, ``rank_mapping[g]`` is the pipeline rank of the
@@ -123,8 +126,11 @@ class Pipeline(nn.Module):
             structure and ``requires_grad`` must agree in every mode.
         static_shapes: promise that every step has the same boundary shapes. Shapes are
             still discovered (on the first step); afterwards no metadata message is sent.
-            By default a small header travels once per boundary per step (never per
-            micro-batch), so shapes may change between steps.
+            Default (``None``): on if the original's module-level
+            :func:`~dualpipe.set_p2p_tensor_shapes` was called before construction (its
+            shapes, and :func:`~dualpipe.set_p2p_tensor_dtype`'s dtype, are then checked
+            on the first step), otherwise off: a small header travels once per boundary
+            per step (never per micro-batch), so shapes may change between steps.
         loss_reduction: ``"sum"`` (default, the original's): gradients of the sum of the
             micro-batch losses; ``"mean"``: of their mean over all micro-batches of the step
             (what one process computing the mean loss of the batch gets). The returned
@@ -143,7 +149,7 @@ class Pipeline(nn.Module):
         split_backward: bool = True,
         sync_mirrored_grads: bool = True,
         mirrored_weights: str = "check",
-        static_shapes: bool = False,
+        static_shapes: bool | None = None,
         loss_reduction: str = "sum",
     ) -> None:
         super().__init__()
@@ -191,9 +197,14 @@ class Pipeline(nn.Module):
         self.transport = Transport(
             process_group, to_group, self.device, timeout, f"dualpipe/{uid}/error"
         )
+        declaration = declared()
+        if static_shapes is None:
+            static_shapes = declaration.shapes is not None
         self.executor = Executor(
             self.rank, stages, self.transport, split_backward, static_shapes=static_shapes
         )
+        if declaration != Declared():
+            self.executor.declared = declaration
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
         self.last_record: StepRecord | None = None
@@ -207,14 +218,20 @@ class Pipeline(nn.Module):
             self.mirrored.check(mirrored_weights)
 
     # --------------------------------------------------------------- compat
-    def set_p2p_tensor_shapes(self, shapes: Any) -> None:
-        """Compatibility with the original DualPipe. Shapes are discovered at run time;
-        calling this (on every rank) only promises they stay fixed, which turns on
-        ``static_shapes`` (no metadata messages after the first step)."""
+    def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
+        """Like the module-level :func:`~dualpipe.set_p2p_tensor_shapes`, for this pipeline
+        only (call it on every rank, before the first step): turns on ``static_shapes``
+        and checks them the next time a step discovers its shapes."""
+        fixed = tuple(tuple(int(n) for n in shape) for shape in shapes)
+        old = self.executor.declared or Declared()
+        self.executor.declared = Declared(fixed, old.dtype)
         self.executor.static_shapes = True
 
-    def set_p2p_tensor_dtype(self, dtype: Any) -> None:
-        """Accepted for compatibility with the original DualPipe; dtypes are discovered."""
+    def set_p2p_tensor_dtype(self, dtype: torch.dtype) -> None:
+        """Like the module-level :func:`~dualpipe.set_p2p_tensor_dtype`, for this pipeline
+        only: the dtype is checked the next time a step discovers its shapes."""
+        old = self.executor.declared or Declared()
+        self.executor.declared = Declared(old.shapes, dtype)
 
     # --------------------------------------------------------------- helpers
     def _schedule(self, num_chunks: int) -> Schedule:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ..overlap.engine import ForwardTask, WeightWorks
 from ..schedules.actions import Action, Overlap
 from .inbox import Inbox
 from .p2p import BaseTransport, PipelineError, RemoteFailure, TensorMeta, encode_header
@@ -111,7 +112,9 @@ class StepRun:
         self.record = record
         self.inbox = Inbox(plan, transport, shapes, record)
         self.saved: dict[tuple[int, int], tuple[list[Any], list[torch.Tensor]]] = {}
-        self.deferred: dict[tuple[int, int], WeightGradWork | None] = {}
+        self.deferred: dict[tuple[int, int], WeightGradWork | WeightWorks | None] = {}
+        # forward records of stages written as parts, until their backward
+        self.parted: dict[tuple[int, int], ForwardTask] = {}
         self.local: dict[HandOff, list[torch.Tensor]] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -166,8 +169,9 @@ class StepRun:
         assert labels is not None
         return labels[a.action.chunk]
 
-    def forward_inputs(self, a: ActionPlan) -> tuple[torch.Tensor, ...]:
-        """The inputs of forward ``a``: step data, a local hand-off or a message."""
+    def forward_inputs(self, a: ActionPlan) -> tuple[torch.Tensor | None, ...]:
+        """The inputs of forward ``a``: step data (where ``None`` entries are passed on
+        as they are), a local hand-off or a message."""
         training = self.data.training
         if a.source is Route.DATA:
             assert self.data.inputs is not None
@@ -189,7 +193,7 @@ class StepRun:
     def finish_forward(
         self,
         a: ActionPlan,
-        inputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor | None],
         out: Any,
         loss: torch.Tensor | None,
     ) -> None:
@@ -198,7 +202,9 @@ class StepRun:
         outputs = as_tensors(out)
         chunk = a.action.chunk
         leaves = (
-            [t for t in inputs if t.requires_grad and t.grad_fn is None] if a.position else []
+            [t for t in inputs if t is not None and t.requires_grad and t.grad_fn is None]
+            if a.position
+            else []
         )
         training = self.data.training
         if a.sink is Route.LOSS:
