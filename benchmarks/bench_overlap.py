@@ -27,7 +27,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import bench_stages
@@ -79,7 +79,7 @@ class SleepMoEStage(PartedStage):
         self.a2a = AllToAll(group)
         self.topk = topk
 
-    def parts(self, x: Tensor):  # type: ignore[override]
+    def parts(self, x: Tensor) -> Generator[Any, Any, Tensor]:
         recv = yield self.a2a(_Widen.apply(self.attn(x), self.topk))
         back = yield self.a2a(self.experts(recv))
         return _Narrow.apply(back, self.topk)

@@ -144,7 +144,7 @@ class MoEStage(PartedStage):
         super().__init__()
         self.pieces = nn.ModuleList(pieces)
 
-    def parts(self, x: Tensor) -> Generator[Any, Any, Tensor]:  # type: ignore[override]
+    def parts(self, x: Tensor) -> Generator[Any, Any, Tensor]:
         for piece in self.pieces:
             if isinstance(piece, MoEBlock):
                 x = yield from piece.parts(x)
