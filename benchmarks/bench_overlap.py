@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation per micro-batch in KiB of fp32 (default 1024)")
     p.add_argument("--topk", type=int, default=4,
                    help="all-to-all volume as a multiple of the activation (default 4)")
-    p.add_argument("--chunks", type=int, default=10, help="micro-batches per step (10)")
+    p.add_argument("--chunks", type=int, default=20, help="micro-batches per step (20)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per schedule (6)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per wait (120)")
     return p
