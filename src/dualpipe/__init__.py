@@ -17,7 +17,12 @@ _RUNTIME = {
     "DualPipe": "dualpipe.runtime.pipeline",
     "DualPipeV": "dualpipe.runtime.pipeline",
     "Pipeline": "dualpipe.runtime.pipeline",
+    "PipelineError": "dualpipe.runtime.p2p",
+    "RemoteFailure": "dualpipe.runtime.p2p",
+    "WeightGradStore": "dualpipe.utils",
     "defer_weight_grad": "dualpipe.runtime.split_backward",
+    "set_p2p_tensor_dtype": "dualpipe.runtime.declared",
+    "set_p2p_tensor_shapes": "dualpipe.runtime.declared",
 }
 
 __all__ = [

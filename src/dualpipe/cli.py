@@ -6,7 +6,9 @@ Subcommands::
     dualpipe simulate NAME --ranks N --chunks C [--f F --b B --w W --fb FB --comm X] [--json]
     dualpipe compare --stages PP --chunks C [cost flags]
     dualpipe pair --part-f F0,C0,F1,... --part-b B0,C0,B1,... --part-w W0,W1,... [-o FILE]
-    dualpipe validate FILE [--layout NAME --ranks N]
+    dualpipe validate FILE [--layout NAME --ranks N]   (JSON, text, or PyTorch's CSV)
+    dualpipe autoschedule --ranks N --chunks C [cost flags] [--limit A] [--max-deferred D]
+                          [--layout v|dualpipe] [--json] [-o FILE]
     dualpipe demo [ARGS...]
 
 Bad arguments give one line ``dualpipe: error: ...`` on stderr and exit status 2;
@@ -25,6 +27,7 @@ from typing import Any, NoReturn
 from .partcosts import PartCosts, pair_intervals, parse_parts
 from .schedules.registry import SCHEDULES, generate, layout_for
 from .schedules.schedule import Schedule, ScheduleError
+from .schedules.torch_format import from_torch_csv, to_torch_csv
 from .simulation import Costs, SimResult, seed_bubble, simulate
 
 __all__ = ["main", "build_parser"]
@@ -81,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape(p)
     p.add_argument(
         "--format",
-        choices=("text", "png", "trace", "json"),
+        choices=("text", "png", "trace", "json", "torch"),
         default="text",
         help="text (default): 'rank R: TOKEN ...' lines; png / trace (Chrome, Perfetto) of the"
-        " simulated timeline, need -o; json: Schedule.to_json()",
+        " simulated timeline, need -o; json: Schedule.to_json(); torch: PyTorch's schedule CSV"
+        " (one row per rank, e.g. 0F7, (0F7;7B3)OVERLAP_F_B)",
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     _add_costs(p)
@@ -104,10 +108,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_costs(p)
 
-    p = sub.add_parser("validate", help="check a schedule file (JSON or text) for soundness")
-    p.add_argument("file", metavar="FILE", help="Schedule.to_json() output or 'rank R: ...' text")
+    p = sub.add_parser(
+        "validate", help="check a schedule file (JSON, text or PyTorch CSV) for soundness"
+    )
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        help="Schedule.to_json() output, 'rank R: ...' text, or PyTorch's schedule CSV (*.csv)",
+    )
     p.add_argument("--layout", metavar="NAME", help="layout of a text schedule (e.g. dualpipe)")
     p.add_argument("--ranks", type=int, help="ranks of a text schedule (default: its lines)")
+
+    p = sub.add_parser(
+        "autoschedule", help="search the fastest schedule for these costs and memory limit"
+    )
+    p.add_argument("--ranks", type=int, required=True, help="pipeline ranks")
+    p.add_argument("--chunks", type=int, required=True, help="micro-batches per step, in all")
+    _add_costs(p)
+    p.add_argument(
+        "--limit", type=int, help="activations per rank, in stage units (default: stages + 1)"
+    )
+    p.add_argument(
+        "--max-deferred", type=int, help="deferred weight gradients per rank (default: any)"
+    )
+    p.add_argument(
+        "--layout", choices=("v", "dualpipe"), default="v", help="stage placement (default v)"
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="also write the schedule as JSON")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("pair", help="one F&B pair of a parted stage, parts interleaved")
     _add_parts(p.add_argument_group("part costs"), required=True)
@@ -162,6 +190,8 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         text = schedule.to_text()
     elif args.format == "json":
         text = schedule.to_json()
+    elif args.format == "torch":
+        text = to_torch_csv(schedule).replace("\r\n", "\n")
     else:
         result = simulate(schedule, costs)
         if args.format == "png":
@@ -238,6 +268,9 @@ def _load_schedule(args: argparse.Namespace) -> Schedule:
         text = Path(args.file).read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    if args.file.endswith(".csv"):  # PyTorch's schedule CSV: the layout comes from the rows
+        layout = layout_for(args.layout, args.ranks) if args.layout and args.ranks else None
+        return from_torch_csv(text, layout, name=Path(args.file).stem)
     if text.lstrip().startswith("{"):
         try:
             return Schedule.from_dict(json.loads(text))
@@ -266,6 +299,43 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"unsound: {exc}")
         return 1
     print("ok")
+    return 0
+
+
+def _cmd_autoschedule(args: argparse.Namespace) -> int:
+    from .autoschedule import search
+
+    found = search(
+        args.ranks,
+        args.chunks,
+        _costs(args),
+        limit=args.limit,
+        layout=args.layout,
+        max_deferred=args.max_deferred,
+    )
+    if args.output:
+        _write(args.output, found.schedule.to_json())
+    summary = {
+        "makespan": found.makespan,
+        "peak_activations": found.peak,
+        "limit": found.limit,
+        "deferred_weights": found.deferred,
+        "seeds": found.seeds,
+        "origin": found.origin,
+        "seconds": found.seconds,
+    }
+    if args.json:
+        print(json.dumps({**summary, "schedule": found.schedule.to_dict()}))
+        return 0
+    print(found.schedule.to_text())
+    print()
+    seeds = ", ".join(
+        f"{name} {'n/a' if v is None else _num(v)}" for name, v in found.seeds.items()
+    )
+    print(f"makespan {_num(found.makespan)} (seeds: {seeds})")
+    print(f"peak activations {found.peak} per rank (limit {found.limit})")
+    print(f"deferred weight gradients at most {found.deferred} per rank")
+    print(f"from: {found.origin} ({found.candidates} candidates, {found.seconds:.2f} s)")
     return 0
 
 
@@ -302,6 +372,7 @@ _COMMANDS = {
     "simulate": _cmd_simulate,
     "compare": _cmd_compare,
     "validate": _cmd_validate,
+    "autoschedule": _cmd_autoschedule,
 }
 
 

@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from dualpipe.runtime.p2p import PipelineError
 from dualpipe.runtime.pipeline import DualPipe, Pipeline
 
 from .models import DIM, MLPStage, criterion
@@ -146,9 +147,44 @@ def state_dict_keys(rank: int, world: int) -> tuple[list[str], bool]:
     return keys, same
 
 
+def requires_grad_changed(rank: int, world: int) -> tuple[bool, bool, str]:
+    """``requires_grad`` changed on both copies after construction is followed (an
+    unfrozen parameter is summed from then on, a newly frozen one is left alone);
+    changed on one copy only, it is a clear error on both ranks."""
+    torch.manual_seed(0)
+    stages: list[nn.Module] = [PartlyFrozenStage(), PartlyFrozenStage()]
+    mods = _local(stages, rank)
+    pipe = DualPipe(mods, timeout=30.0)
+    for m in mods:
+        m.frozen.requires_grad_(True)
+        m.net[0].weight.requires_grad_(False)
+    ref = copy.deepcopy(stages)
+    for m in ref:
+        m.frozen.requires_grad_(True)
+        m.net[0].weight.requires_grad_(False)
+    x, y = _data(2)
+    _step(pipe, rank, x, y)
+    _reference(ref, x, y)
+    unfrozen = all(
+        m.frozen.grad is not None
+        and torch.allclose(m.frozen.grad, ref[k].frozen.grad, rtol=1e-5, atol=1e-6)
+        for m, k in zip(mods, (rank, 1 - rank), strict=True)
+    )
+    frozen = all(m.net[0].weight.grad is None for m in mods)
+    if rank == 1:
+        mods[0].net[2].weight.requires_grad_(False)  # one copy only
+    message = "no error"
+    try:
+        _step(pipe, rank, x, y)
+    except PipelineError as exc:
+        message = str(exc)
+    return unfrozen, frozen, message
+
+
 def all_cases(rank: int, world: int) -> dict[str, object]:
     """Every case above in one run of spawned processes."""
     out = frozen_and_accumulated(rank, world)
+    out["changed"] = requires_grad_changed(rank, world)
     out["errors"] = construction_errors(rank, world)
     out["keys"], out["old_checkpoint_loads"] = state_dict_keys(rank, world)
     return out

@@ -28,6 +28,14 @@ def test_gradients_accumulate_in_place(results: list[dict[str, object]]) -> None
         assert r["accumulated"]
 
 
+def test_requires_grad_changed_after_construction(results: list[dict[str, object]]) -> None:
+    for r in results:
+        unfrozen, frozen, message = r["changed"]  # type: ignore[misc]
+        assert unfrozen and frozen
+        assert "requires_grad of the mirrored parameter module." in message, message
+        assert "net.2.weight (stage 1) is" in message
+
+
 def test_construction_errors(results: list[dict[str, object]]) -> None:
     for r in results:
         frozen, mapping = r["errors"]  # type: ignore[misc]

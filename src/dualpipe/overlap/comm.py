@@ -105,14 +105,14 @@ class _Synchronous(torch.autograd.Function):
     """A communication call as an ordinary autograd operation (launch, then wait)."""
 
     @staticmethod
-    def forward(ctx: Any, call: CommCall, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, call: CommCall, *inputs: Tensor) -> tuple[Tensor, ...]:
         ctx.call = call
         ctx.shapes = [(t.shape, t.dtype, t.device) for t in inputs]
         out = call.op.launch(tuple(t.detach() for t in inputs), call.ctx).wait()
         return tuple(out)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         call: CommCall = ctx.call
         # materialized by autograd (zeros where none reached)
         full = tuple(g.contiguous() for g in grads if g is not None)

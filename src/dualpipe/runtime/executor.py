@@ -15,6 +15,7 @@ from functools import partial
 from torch import nn
 
 from ..schedules.schedule import Schedule
+from .declared import Declared
 from .handlers import DEFAULT_HANDLERS, Handler
 from .p2p import BaseTransport
 from .plan import LOOKAHEAD, ExecutionPlan, build_plan
@@ -55,6 +56,7 @@ class Executor:
         self.transport = transport
         self.split = split_backward
         self.static_shapes = static_shapes
+        self.declared: Declared | None = None  # the user's declared shapes/dtype, checked
         self.lookahead = lookahead
         self.handlers = dict(handlers if handlers is not None else DEFAULT_HANDLERS)
         self._plans: dict[tuple[Schedule, bool, bool], ExecutionPlan] = {}
@@ -81,7 +83,11 @@ class Executor:
         known = self._known.get((schedule, data.training)) if self.static_shapes else None
         plan = self.plan(schedule, data.training, headers=known is None)
         self.transport.check_error()  # a pipeline that failed before stays failed
-        shapes = known.copy() if known is not None else BoundaryShapes(static=self.static_shapes)
+        shapes = (
+            known.copy()
+            if known is not None
+            else BoundaryShapes(static=self.static_shapes, declared=self.declared)
+        )
         trace = StepRecord(time.perf_counter(), time.time()) if record else None
         run = StepRun(plan, data, self.modules, self.transport, shapes, self.handlers,
                       self.split, self.keep_outputs, trace)

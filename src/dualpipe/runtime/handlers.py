@@ -107,15 +107,17 @@ def _overlapped(run: StepRun, fb: Callable[..., Any], fwd: ActionPlan, bwd: Acti
     last0, last1 = fwd.sink is Route.LOSS, bwd.source is Route.LOSS
     for leaf in leaves1:
         leaf.grad = None
+    # the original's conventions: [] for the labels of a forward without a loss and for
+    # the outputs and gradients of a backward that starts from the loss
     out0, loss0 = fb(
         run.module(fwd),
         list(inputs0),
         run.data.criterion if last0 else None,
-        list(run.labels(fwd)) if last0 else None,
+        list(run.labels(fwd)) if last0 else [],
         run.module(bwd),
         roots1[0] if last1 else None,
-        None if last1 else list(roots1),
-        None if last1 else list(grads1),
+        [] if last1 else list(roots1),
+        [] if last1 else list(grads1),
     )
     in_grads: list[torch.Tensor | None] = [leaf.grad for leaf in leaves1]
     for leaf in leaves1:

@@ -100,6 +100,8 @@ class MirroredStages:
                 f"were built with different mirrored_weights: {weights!r} here, "
                 f"{MIRRORED_WEIGHTS[theirs[2]]!r} there"
             )
+        if not self.params:
+            return  # nothing to compare (both copies agree: no parameters)
         meta: list[int] = []
         for p in self.params:
             meta += [p.numel(), zlib.crc32(str(p.dtype).encode()), int(p.requires_grad)]

@@ -25,7 +25,9 @@ from ..schedules.generators import generate
 from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
+from .declared import Declared, declared
 from .executor import Executor, StepData, StepRecord
+from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch
 from .mirrored import MirroredStages
 from .p2p import PipelineError, Transport
@@ -94,15 +96,17 @@ class Pipeline(nn.Module):
 
     Args:
         modules: the stage modules this rank holds, as any iterable of modules (a tuple, a
-            list, ``nn.Sequential(stage_a, stage_b)``): one for ``1f1b``/``zb1p``/``gpipe``
-            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —
-            and ``dualpipev`` — stages r and 2N-1-r. They are kept as :attr:`module` (an
-            ``nn.ModuleList``), so state-dict keys are ``module.0.*``, ``module.1.*`` as in
-            the original.
-        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``),
+            list, ``nn.Sequential(stage_a, stage_b)``), in the order of
+            ``layout_for(name, N).rank_stages[r]``: one for ``1f1b``/``zb1p``/``gpipe``
+            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —,
+            for the V schedules ``dualpipev``/``zbv``/``v-half``/``v-min`` — stages r and
+            2N-1-r — and for ``interleaved-1f1b`` — r and r+N. They are kept as
+            :attr:`module` (an ``nn.ModuleList``), so state-dict keys are ``module.0.*``,
+            ``module.1.*`` as in the original.
+        schedule: a registered schedule name (see ``dualpipe.schedules.schedule_names()``),
             or a :class:`~dualpipe.schedules.Schedule` of your own (for example parsed
-            with ``Schedule.from_text``): it is validated first, and every step then runs
-            exactly its ``num_chunks`` micro-batches.
+            with ``Schedule.from_text`` or ``from_torch_csv``): it is validated first, and
+            every step then runs exactly its ``num_chunks`` micro-batches.
         batch_dim: dimension along which inputs and labels are split into micro-batches.
         process_group: the pipeline's process group (default: the world).
         rank_mapping: as in the original, ``rank_mapping[g]`` is the pipeline rank of the
@@ -122,8 +126,15 @@ class Pipeline(nn.Module):
             structure and ``requires_grad`` must agree in every mode.
         static_shapes: promise that every step has the same boundary shapes. Shapes are
             still discovered (on the first step); afterwards no metadata message is sent.
-            By default a small header travels once per boundary per step (never per
-            micro-batch), so shapes may change between steps.
+            Default (``None``): on if the original's module-level
+            :func:`~dualpipe.set_p2p_tensor_shapes` was called before construction (its
+            shapes, and :func:`~dualpipe.set_p2p_tensor_dtype`'s dtype, are then checked
+            on the first step), otherwise off: a small header travels once per boundary
+            per step (never per micro-batch), so shapes may change between steps.
+        loss_reduction: ``"sum"`` (default, the original's): gradients of the sum of the
+            micro-batch losses; ``"mean"``: of their mean over all micro-batches of the step
+            (what one process computing the mean loss of the batch gets). The returned
+            per-micro-batch losses are the criterion's values either way.
     """
 
     def __init__(
@@ -138,9 +149,15 @@ class Pipeline(nn.Module):
         split_backward: bool = True,
         sync_mirrored_grads: bool = True,
         mirrored_weights: str = "check",
-        static_shapes: bool = False,
+        static_shapes: bool | None = None,
+        loss_reduction: str = "sum",
     ) -> None:
         super().__init__()
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
+            )
+        self.loss_reduction = loss_reduction
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialized: call dist.init_process_group first"
@@ -180,9 +197,14 @@ class Pipeline(nn.Module):
         self.transport = Transport(
             process_group, to_group, self.device, timeout, f"dualpipe/{uid}/error"
         )
+        declaration = declared()
+        if static_shapes is None:
+            static_shapes = declaration.shapes is not None
         self.executor = Executor(
             self.rank, stages, self.transport, split_backward, static_shapes=static_shapes
         )
+        if declaration != Declared():
+            self.executor.declared = declaration
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
         self.last_record: StepRecord | None = None
@@ -196,14 +218,20 @@ class Pipeline(nn.Module):
             self.mirrored.check(mirrored_weights)
 
     # --------------------------------------------------------------- compat
-    def set_p2p_tensor_shapes(self, shapes: Any) -> None:
-        """Compatibility with the original DualPipe. Shapes are discovered at run time;
-        calling this (on every rank) only promises they stay fixed, which turns on
-        ``static_shapes`` (no metadata messages after the first step)."""
+    def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
+        """Like the module-level :func:`~dualpipe.set_p2p_tensor_shapes`, for this pipeline
+        only (call it on every rank, before the first step): turns on ``static_shapes``
+        and checks them the next time a step discovers its shapes."""
+        fixed = tuple(tuple(int(n) for n in shape) for shape in shapes)
+        old = self.executor.declared or Declared()
+        self.executor.declared = Declared(fixed, old.dtype)
         self.executor.static_shapes = True
 
-    def set_p2p_tensor_dtype(self, dtype: Any) -> None:
-        """Accepted for compatibility with the original DualPipe; dtypes are discovered."""
+    def set_p2p_tensor_dtype(self, dtype: torch.dtype) -> None:
+        """Like the module-level :func:`~dualpipe.set_p2p_tensor_dtype`, for this pipeline
+        only: the dtype is checked the next time a step discovers its shapes."""
+        old = self.executor.declared or Declared()
+        self.executor.declared = Declared(old.shapes, dtype)
 
     # --------------------------------------------------------------- helpers
     def _schedule(self, num_chunks: int) -> Schedule:
@@ -241,6 +269,7 @@ class Pipeline(nn.Module):
         labels: Sequence[torch.Tensor | None] | None = (),
         return_outputs: bool = False,
         record: bool = False,
+        broadcast_loss: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | tuple[torch.Tensor, ...] | None]:
         """Run one step: forward and backward of every micro-batch (or forward only
         under ``torch.no_grad()``).
@@ -253,9 +282,12 @@ class Pipeline(nn.Module):
 
         Returns ``(loss, outputs)``: where a stream ends, ``loss`` holds the
         per-micro-batch losses (shape ``[C]``) and, with ``return_outputs``, ``outputs``
-        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum of
-        the per-micro-batch losses. ``record=True`` keeps a measured timeline in
-        :attr:`last_record` (see :meth:`gather_timeline`).
+        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum (or,
+        with ``loss_reduction="mean"``, the mean) of the per-micro-batch losses.
+        ``record=True`` keeps a measured timeline in :attr:`last_record` (see
+        :meth:`gather_timeline`). ``broadcast_loss=True`` (collective) returns every
+        micro-batch's loss of the step (all streams, stream 0's first, as float32) on every
+        rank.
         """
         try:
             schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
@@ -279,9 +311,13 @@ class Pipeline(nn.Module):
             if mirrored is not None:
                 mirrored.put_back()
             raise
-        if self._ends()[1] is None:
-            return None, None
+        end = self._ends()[1]
         loss = torch.stack(result.losses) if result.losses else None
+        if broadcast_loss:
+            loss = share_losses(loss, end, schedule.chunks_per_stream,
+                                self.layout.num_streams, self.group, self.transport.device)
+        if end is None:
+            return loss, None
         outputs: Any = None
         if return_outputs:
             outputs = concat_chunks(result.outputs, self.batch_dim)
@@ -325,15 +361,21 @@ class Pipeline(nn.Module):
             labels=split_batch(labels, chunks, self.batch_dim, "labels")
             if end is not None
             else None,
-            criterion=criterion,
+            criterion=(
+                reduced_criterion(criterion, self.loss_reduction, schedule.num_chunks)
+                if criterion is not None
+                else None
+            ),
             return_outputs=return_outputs,
             training=training,
         )
         return schedule, data
 
-    def gather_timeline(self, dst: int = 0) -> MeasuredTimeline | None:
+    def gather_timeline(self, dst: int | None = 0) -> MeasuredTimeline | None:
         """Collective: the measured timeline of the last ``step(..., record=True)`` of
-        every rank, returned on pipeline rank ``dst`` (None elsewhere)."""
+        every rank, returned on pipeline rank ``dst`` (None elsewhere; every rank with
+        ``dst=None``). Draw it with :meth:`MeasuredTimeline.save_png` and
+        :meth:`MeasuredTimeline.save_trace`."""
         if self.last_record is None:
             raise RuntimeError("no recorded step: call step(..., record=True) first")
         assert self.executor.last_plan is not None

@@ -169,8 +169,9 @@ class StepRun:
         assert labels is not None
         return labels[a.action.chunk]
 
-    def forward_inputs(self, a: ActionPlan) -> tuple[torch.Tensor, ...]:
-        """The inputs of forward ``a``: step data, a local hand-off or a message."""
+    def forward_inputs(self, a: ActionPlan) -> tuple[torch.Tensor | None, ...]:
+        """The inputs of forward ``a``: step data (where ``None`` entries are passed on
+        as they are), a local hand-off or a message."""
         training = self.data.training
         if a.source is Route.DATA:
             assert self.data.inputs is not None
@@ -192,7 +193,7 @@ class StepRun:
     def finish_forward(
         self,
         a: ActionPlan,
-        inputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor | None],
         out: Any,
         loss: torch.Tensor | None,
     ) -> None:
@@ -201,7 +202,9 @@ class StepRun:
         outputs = as_tensors(out)
         chunk = a.action.chunk
         leaves = (
-            [t for t in inputs if t.requires_grad and t.grad_fn is None] if a.position else []
+            [t for t in inputs if t is not None and t.requires_grad and t.grad_fn is None]
+            if a.position
+            else []
         )
         training = self.data.training
         if a.sink is Route.LOSS:

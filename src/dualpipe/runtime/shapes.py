@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..schedules.comm import Message
+from .declared import Declared
 from .p2p import HEADER_LEN, PipelineError, TensorMeta
 
 __all__ = ["BoundaryShapes"]
@@ -22,15 +23,17 @@ class BoundaryShapes:
     and ``sent`` (activations this rank sent; their gradients come back the same way).
 
     With ``static`` the shapes are the ones of an earlier step, and a change is an error
-    that says so."""
+    that says so. With ``declared`` (the original's ``set_p2p_tensor_shapes`` /
+    ``set_p2p_tensor_dtype``) what is sent must match the declaration."""
 
     received: dict[Boundary, list[TensorMeta]] = field(default_factory=dict)
     sent: dict[Boundary, list[TensorMeta]] = field(default_factory=dict)
     static: bool = False
+    declared: Declared | None = None
 
     def copy(self) -> BoundaryShapes:
         """An independent copy (the cache of a static-shape pipeline stays untouched)."""
-        return BoundaryShapes(dict(self.received), dict(self.sent), self.static)
+        return BoundaryShapes(dict(self.received), dict(self.sent), self.static, self.declared)
 
     def buffers(self, msg: Message, device: torch.device) -> list[torch.Tensor] | None:
         """Empty receive buffers for ``msg``, or None while its shapes are unknown."""
@@ -52,6 +55,9 @@ class BoundaryShapes:
         (and, when static, every step) must send the same."""
         known = self.sent.get(boundary)
         if known is None:
+            problem = self.declared.mismatch(metas) if self.declared is not None else None
+            if problem is not None:
+                raise PipelineError(problem)
             self.sent[boundary] = metas
         elif known != metas:
             raise PipelineError(

@@ -16,7 +16,8 @@ autograd Functions required and no recomputation:
 ``WeightGradWork.run()``
     Performs the deferred work once, accumulating into the parameters' ``.grad``.
 ``defer_weight_grad(fn)``
-    Explicit deferral for custom autograd Functions (like DualPipe's ``WeightGradStore``).
+    Explicit deferral for custom autograd Functions; the original DualPipe's
+    ``WeightGradStore.put`` (:mod:`dualpipe.utils`) is honoured the same way.
 
 How the split works
 -------------------
@@ -64,6 +65,14 @@ Cases that need care (all handled, all exact):
   their parameter-side edges are captured there (their children become capture nodes). Use
   :func:`defer_weight_grad` inside such a backward to defer its weight work explicitly.
   A ``torch.compile``-d region is such a Function (its weight gradients are not deferred).
+* *Compiled regions with donated buffers.* AOTAutograd's compiled backward may free its
+  saved buffers as it runs ("donated buffers", on by default) and then refuses any engine
+  call that retains the graph, which the input pass must do. A graph containing such a
+  region gets a plain backward in ``backward_input`` (exact, like reentrant checkpointing
+  below; nothing of its weight work could be deferred anyway: the compiled backward
+  computes input and weight gradients in one kernel graph). Eager layers in the same
+  stage are then not split either: compile whole stages, or compile with
+  ``torch._functorch.config.donated_buffer=False`` to keep the split for the eager rest.
 * *Non-reentrant activation checkpointing* (``checkpoint(..., use_reentrant=False)``) is
   ordinary autograd and splits like the rest. *Reentrant* checkpointing computes parameter
   gradients inside its own backward and refuses ``autograd.grad``: a graph containing it
@@ -110,6 +119,8 @@ from torch import Tensor
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
+from ..utils import WeightGradStore, run_weight_grad_fns
+
 __all__ = [
     "WeightGradWork",
     "backward_full",
@@ -124,7 +135,9 @@ try:
     # What torch.autograd.backward/grad call after validating their arguments. Every call
     # made here has validated (or engine-produced) gradients, so the Python-side checks of
     # the public functions (about 10 us per call) are skipped when this is available.
-    from torch.autograd.graph import _engine_run_backward as _ENGINE_RUN
+    from torch.autograd.graph import _engine_run_backward
+
+    _ENGINE_RUN: Callable[..., Any] | None = _engine_run_backward
 except ImportError:  # pragma: no cover - older or newer torch
     _ENGINE_RUN = None
 
@@ -147,7 +160,9 @@ def _accumulate(
             accumulate_grad=True,
         )
     else:  # pragma: no cover
-        torch.autograd.backward(roots, grads, retain_graph=retain_graph, inputs=inputs)
+        torch.autograd.backward(
+            roots, grads, retain_graph=retain_graph, inputs=inputs  # type: ignore[arg-type]
+        )
 
 
 def _gradients(
@@ -165,8 +180,14 @@ def _gradients(
             accumulate_grad=False,
         )
     return torch.autograd.grad(  # pragma: no cover
-        roots, targets, grads, retain_graph=True, allow_unused=True
+        roots, targets, grads, retain_graph=True, allow_unused=True  # type: ignore[arg-type]
     )
+
+
+def _leaf_tensor(node: Node) -> Tensor:
+    """The tensor an ``AccumulateGrad`` node accumulates into."""
+    leaf: Tensor = node.variable  # type: ignore[attr-defined]  # AccumulateGrad only
+    return leaf
 
 
 def _is_custom(node: Node) -> bool:
@@ -182,17 +203,33 @@ _NODE_KINDS: dict[type, int] = {}
 _OTHER, _LEAF, _PLAIN_ONLY = 0, 1, 2
 
 
+def _donates_buffers(forward_cls: Any) -> bool:
+    """Whether ``forward_cls`` is a ``torch.compile``-d (AOTAutograd) region whose compiled
+    backward frees ("donates") its saved buffers: it refuses to run in an engine call that
+    retains the graph."""
+    meta = getattr(forward_cls, "metadata", None)
+    if not getattr(meta, "bw_donated_idxs", None):
+        return False
+    try:
+        from torch._functorch import config
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(config, "donated_buffer", False))
+
+
 def _node_kind(t: type) -> int:
     """``_LEAF`` for AccumulateGrad; ``_PLAIN_ONLY`` for nodes that only work under a plain
-    ``backward()`` (reentrant checkpointing refuses ``autograd.grad``); else ``_OTHER``."""
+    ``backward()`` (reentrant checkpointing refuses ``autograd.grad``; a compiled region
+    with donated buffers refuses ``retain_graph=True``); else ``_OTHER``."""
     kind = _NODE_KINDS.get(t)
     if kind is None:
         from torch.utils.checkpoint import CheckpointFunction
 
+        forward_cls = getattr(t, "_forward_cls", object)
         if t is _ACCUMULATE_GRAD:
             kind = _LEAF
-        elif issubclass(t, BackwardCFunction) and issubclass(
-            getattr(t, "_forward_cls", object), CheckpointFunction
+        elif issubclass(t, BackwardCFunction) and (
+            issubclass(forward_cls, CheckpointFunction) or _donates_buffers(forward_cls)
         ):
             kind = _PLAIN_ONLY
         else:
@@ -271,8 +308,10 @@ class WeightGradWork:
 
     :meth:`run` performs it exactly once, accumulating into the parameters' ``.grad``
     (through autograd's ``AccumulateGrad`` nodes, as ``loss.backward()`` would), then runs
-    the functions queued with :func:`defer_weight_grad`, then drops every reference (autograd
-    nodes, captured gradients), so the stage's remaining saved activations can be freed.
+    the functions queued with :func:`defer_weight_grad` or put in the
+    :class:`~dualpipe.utils.WeightGradStore`, all under ``torch.no_grad()``, then drops every
+    reference (autograd nodes, captured gradients), so the stage's remaining saved
+    activations can be freed.
     Calling :meth:`run` a second time raises ``RuntimeError``.
     """
 
@@ -306,12 +345,13 @@ class WeightGradWork:
         self._done = True
         calls, fns = self._calls, self._fns
         self._calls, self._fns, self._keepalive = [], [], []
-        with _Sink(None):
+        # autograd off: hand-written accumulations (``w.grad += g.T @ x``) must not give
+        # ``.grad`` a grad_fn (nor keep activations alive through one)
+        with _Sink(None), torch.no_grad():
             for roots, grads, params in calls:
                 _accumulate(roots, grads, params)
             calls.clear()
-            for fn in fns:
-                fn()
+            run_weight_grad_fns(fns)
             fns.clear()
 
     def __repr__(self) -> str:
@@ -632,9 +672,9 @@ class _Plan:
             root = _find(parent, (m & -m).bit_length() - 1)
             lst = params.get(root)
             if lst is None:
-                params[root] = [nodes[j].variable]
+                params[root] = [_leaf_tensor(nodes[j])]
             else:
-                lst.append(nodes[j].variable)
+                lst.append(_leaf_tensor(nodes[j]))
         comps: dict[int, list[int]] = {}
         for s in range(nsrc):
             comps.setdefault(_find(parent, s), []).append(s)
@@ -735,6 +775,9 @@ def backward_input(
 ) -> tuple[list[Tensor | None], WeightGradWork]:
     """Input-only backward of one stage for one micro-batch.
 
+    Meanwhile :class:`~dualpipe.utils.WeightGradStore` is enabled: the functions custom
+    Functions put there join the returned work (after its own).
+
     Returns the gradients w.r.t. ``inputs`` (the same values :func:`backward_full` returns)
     and a :class:`WeightGradWork` holding the parameter-gradient work, which is not done
     here (see the module docstring for what is deferred and the few cases where part of it
@@ -750,6 +793,19 @@ def backward_input(
         inputs: the stage inputs: leaf tensors (typically detached received activations);
             those with ``requires_grad=False`` get ``None``.
     """
+    stored: list[Callable[[], None]] = []
+    with WeightGradStore.collect(stored):
+        grads, work = _split(outputs, grad_outputs, inputs)
+    work._fns.extend(stored)
+    return grads, work
+
+
+def _split(
+    outputs: Sequence[Tensor | GradientEdge],
+    grad_outputs: Sequence[Tensor | None],
+    inputs: Sequence[Tensor],
+) -> tuple[list[Tensor | None], WeightGradWork]:
+    """:func:`backward_input` without the :class:`~dualpipe.utils.WeightGradStore`."""
     req = _grad_inputs(inputs)
     outs, grads = _roots(outputs, grad_outputs)
     results: list[Tensor | None] = [None] * len(inputs)
@@ -772,7 +828,7 @@ def backward_input(
         if kind is None:
             kind = _node_kind(type(node))
         if kind == _LEAF:
-            targets.append(id(node.variable) in input_ids)
+            targets.append(id(_leaf_tensor(node)) in input_ids)
         else:
             targets.append(False)
             if kind == _PLAIN_ONLY:
@@ -868,23 +924,23 @@ def backward_input(
             if sid < nf:
                 has_frontier = True
                 node = nodes[plan.frontier[sid][0]]
-                for s, gr in captured[sid]:
-                    if gr is not None:
+                for s, cap in captured[sid]:
+                    if cap is not None:
                         roots.append(GradientEdge(node, s))
-                        rgrads.append(gr)
+                        rgrads.append(cap)
             elif sid < nf + nc:
                 c = plan.croots[sid - nf]
                 for s in _slot_list(g.slots[c]):
-                    gr = buffers.get((c, s))
-                    if gr is not None:
+                    buffered = buffers.get((c, s))
+                    if buffered is not None:
                         roots.append(GradientEdge(nodes[c], s))
-                        rgrads.append(gr)
+                        rgrads.append(buffered)
             else:
                 r = plan.oroots[sid - nf - nc]
-                for o, gr, ri in zip(outs, grads, root_idx, strict=True):
+                for o, out_grad, ri in zip(outs, grads, root_idx, strict=True):
                     if ri == r:
                         roots.append(_edge(o))
-                        rgrads.append(gr)
+                        rgrads.append(out_grad)
         if not roots:
             continue
         if not has_frontier:

@@ -184,6 +184,7 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     label="GPipe",
     layout=linear_layout,
     description="every forward, then every backward",
+    compare=False,
 )
 def gpipe(num_ranks: int, num_chunks: int) -> Schedule:
     """GPipe: every forward, then every (full) backward."""
