@@ -183,6 +183,19 @@ def test_validate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert code == 1 and out.startswith("unsound:") and "W1.0" in out and err == ""
 
 
+def test_torch_csv_out_and_in(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["schedule", "zbv", "--ranks", "2", "--chunks", "3", "--format", "torch"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert out.splitlines()[0].startswith("0F0,0F1,0F2,3F0,3I0,3W0,")
+    path = tmp_path / "zbv.csv"
+    path.write_text(out)
+    assert run(capsys, "validate", str(path))[:2] == (0, "ok\n")
+    path.write_text(out.replace("3I0,3W0", "3W0,3I0", 1))
+    code, out, _ = run(capsys, "validate", str(path))
+    assert code == 1 and "W1.0 runs before its I1.0" in out
+
+
 def test_demo_forwards_its_arguments(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

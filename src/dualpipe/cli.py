@@ -5,7 +5,10 @@ Subcommands::
     dualpipe schedule NAME --ranks N --chunks C [--format text|png|trace|json] [-o FILE]
     dualpipe simulate NAME --ranks N --chunks C [--f F --b B --w W --fb FB --comm X] [--json]
     dualpipe compare --stages PP --chunks C [cost flags]
-    dualpipe validate FILE [--layout NAME --ranks N]
+    dualpipe pair --part-f F0,C0,F1,... --part-b B0,C0,B1,... --part-w W0,W1,... [-o FILE]
+    dualpipe validate FILE [--layout NAME --ranks N]   (JSON, text, or PyTorch's CSV)
+    dualpipe autoschedule --ranks N --chunks C [cost flags] [--limit A] [--max-deferred D]
+                          [--layout v|dualpipe] [--json] [-o FILE]
     dualpipe demo [ARGS...]
 
 Bad arguments give one line ``dualpipe: error: ...`` on stderr and exit status 2;
@@ -21,8 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .partcosts import PartCosts, pair_intervals, parse_parts
 from .schedules.registry import SCHEDULES, generate, layout_for
 from .schedules.schedule import Schedule, ScheduleError
+from .schedules.torch_format import from_torch_csv, to_torch_csv
 from .simulation import Costs, SimResult, seed_bubble, simulate
 
 __all__ = ["main", "build_parser"]
@@ -50,6 +55,17 @@ def _add_costs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w", type=float, default=1.0, help="weight-gradient part of B (default 1)")
     g.add_argument("--fb", type=float, default=None, help="overlapped F&B pair (default f + b)")
     g.add_argument("--comm", type=float, default=0.0, help="latency between ranks (default 0)")
+    _add_parts(g, required=False)
+
+
+def _add_parts(g: Any, required: bool) -> None:
+    extra = "" if required else "; with all three, f, b, w and the pairs derive from the parts"
+    g.add_argument("--part-f", metavar="LIST", required=required,
+                   help="a parted stage's forward: compute,comm,compute,...,compute" + extra)
+    g.add_argument("--part-b", metavar="LIST", required=required,
+                   help="its input backward per part, in forward order: compute,comm,...")
+    g.add_argument("--part-w", metavar="LIST", required=required,
+                   help="its weight-gradient time per computation part")
 
 
 def _add_shape(p: argparse.ArgumentParser) -> None:
@@ -68,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape(p)
     p.add_argument(
         "--format",
-        choices=("text", "png", "trace", "json"),
+        choices=("text", "png", "trace", "json", "torch"),
         default="text",
         help="text (default): 'rank R: TOKEN ...' lines; png / trace (Chrome, Perfetto) of the"
-        " simulated timeline, need -o; json: Schedule.to_json()",
+        " simulated timeline, need -o; json: Schedule.to_json(); torch: PyTorch's schedule CSV"
+        " (one row per rank, e.g. 0F7, (0F7;7B3)OVERLAP_F_B)",
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     _add_costs(p)
@@ -91,10 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_costs(p)
 
-    p = sub.add_parser("validate", help="check a schedule file (JSON or text) for soundness")
-    p.add_argument("file", metavar="FILE", help="Schedule.to_json() output or 'rank R: ...' text")
+    p = sub.add_parser(
+        "validate", help="check a schedule file (JSON, text or PyTorch CSV) for soundness"
+    )
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        help="Schedule.to_json() output, 'rank R: ...' text, or PyTorch's schedule CSV (*.csv)",
+    )
     p.add_argument("--layout", metavar="NAME", help="layout of a text schedule (e.g. dualpipe)")
     p.add_argument("--ranks", type=int, help="ranks of a text schedule (default: its lines)")
+
+    p = sub.add_parser(
+        "autoschedule", help="search the fastest schedule for these costs and memory limit"
+    )
+    p.add_argument("--ranks", type=int, required=True, help="pipeline ranks")
+    p.add_argument("--chunks", type=int, required=True, help="micro-batches per step, in all")
+    _add_costs(p)
+    p.add_argument(
+        "--limit", type=int, help="activations per rank, in stage units (default: stages + 1)"
+    )
+    p.add_argument(
+        "--max-deferred", type=int, help="deferred weight gradients per rank (default: any)"
+    )
+    p.add_argument(
+        "--layout", choices=("v", "dualpipe"), default="v", help="stage placement (default v)"
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="also write the schedule as JSON")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("pair", help="one F&B pair of a parted stage, parts interleaved")
+    _add_parts(p.add_argument_group("part costs"), required=True)
+    p.add_argument("--input-only", action="store_true",
+                   help="the backward is input-only (its weight work is left to W)")
+    p.add_argument("-o", "--output", metavar="FILE", help="draw a PNG to FILE")
 
     sub.add_parser(
         "demo",
@@ -104,7 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parts(args: argparse.Namespace) -> PartCosts | None:
+    given = [args.part_f, args.part_b, args.part_w]
+    if all(v is None for v in given):
+        return None
+    if any(v is None for v in given):
+        raise CliError("give --part-f, --part-b and --part-w together")
+    return parse_parts(args.part_f, args.part_b, args.part_w)
+
+
 def _costs(args: argparse.Namespace) -> Costs:
+    parts = _parts(args)
+    if parts is not None:
+        return Costs(comm=args.comm, parts=parts, fb=args.fb)
     return Costs(f=args.f, b=args.b, w=args.w, fb=args.fb, comm=args.comm)
 
 
@@ -131,6 +190,8 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         text = schedule.to_text()
     elif args.format == "json":
         text = schedule.to_json()
+    elif args.format == "torch":
+        text = to_torch_csv(schedule).replace("\r\n", "\n")
     else:
         result = simulate(schedule, costs)
         if args.format == "png":
@@ -207,6 +268,9 @@ def _load_schedule(args: argparse.Namespace) -> Schedule:
         text = Path(args.file).read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    if args.file.endswith(".csv"):  # PyTorch's schedule CSV: the layout comes from the rows
+        layout = layout_for(args.layout, args.ranks) if args.layout and args.ranks else None
+        return from_torch_csv(text, layout, name=Path(args.file).stem)
     if text.lstrip().startswith("{"):
         try:
             return Schedule.from_dict(json.loads(text))
@@ -238,6 +302,43 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_autoschedule(args: argparse.Namespace) -> int:
+    from .autoschedule import search
+
+    found = search(
+        args.ranks,
+        args.chunks,
+        _costs(args),
+        limit=args.limit,
+        layout=args.layout,
+        max_deferred=args.max_deferred,
+    )
+    if args.output:
+        _write(args.output, found.schedule.to_json())
+    summary = {
+        "makespan": found.makespan,
+        "peak_activations": found.peak,
+        "limit": found.limit,
+        "deferred_weights": found.deferred,
+        "seeds": found.seeds,
+        "origin": found.origin,
+        "seconds": found.seconds,
+    }
+    if args.json:
+        print(json.dumps({**summary, "schedule": found.schedule.to_dict()}))
+        return 0
+    print(found.schedule.to_text())
+    print()
+    seeds = ", ".join(
+        f"{name} {'n/a' if v is None else _num(v)}" for name, v in found.seeds.items()
+    )
+    print(f"makespan {_num(found.makespan)} (seeds: {seeds})")
+    print(f"peak activations {found.peak} per rank (limit {found.limit})")
+    print(f"deferred weight gradients at most {found.deferred} per rank")
+    print(f"from: {found.origin} ({found.candidates} candidates, {found.seconds:.2f} s)")
+    return 0
+
+
 def _cmd_demo(argv: list[str]) -> int:
     try:
         from .demo import main as demo_main
@@ -247,11 +348,31 @@ def _cmd_demo(argv: list[str]) -> int:
     return int(demo_main(argv) or 0)
 
 
+def _cmd_pair(args: argparse.Namespace) -> int:
+    from .viz.pair import render_pair_png, render_pair_text
+
+    parts = _parts(args)
+    assert parts is not None
+    intervals = pair_intervals(parts, full_backward=not args.input_only)
+    pair = parts.pair(full_backward=not args.input_only)
+    back = parts.backward - (parts.weight if args.input_only else 0.0)
+    print(render_pair_text(intervals))
+    comm = sum(parts.f_comm) + sum(parts.b_comm)
+    print(f"pair {_num(pair)} vs F then B {_num(parts.forward + back)}; "
+          f"communication {_num(comm)}, hidden {_num(parts.forward + back - pair)}")
+    if args.output:
+        render_pair_png(intervals, args.output, title="one F&B pair, parts interleaved")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 _COMMANDS = {
+    "pair": _cmd_pair,
     "schedule": _cmd_schedule,
     "simulate": _cmd_simulate,
     "compare": _cmd_compare,
     "validate": _cmd_validate,
+    "autoschedule": _cmd_autoschedule,
 }
 
 

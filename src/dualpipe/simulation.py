@@ -12,7 +12,9 @@ runtime's "simulated" figures):
 * an overlapped pair waits for both parts' inputs, takes ``fb``, and both
   results exist at its end; a ``W`` needs nothing more;
 * durations: F ``f``, B ``b``, I ``b - w``, W ``w``, pair ``fb`` (``fb - w`` when
-  its backward is input-only).
+  its backward is input-only); with per-part costs (``Costs(parts=...)``) a pair's
+  time is its parts interleaved on a compute and a communication resource
+  (:mod:`dualpipe.partcosts`).
 
 Per rank it reports busy time, bubble (makespan - busy) and peak activations
 (micro-batches whose forward has started and whose backward has not finished).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .partcosts import PartCosts
 from .schedules.actions import Action, Op, Overlap, Step, step_actions
 from .schedules.dependency import dependency
 from .schedules.schedule import Schedule, ScheduleError
@@ -39,6 +42,9 @@ class Costs:
         w: weight-gradient part of a backward; an input-only backward takes ``b - w``.
         fb: an overlapped forward+backward pair; defaults to ``f + b``.
         comm: latency of a message between two different ranks.
+        parts: the stage's per-part costs (:class:`~dualpipe.partcosts.PartCosts`):
+            then ``f``, ``b`` and ``w`` are derived from them (whatever was passed) and
+            each pair's time is its parts interleaved (``fb`` must not be given).
     """
 
     f: float = 1.0
@@ -46,8 +52,15 @@ class Costs:
     w: float = 1.0
     fb: float | None = None
     comm: float = 0.0
+    parts: PartCosts | None = None
 
     def __post_init__(self) -> None:
+        if self.parts is not None:
+            if self.fb is not None:
+                raise ValueError("give either fb or parts: with parts, a pair's time is derived")
+            object.__setattr__(self, "f", self.parts.forward)
+            object.__setattr__(self, "b", self.parts.backward)
+            object.__setattr__(self, "w", self.parts.weight)
         for name in ("f", "b", "w", "comm"):
             value = getattr(self, name)
             if not value >= 0:
@@ -59,14 +72,23 @@ class Costs:
 
     @property
     def pair(self) -> float:
-        """Time of an overlapped pair (``fb``, or ``f + b`` when not given)."""
+        """Time of an overlapped pair (from ``parts``, else ``fb``, else ``f + b``)."""
+        if self.parts is not None:
+            return self.parts.pair(full_backward=True)
         return self.f + self.b if self.fb is None else self.fb
+
+    @property
+    def pair_input(self) -> float:
+        """Time of a pair whose backward is input-only (from ``parts``, else ``pair - w``)."""
+        if self.parts is not None:
+            return self.parts.pair(full_backward=False)
+        return self.pair - self.w
 
 
 def step_duration(step: Step, costs: Costs) -> float:
     """Time a step takes under ``costs``."""
     if isinstance(step, Overlap):
-        return costs.pair - (costs.w if step.backward.op is Op.INPUT else 0.0)
+        return costs.pair_input if step.backward.op is Op.INPUT else costs.pair
     return {
         Op.FORWARD: costs.f,
         Op.BACKWARD: costs.b,

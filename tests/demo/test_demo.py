@@ -130,3 +130,20 @@ def test_idle_time_counts_gaps_and_waits_inside_actions() -> None:
     timeline = MeasuredTimeline(schedule, steps, waits)
     assert timeline.makespan == 10.0
     assert idle_ms(timeline) == [10.0 - 6.0 + 1.5, 10.0 - 6.0 + 1.0]
+
+
+def test_moe_demo_checks_gradients_and_overlaps(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "moe"
+    assert main(["--model", "moe", "--steps", "2", "--chunks", "4", "--micro-batch", "2",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient check vs single process: OK" in printed
+    summary = json.loads((out / "moe_summary.json").read_text())
+    assert summary["grad_check"]["ok"] and len(summary["losses"]) == 2
+    assert summary["pairs_interleaved"] > 0 and summary["comm_ms"] > 0
+    rows = {iv["resource"] for iv in summary["pair"]}
+    assert rows == {"compute", "comm"}
+    width, _ = _png_size(out / "moe_pair.png")
+    assert width > 300
+    assert main(["--model", "moe", "--ranks", "2", "--out", str(out)]) == 2

@@ -50,6 +50,8 @@ def test_matches_single_process(world: int, cases: list[tuple[str, str, list[int
                 ("interleaved-1f1b", "two", [2, 4]),
                 ("dualpipev", "traps", [1, 3]),  # fewer micro-batches than 2N
                 ("dualpipe", "mlp", [2]),  # one per direction
+                ("v-half", "traps", [4]),
+                ("v-min", "mlp", [3]),
             ],
         ),
         (
@@ -61,7 +63,15 @@ def test_matches_single_process(world: int, cases: list[tuple[str, str, list[int
                 (interleaved_1f1b(3, 3, 3), "mlp", [3]),  # three stages per rank
             ],
         ),
-        (4, [("dualpipe", "traps", [2, 6]), ("zbv", "mlp", [3])]),
+        (
+            4,
+            [
+                ("dualpipe", "traps", [2, 6]),
+                ("zbv", "mlp", [3]),
+                ("v-half", "two", [8]),
+                ("v-min", "traps", [5]),
+            ],
+        ),
     ],
     ids=["world2", "world3", "world4"],
 )

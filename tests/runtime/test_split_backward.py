@@ -849,3 +849,29 @@ def test_random_stages_match_plain_backward(block: int) -> None:
         for got in results[1:]:
             # Contributions to a shared weight may be summed in another order.
             _assert_same(got, results[0], exact=False)
+
+
+def test_compiled_stage_with_donated_buffers() -> None:
+    """A torch.compile'd stage whose compiled backward donates its buffers (it refuses
+    retain_graph=True) gets an exact plain backward from backward_input."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.LayerNorm(8))
+    stage = copy.deepcopy(eager)
+    compiled = torch.compile(stage, backend="aot_eager")  # AOTAutograd, no C++ compiler
+    x = torch.randn(4, 8)
+    g = torch.randn(4, 8)
+    # first backward without retain_graph: the backward is compiled with donated buffers
+    backward_full([compiled(x.requires_grad_())], [g], [x])
+    node = compiled(x).grad_fn
+    assert node is not None and node._forward_cls.metadata.bw_donated_idxs  # type: ignore[attr-defined]
+    for p in stage.parameters():
+        p.grad = None
+    xs = x.detach().requires_grad_()
+    (gx,), work = backward_input([compiled(xs)], [g], [xs])
+    work.run()
+    xr = x.detach().requires_grad_()
+    eager(xr).backward(g)
+    assert gx is not None and xr.grad is not None
+    assert_close(gx, xr.grad, rtol=1e-6, atol=1e-7)
+    for p, q in zip(stage.parameters(), eager.parameters(), strict=True):
+        assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)

@@ -35,6 +35,8 @@ CASES = [
     ("zbv", 3, 7),
     ("zbv", 4, 2),
     ("interleaved-1f1b", 3, 6),
+    ("v-half", 3, 7),
+    ("v-min", 4, 5),
 ]
 
 

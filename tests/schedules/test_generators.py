@@ -1,7 +1,7 @@
-"""Generators against SCHEDULES.md.
+"""Generators against the step tables of docs/schedules.md.
 
 The expected token lists below were derived by hand from the step tables of
-SCHEDULES.md (not by running the generators); the structural tests re-read the
+docs/schedules.md (not by running the generators); the structural tests re-read the
 DualPipe / DualPipeV step table for many sizes.
 """
 
@@ -148,7 +148,7 @@ def test_one_f_one_b_with_fewer_micro_batches_than_ranks() -> None:
 
 
 def step_table(h: int, half: int, main: int, split: bool) -> list[tuple[int, list[str]]]:
-    """The eight steps of SCHEDULES.md as shapes (tokens without micro-batch ids;
+    """The eight steps of docs/schedules.md as shapes (tokens without micro-batch ids;
     ``W`` for any W). ``h`` = distance to the nearer end (DualPipe) or ``r``
     (DualPipeV), ``half`` = H (DualPipe) or N (DualPipeV), ``main`` = step-4 repeats."""
     outer = half - h - 1

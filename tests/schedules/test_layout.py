@@ -1,4 +1,4 @@
-"""Layouts: where each stage of each path lives (SCHEDULES.md, DualPipe and DualPipeV)."""
+"""Layouts: where each stage of each path lives (docs/schedules.md, DualPipe and DualPipeV)."""
 
 from __future__ import annotations
 

@@ -86,3 +86,14 @@ def test_every_schedule_is_sound_where_its_constraints_allow(name: str, ranks: i
         except ScheduleError:
             continue
         validate(generate(name, ranks, chunks))
+
+
+def test_docs_list_every_schedule() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    docs = (root / "docs" / "schedules.md").read_text(encoding="utf-8")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for name in schedule_names():
+        assert f"| `{name}` |" in docs, name
+        assert f"`{name}`" in readme, name

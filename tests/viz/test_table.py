@@ -56,7 +56,11 @@ def test_formatted_table() -> None:
     # (tests/schedules/test_zbv.py); interleaved 1F1B's is (N-1)(F+B) = 9 on 4 ranks,
     # with v = 2 half-size stages per rank
     assert cells[4] == ["ZBV", "3", "—", "—", "2×", "8", "—", "4 (PP/2)"]
-    assert cells[5] == ["Interleaved 1F1B", "9", "—", "—", "2×", "11", "—", "4 (PP/2)"]
+    # V-Half and V-Min: tests/schedules/test_controllable.py (12 and 11 idle slots at
+    # F = I = W on 4 ranks from their building blocks' warm-up and cool-down)
+    assert cells[5] == ["V-Half", "12", "—", "—", "2×", "6", "—", "4 (PP/2)"]
+    assert cells[6] == ["V-Min", "11", "—", "—", "2×", "4", "—", "4 (PP/2)"]
+    assert cells[7] == ["Interleaved 1F1B", "9", "—", "—", "2×", "11", "—", "4 (PP/2)"]
     assert "Units:" in text and "DualPipeV" in text
     assert "differ" not in text  # nothing to explain with the default costs
     assert all(len(line) <= 100 for line in lines if not line.startswith("|"))

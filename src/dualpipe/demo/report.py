@@ -36,16 +36,8 @@ OUTPUT_FILES = ("loss.png", "timeline.png", "timeline.json", "summary.json")
 
 
 def idle_ms(timeline: MeasuredTimeline) -> list[float]:
-    """Per rank, the step's time not spent computing: gaps between actions plus time
-    blocked on receives inside an action (a rank that waits for its input inside a
-    timed action is idle too)."""
-    idle = []
-    for busy, steps, waits in zip(timeline.busy, timeline.steps, timeline.waits, strict=True):
-        inside = sum(
-            max(0.0, min(w.end, t.end) - max(w.start, t.start)) for w in waits for t in steps
-        )
-        idle.append(timeline.makespan - busy + inside)
-    return idle
+    """Per rank, the step's idle time (:attr:`MeasuredTimeline.idle`)."""
+    return timeline.idle
 
 
 def _costs(timeline: MeasuredTimeline, costs: Costs) -> dict[str, float]:
@@ -234,22 +226,19 @@ def write_figures(
 ) -> list[Path]:
     """Write ``loss.png`` and, with a timeline, ``timeline.png`` (waits included) and
     ``timeline.json`` (Chrome/Perfetto trace) into ``out``; returns the paths written."""
-    from .. import viz
-
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "loss.png"]
     plot_loss(summary, written[0])
     if timeline is not None:
-        steps, waits = timeline.steps, timeline.waits
         title = (
             f"{timeline.schedule.name}: measured step {summary['recorded_step'] + 1} on "
             f"{timeline.schedule.num_ranks} ranks, {timeline.schedule.num_chunks} micro-batches "
             f"({timeline.makespan:.0f} ms; simulated {summary['simulated_step_ms']:.0f} ms)"
         )
         png = out / "timeline.png"
-        viz.render_png(steps, timeline.schedule, png, title=title, waits=waits, time_unit="ms")
+        timeline.save_png(png, title=title)
         trace = out / "timeline.json"
-        viz.write_trace(steps, timeline.schedule, trace, waits=waits)
+        timeline.save_trace(trace)
         written += [png, trace]
     return written
 

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "local CPU processes (gloo), check the first step's gradients against one process, "
         "and write the loss curve and the measured timeline of a step.",
     )
+    p.add_argument("--model", default="gpt", choices=["gpt", "moe"],
+                   help="gpt (default) or moe: FFNs of experts sharded over an expert-parallel "
+                   "group, 2 pipeline x 2 expert ranks, DualPipeV with the overlap engine")
     p.add_argument("--schedule", default="dualpipev", choices=list(SCHEDULES),
                    help="pipeline schedule (default: dualpipev)")
     p.add_argument("--ranks", type=int, default=4, help="processes (default: 4)")
@@ -99,6 +102,21 @@ def _options(args: argparse.Namespace) -> DemoOptions:
     )
 
 
+def _moe(args: argparse.Namespace, out: Path) -> int:
+    """The MoE run: 4 processes (2 pipeline x 2 expert-parallel), DualPipeV."""
+    from .moe_run import run_moe
+    from .moe_train import MoEOptions
+
+    if args.schedule != "dualpipev" or args.ranks != 4:
+        print(f"{PROG}: error: --model moe runs dualpipev on 4 processes (2 pipeline x 2 "
+              "expert-parallel ranks)", file=sys.stderr)
+        return 2
+    steps = args.steps if args.steps != DEFAULT_STEPS else 60
+    opts = MoEOptions(chunks=args.chunks or 8, steps=steps, micro_batch=args.micro_batch,
+                      seed=args.seed, lr=args.lr)
+    return run_moe(opts, args.ranks, out, args.timeout)
+
+
 def _prepare_out(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -124,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except DemoUsageError as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    if args.model == "moe":
+        return _moe(args, out)
     missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
     if missing:
         print(f"{PROG}: error: the demo needs {' and '.join(missing)}: "

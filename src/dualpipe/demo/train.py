@@ -44,8 +44,9 @@ GRAD_ATOL = 1e-6
 
 
 def default_chunks(schedule: str, ranks: int) -> int:
-    """Micro-batches per step: ``2 * ranks``, the least DualPipe and DualPipeV take;
-    the single-direction schedules get the same count (and batch) so runs compare."""
+    """Micro-batches per step: ``2 * ranks``, the least with which DualPipe and DualPipeV
+    reach their steady state; the other schedules get the same count (and batch) so
+    runs compare."""
     del schedule
     return 2 * ranks
 

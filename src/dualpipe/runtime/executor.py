@@ -16,14 +16,19 @@ from torch import nn
 
 from ..schedules.schedule import Schedule
 from .declared import Declared
+from .errors import RemoteFailure
 from .handlers import DEFAULT_HANDLERS, Handler
 from .p2p import BaseTransport
 from .plan import LOOKAHEAD, ExecutionPlan, build_plan
+from .protocol import STAMP_SEQ, Stamp
 from .record import StepRecord
-from .run import StepData, StepResult, StepRun
+from .run import ActionFailure, StepData, StepResult, StepRun
 from .shapes import BoundaryShapes
 
-__all__ = ["StepData", "StepResult", "Executor", "StepRecord"]
+__all__ = ["StepData", "StepResult", "Executor", "StepRecord", "DRAIN_SECONDS"]
+
+DRAIN_SECONDS = 30.0
+"""At most this long, after a failure, for the ranks to complete the step's open messages."""
 
 
 class Executor:
@@ -78,8 +83,20 @@ class Executor:
             self._plans[key] = plan
         return plan
 
-    def run(self, schedule: Schedule, data: StepData, record: bool = False) -> StepResult:
-        """Execute this rank's list of ``schedule`` once."""
+    def run(
+        self, schedule: Schedule, data: StepData, step: int = 0, record: bool = False
+    ) -> StepResult:
+        """Execute this rank's list of ``schedule`` once, as step number ``step`` (every
+        rank counts steps alike). On failure the step is abandoned (:meth:`abandon`)."""
+        self.transport.begin_step(step)
+        try:
+            return self._run(schedule, data, step, record)
+        except BaseException as exc:
+            self.abandon(exc)
+            raise
+
+    def _run(self, schedule: Schedule, data: StepData, number: int, record: bool
+             ) -> StepResult:
         known = self._known.get((schedule, data.training)) if self.static_shapes else None
         plan = self.plan(schedule, data.training, headers=known is None)
         self.transport.check_error()  # a pipeline that failed before stays failed
@@ -89,12 +106,16 @@ class Executor:
             else BoundaryShapes(static=self.static_shapes, declared=self.declared)
         )
         trace = StepRecord(time.perf_counter(), time.time()) if record else None
+        stamp = Stamp(self.transport.pipeline, number, schedule.num_chunks, data.training,
+                      self.static_shapes)
+        for dst in plan.outgoing:
+            self.transport.send([stamp.encode(self.transport.device)], dst, STAMP_SEQ)
         run = StepRun(plan, data, self.modules, self.transport, shapes, self.handlers,
-                      self.split, self.keep_outputs, trace)
+                      self.split, self.keep_outputs, stamp, trace)
         self.last_plan, self.last_record = plan, trace
         for step in plan.steps:
-            run.inbox.post(step)
-            # wait for inputs before the timed compute; a timeout is reported too
+            # post what is due and wait for the step's inputs before its timed compute
+            # (a timeout or a disagreeing stamp is reported like a failing action)
             run.guard(step.label, partial(run.receive, step))
             t0 = time.perf_counter()
             run.guard(step.label, partial(self.handlers[step.kind], run, step))
@@ -104,3 +125,14 @@ class Executor:
         if self.static_shapes and known is None:
             self._known[(schedule, data.training)] = shapes
         return run.result()
+
+    def abandon(self, exc: BaseException) -> None:
+        """Give up the current step after ``exc``: tell the other ranks (unless they told
+        us, or the failing action did already) and complete every message of the step
+        still open on either side, so nothing of it is left posted."""
+        if not isinstance(exc, (RemoteFailure, ActionFailure)):
+            self.transport.post_error(
+                f"rank {self.rank} failed in step {self.transport.step}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+        self.transport.drain_failed_step(min(self.transport.timeout, DRAIN_SECONDS))

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..overlap.handlers import with_parts
 from ..schedules.actions import Op
 from .plan import ActionPlan, PlannedStep, Route
 from .split_backward import backward_full, backward_input
@@ -125,11 +126,13 @@ def _overlapped(run: StepRun, fb: Callable[..., Any], fwd: ActionPlan, bwd: Acti
     run.finish_backward(bwd, leaves1, in_grads)
 
 
-DEFAULT_HANDLERS: dict[str, Handler] = {
+DEFAULT_HANDLERS: dict[str, Handler] = with_parts({
     Op.FORWARD.value: run_forward,
     Op.BACKWARD.value: run_backward,
     Op.INPUT.value: run_input,
     Op.WEIGHT.value: run_weight,
     "FB": run_pair,
-}
-"""The handler of each step kind."""
+})
+"""The handler of each step kind; stages written as parts
+(:class:`~dualpipe.overlap.PartedStage`) run part by part and their pairs interleave
+(:func:`dualpipe.overlap.handlers.with_parts`)."""

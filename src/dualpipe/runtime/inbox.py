@@ -10,6 +10,7 @@ import torch
 
 from ..schedules.comm import Message
 from .p2p import BaseTransport, Pending, decode_header
+from .protocol import STAMP_SEQ, Stamp
 from .shapes import BoundaryShapes
 
 if TYPE_CHECKING:
@@ -22,7 +23,9 @@ __all__ = ["Inbox"]
 class Inbox:
     """Receives of one rank for one step.
 
-    Receives from each source are posted strictly in that source's sending order. A
+    The first message from each source is its step stamp; nothing else from that
+    source is posted before the stamp has arrived and agrees with this rank's
+    (``stamp``). Receives from each source are posted strictly in its sending order. A
     payload can only be posted once its shapes are known (an activation's from the
     boundary's header, a gradient's from the activation this rank sent); :meth:`post`
     posts what is due and possible without blocking, :meth:`complete` blocks until
@@ -33,6 +36,7 @@ class Inbox:
         plan: ExecutionPlan,
         transport: BaseTransport,
         shapes: BoundaryShapes,
+        stamp: Stamp,
         record: StepRecord | None,
     ) -> None:
         self._plan = plan
@@ -44,6 +48,19 @@ class Inbox:
         self._pending: dict[Message, tuple[Pending, list[torch.Tensor]]] = {}
         self._arrived: dict[Message, list[torch.Tensor]] = {}
         self._done: set[Message] = set()
+        self._stamp = stamp
+        self._stamps = {src: (transport.recv([buf], src, STAMP_SEQ), buf)
+                        for src in plan.incoming for buf in [Stamp.buffer(transport.device)]}
+
+    def _check_stamp(self, src: int) -> None:
+        """Wait for ``src``'s stamp of this step and compare it with this rank's."""
+        pending, buf = self._stamps.pop(src)
+        self._transport.wait(
+            pending,
+            f"rank {src} to start step {self._stamp.step} (its first message, on rank "
+            f"{self._plan.rank})",
+        )
+        self._stamp.check(buf, src, self._plan.rank)
 
     # ----------------------------------------------------------------- posting
     def post(self, step: PlannedStep) -> None:
@@ -54,6 +71,10 @@ class Inbox:
     def _advance(self, src: int, upto: int, block: bool) -> None:
         """Post receives from ``src`` until ``upto`` are posted. Without ``block``, stop
         at a payload whose header has not arrived yet; with it, wait for that header."""
+        if src in self._stamps:
+            if not (block or self._stamps[src][0].done):
+                return
+            self._check_stamp(src)
         queue = self._plan.incoming[src]
         k = self._posted[src]
         device = self._transport.device

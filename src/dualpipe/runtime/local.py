@@ -36,6 +36,7 @@ class LocalNetwork:
         self._sends: dict[tuple[int, int, int], tuple[list[torch.Tensor], Pending]] = {}
         self._recvs: dict[tuple[int, int, int], tuple[list[torch.Tensor], Pending]] = {}
         self.error: str | None = None
+        self.notes: dict[str, bytes] = {}
         self.delivered = 0
 
     def transport(self, rank: int) -> LocalTransport:
@@ -107,15 +108,30 @@ class LocalTransport(BaseTransport):
     """One rank's view of a :class:`LocalNetwork`."""
 
     def __init__(self, network: LocalNetwork, rank: int) -> None:
-        super().__init__(torch.device("cpu"), network.timeout)
+        super().__init__(rank, network.num_ranks, torch.device("cpu"), network.timeout)
         self.network = network
-        self.rank = rank
 
     def _submit(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool) -> Pending:
         pending = Pending(list(tensors) if send else None)
         key = (self.rank, peer, tag) if send else (peer, self.rank, tag)
         self.network._match(key, list(tensors), send, pending)
         return pending
+
+    def _post_now(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool
+                  ) -> Callable[[float], None]:
+        pending = self._submit(tensors, peer, tag, send)
+
+        def wait(seconds: float) -> None:
+            if not pending.event.wait(seconds):
+                raise PipelineError(f"message {tag} to/from rank {peer} did not complete")
+
+        return wait
+
+    def _publish(self, name: str, value: bytes) -> None:
+        self.network.notes[f"{self.pipeline}/{name}"] = value
+
+    def _read(self, name: str) -> bytes | None:
+        return self.network.notes.get(f"{self.pipeline}/{name}")
 
     def post_error(self, message: str) -> None:
         """Tell every rank that this step failed."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .p2p import PipelineError, Transport
+from .protocol import EXCHANGE_SEQ
 
 __all__ = ["MirroredStages", "MIRRORED_WEIGHTS"]
 
@@ -17,7 +18,7 @@ MIRRORED_WEIGHTS = ("check", "sync", "ignore")
 """What construction does with the copies' weights: compare them, copy the lower rank's
 to the higher rank, or leave them alone."""
 
-_TAG = 0  # message tag of the partner exchanges (they never overlap a step's messages)
+_TAG = EXCHANGE_SEQ  # message number of the partner exchanges (after every planned message)
 
 
 class MirroredStages:

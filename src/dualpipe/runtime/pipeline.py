@@ -14,6 +14,7 @@ measured timeline on request.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,16 +27,16 @@ from ..schedules.layout import dualpipe_layout
 from ..schedules.schedule import Schedule, ScheduleError, layout_for
 from ..schedules.validate import validate
 from .declared import Declared, declared
+from .errors import PipelineError, RemoteFailure
 from .executor import Executor, StepData, StepRecord
+from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch
 from .mirrored import MirroredStages
-from .p2p import PipelineError, Transport
+from .p2p import Transport
+from .protocol import PipelineIdentity, handshake
 from .timeline import MeasuredTimeline, gather_timeline
 
 __all__ = ["Pipeline", "DualPipe", "DualPipeV", "PipelineError"]
-
-_instances = itertools.count()
-
 
 def _module_device(modules: Sequence[nn.Module]) -> torch.device:
     devices = {
@@ -93,15 +94,17 @@ class Pipeline(nn.Module):
 
     Args:
         modules: the stage modules this rank holds, as any iterable of modules (a tuple, a
-            list, ``nn.Sequential(stage_a, stage_b)``): one for ``1f1b``/``zb1p``/``gpipe``
-            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —
-            and ``dualpipev`` — stages r and 2N-1-r. They are kept as :attr:`module` (an
-            ``nn.ModuleList``), so state-dict keys are ``module.0.*``, ``module.1.*`` as in
-            the original.
-        schedule: schedule name (``dualpipe``, ``dualpipev``, ``1f1b``, ``zb1p``, ``gpipe``),
+            list, ``nn.Sequential(stage_a, stage_b)``), in the order of
+            ``layout_for(name, N).rank_stages[r]``: one for ``1f1b``/``zb1p``/``gpipe``
+            (the module itself may be passed), two for ``dualpipe`` — stages r and N-1-r —,
+            for the V schedules ``dualpipev``/``zbv``/``v-half``/``v-min`` — stages r and
+            2N-1-r — and for ``interleaved-1f1b`` — r and r+N. They are kept as
+            :attr:`module` (an ``nn.ModuleList``), so state-dict keys are ``module.0.*``,
+            ``module.1.*`` as in the original.
+        schedule: a registered schedule name (see ``dualpipe.schedules.schedule_names()``),
             or a :class:`~dualpipe.schedules.Schedule` of your own (for example parsed
-            with ``Schedule.from_text``): it is validated first, and every step then runs
-            exactly its ``num_chunks`` micro-batches.
+            with ``Schedule.from_text`` or ``from_torch_csv``): it is validated first, and
+            every step then runs exactly its ``num_chunks`` micro-batches.
         batch_dim: dimension along which inputs and labels are split into micro-batches.
         process_group: the pipeline's process group (default: the world).
         rank_mapping: as in the original, ``rank_mapping[g]`` is the pipeline rank of the
@@ -126,6 +129,10 @@ class Pipeline(nn.Module):
             shapes, and :func:`~dualpipe.set_p2p_tensor_dtype`'s dtype, are then checked
             on the first step), otherwise off: a small header travels once per boundary
             per step (never per micro-batch), so shapes may change between steps.
+        loss_reduction: ``"sum"`` (default, the original's): gradients of the sum of the
+            micro-batch losses; ``"mean"``: of their mean over all micro-batches of the step
+            (what one process computing the mean loss of the batch gets). The returned
+            per-micro-batch losses are the criterion's values either way.
     """
 
     def __init__(
@@ -141,8 +148,14 @@ class Pipeline(nn.Module):
         sync_mirrored_grads: bool = True,
         mirrored_weights: str = "check",
         static_shapes: bool | None = None,
+        loss_reduction: str = "sum",
     ) -> None:
         super().__init__()
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
+            )
+        self.loss_reduction = loss_reduction
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialized: call dist.init_process_group first"
@@ -178,10 +191,8 @@ class Pipeline(nn.Module):
         self.register_load_state_dict_pre_hook(_accept_module_list_keys)
         self.device = _module_device(stages)
         self.batch_dim = batch_dim
-        uid = next(_instances)
-        self.transport = Transport(
-            process_group, to_group, self.device, timeout, f"dualpipe/{uid}/error"
-        )
+        self.timeout = timeout
+        self.transport = Transport(process_group, to_group, self.rank, self.device, timeout)
         declaration = declared()
         if static_shapes is None:
             static_shapes = declaration.shapes is not None
@@ -192,7 +203,23 @@ class Pipeline(nn.Module):
             self.executor.declared = declaration
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
+        self._steps = 0
         self.last_record: StepRecord | None = None
+        self.identity = self._handshake(
+            group_rank,
+            {
+                "schedule": self._fixed.to_text() if self._fixed else self.schedule_name,
+                "layout": (self.layout.paths, self.layout.stages, self.layout.rank_stages),
+                "rank_mapping": to_group,
+                "static_shapes": static_shapes,
+                "split_backward": split_backward,
+                "sync_mirrored_grads": sync_mirrored_grads,
+                "mirrored_weights": mirrored_weights,
+                "batch_dim": batch_dim,
+                "loss_reduction": loss_reduction,
+            },
+        )
+        self._finalizer = weakref.finalize(self, self.transport.close)
         # DualPipe's layout holds every stage on two ranks (r and N-1-r)
         self.mirrored: MirroredStages | None = None
         if size % 2 == 0 and self.layout == dualpipe_layout(size):
@@ -201,6 +228,37 @@ class Pipeline(nn.Module):
                 self.transport,
             )
             self.mirrored.check(mirrored_weights)
+
+    def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
+        """Agree with the other ranks on who this pipeline is and on its configuration."""
+        pg = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
+        ranks = dist.get_process_group_ranks(pg)
+        store = self.transport.store
+        if store is None:  # no store to meet in: nothing to compare, one pipeline per group
+            identity = PipelineIdentity(tuple(ranks), 0)
+        else:
+            identity = handshake(store, ranks, group_rank, config, self.timeout)
+        self.transport.key = identity.key
+        self.transport.pipeline = identity.number
+        return identity
+
+    # --------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Release what the pipeline holds: its per-peer threads and its reference to the
+        process group (which stays yours to destroy). Idempotent; also done when the
+        pipeline is garbage-collected, and at the end of a ``with`` block."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --------------------------------------------------------------- compat
     def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
@@ -254,6 +312,7 @@ class Pipeline(nn.Module):
         labels: Sequence[torch.Tensor | None] | None = (),
         return_outputs: bool = False,
         record: bool = False,
+        broadcast_loss: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | tuple[torch.Tensor, ...] | None]:
         """Run one step: forward and backward of every micro-batch (or forward only
         under ``torch.no_grad()``).
@@ -266,35 +325,47 @@ class Pipeline(nn.Module):
 
         Returns ``(loss, outputs)``: where a stream ends, ``loss`` holds the
         per-micro-batch losses (shape ``[C]``) and, with ``return_outputs``, ``outputs``
-        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum of
-        the per-micro-batch losses. ``record=True`` keeps a measured timeline in
-        :attr:`last_record` (see :meth:`gather_timeline`).
+        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum (or,
+        with ``loss_reduction="mean"``, the mean) of the per-micro-batch losses.
+        ``record=True`` keeps a measured timeline in :attr:`last_record` (see
+        :meth:`gather_timeline`). ``broadcast_loss=True`` (collective) returns every
+        micro-batch's loss of the step (all streams, stream 0's first, as float32) on every
+        rank.
         """
+        if self.closed:
+            raise PipelineError("this pipeline is closed")
+        self._steps += 1
+        self.transport.begin_step(self._steps)
         try:
             schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
         except (ValueError, ScheduleError) as exc:
             # tell the other ranks at once instead of letting them wait for a timeout
             self.transport.post_error(f"rank {self.rank}: invalid step arguments: {exc}")
+            self.executor.abandon(RemoteFailure(str(exc)))
             raise
         mirrored = self.mirrored if data.training and self.sync_mirrored_grads else None
         if mirrored is not None:
             mirrored.set_aside()  # sum this step's gradients only, then accumulate
         try:
-            result = self.executor.run(schedule, data, record=record)
+            result = self.executor.run(schedule, data, self._steps, record=record)
             self.last_record = self.executor.last_record
             if mirrored is not None:
                 try:
                     mirrored.sum_grads()
-                except PipelineError as exc:
-                    self.transport.post_error(str(exc))  # a failed pipeline stays failed
+                except Exception as exc:
+                    self.executor.abandon(exc)  # a failed pipeline stays failed
                     raise
         except BaseException:
             if mirrored is not None:
                 mirrored.put_back()
             raise
-        if self._ends()[1] is None:
-            return None, None
+        end = self._ends()[1]
         loss = torch.stack(result.losses) if result.losses else None
+        if broadcast_loss:
+            loss = share_losses(loss, end, schedule.chunks_per_stream,
+                                self.layout.num_streams, self.group, self.transport.device)
+        if end is None:
+            return loss, None
         outputs: Any = None
         if return_outputs:
             outputs = concat_chunks(result.outputs, self.batch_dim)
@@ -338,15 +409,21 @@ class Pipeline(nn.Module):
             labels=split_batch(labels, chunks, self.batch_dim, "labels")
             if end is not None
             else None,
-            criterion=criterion,
+            criterion=(
+                reduced_criterion(criterion, self.loss_reduction, schedule.num_chunks)
+                if criterion is not None
+                else None
+            ),
             return_outputs=return_outputs,
             training=training,
         )
         return schedule, data
 
-    def gather_timeline(self, dst: int = 0) -> MeasuredTimeline | None:
+    def gather_timeline(self, dst: int | None = 0) -> MeasuredTimeline | None:
         """Collective: the measured timeline of the last ``step(..., record=True)`` of
-        every rank, returned on pipeline rank ``dst`` (None elsewhere)."""
+        every rank, returned on pipeline rank ``dst`` (None elsewhere; every rank with
+        ``dst=None``). Draw it with :meth:`MeasuredTimeline.save_png` and
+        :meth:`MeasuredTimeline.save_trace`."""
         if self.last_record is None:
             raise RuntimeError("no recorded step: call step(..., record=True) first")
         assert self.executor.last_plan is not None

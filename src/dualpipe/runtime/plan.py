@@ -103,6 +103,7 @@ class ExecutionPlan:
         headers: whether shape headers travel in this step.
         steps: the steps in issue order.
         incoming: per source rank, every message from it, in sender order.
+        outgoing: the ranks this rank sends to.
     """
 
     rank: int
@@ -111,6 +112,7 @@ class ExecutionPlan:
     headers: bool
     steps: tuple[PlannedStep, ...]
     incoming: dict[int, tuple[Message, ...]]
+    outgoing: tuple[int, ...]
 
     @property
     def actions(self) -> list[ActionPlan]:
@@ -188,4 +190,5 @@ def build_plan(
         steps.append(PlannedStep(kind, label, group, due))
         i += len(group)
     incoming = {src: tuple(msgs) for src, msgs in comm.incoming.items()}
-    return ExecutionPlan(rank, schedule, training, headers, tuple(steps), incoming)
+    outgoing = tuple(sorted({m.dst for msgs in comm.sends for m in msgs}))
+    return ExecutionPlan(rank, schedule, training, headers, tuple(steps), incoming, outgoing)

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ..overlap.engine import ForwardTask, WeightWorks
 from ..schedules.actions import Action, Overlap
 from .inbox import Inbox
 from .p2p import BaseTransport, PipelineError, RemoteFailure, TensorMeta, encode_header
 from .plan import ActionPlan, ExecutionPlan, HandOff, PlannedStep, Route
+from .protocol import Stamp
 from .record import StepRecord
 from .shapes import BoundaryShapes
 from .split_backward import WeightGradWork
@@ -98,6 +100,7 @@ class StepRun:
         handlers: Mapping[str, Handler],
         split: bool,
         keep_outputs: bool,
+        stamp: Stamp,
         record: StepRecord | None,
     ) -> None:
         self.plan = plan
@@ -109,9 +112,11 @@ class StepRun:
         self.split = split
         self.keep_outputs = keep_outputs
         self.record = record
-        self.inbox = Inbox(plan, transport, shapes, record)
+        self.inbox = Inbox(plan, transport, shapes, stamp, record)
         self.saved: dict[tuple[int, int], tuple[list[Any], list[torch.Tensor]]] = {}
-        self.deferred: dict[tuple[int, int], WeightGradWork | None] = {}
+        self.deferred: dict[tuple[int, int], WeightGradWork | WeightWorks | None] = {}
+        # forward records of stages written as parts, until their backward
+        self.parted: dict[tuple[int, int], ForwardTask] = {}
         self.local: dict[HandOff, list[torch.Tensor]] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -138,7 +143,8 @@ class StepRun:
                                                                             {})))
 
     def receive(self, step: PlannedStep) -> None:
-        """Wait for every message ``step`` needs (before its timed compute)."""
+        """Post the receives due before ``step`` and wait for every message it needs."""
+        self.inbox.post(step)
         for a in step.actions:
             for msg in a.recvs:
                 self.inbox.complete(msg)

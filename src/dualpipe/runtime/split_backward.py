@@ -65,6 +65,14 @@ Cases that need care (all handled, all exact):
   their parameter-side edges are captured there (their children become capture nodes). Use
   :func:`defer_weight_grad` inside such a backward to defer its weight work explicitly.
   A ``torch.compile``-d region is such a Function (its weight gradients are not deferred).
+* *Compiled regions with donated buffers.* AOTAutograd's compiled backward may free its
+  saved buffers as it runs ("donated buffers", on by default) and then refuses any engine
+  call that retains the graph, which the input pass must do. A graph containing such a
+  region gets a plain backward in ``backward_input`` (exact, like reentrant checkpointing
+  below; nothing of its weight work could be deferred anyway: the compiled backward
+  computes input and weight gradients in one kernel graph). Eager layers in the same
+  stage are then not split either: compile whole stages, or compile with
+  ``torch._functorch.config.donated_buffer=False`` to keep the split for the eager rest.
 * *Non-reentrant activation checkpointing* (``checkpoint(..., use_reentrant=False)``) is
   ordinary autograd and splits like the rest. *Reentrant* checkpointing computes parameter
   gradients inside its own backward and refuses ``autograd.grad``: a graph containing it
@@ -195,17 +203,33 @@ _NODE_KINDS: dict[type, int] = {}
 _OTHER, _LEAF, _PLAIN_ONLY = 0, 1, 2
 
 
+def _donates_buffers(forward_cls: Any) -> bool:
+    """Whether ``forward_cls`` is a ``torch.compile``-d (AOTAutograd) region whose compiled
+    backward frees ("donates") its saved buffers: it refuses to run in an engine call that
+    retains the graph."""
+    meta = getattr(forward_cls, "metadata", None)
+    if not getattr(meta, "bw_donated_idxs", None):
+        return False
+    try:
+        from torch._functorch import config
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(config, "donated_buffer", False))
+
+
 def _node_kind(t: type) -> int:
     """``_LEAF`` for AccumulateGrad; ``_PLAIN_ONLY`` for nodes that only work under a plain
-    ``backward()`` (reentrant checkpointing refuses ``autograd.grad``); else ``_OTHER``."""
+    ``backward()`` (reentrant checkpointing refuses ``autograd.grad``; a compiled region
+    with donated buffers refuses ``retain_graph=True``); else ``_OTHER``."""
     kind = _NODE_KINDS.get(t)
     if kind is None:
         from torch.utils.checkpoint import CheckpointFunction
 
+        forward_cls = getattr(t, "_forward_cls", object)
         if t is _ACCUMULATE_GRAD:
             kind = _LEAF
-        elif issubclass(t, BackwardCFunction) and issubclass(
-            getattr(t, "_forward_cls", object), CheckpointFunction
+        elif issubclass(t, BackwardCFunction) and (
+            issubclass(forward_cls, CheckpointFunction) or _donates_buffers(forward_cls)
         ):
             kind = _PLAIN_ONLY
         else:

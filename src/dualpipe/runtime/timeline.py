@@ -10,6 +10,7 @@ step are drawn by the same renderers.
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from ..schedules.actions import Overlap, parse_step
 from ..schedules.schedule import Schedule
 from ..simulation import Costs, TimedStep
-from ..viz import TimedWait
+from ..viz import TimedWait, render_png, write_trace
 from .record import StepRecord
 
 __all__ = ["MeasuredTimeline", "gather_timeline", "measured_costs"]
@@ -47,6 +48,34 @@ class MeasuredTimeline:
         """Per rank, makespan minus busy time."""
         return [self.makespan - b for b in self.busy]
 
+    @property
+    def idle(self) -> list[float]:
+        """Per rank, the step's time not spent computing: gaps between actions plus time
+        blocked on receives inside an action (a rank that waits for its input inside a
+        timed action is idle too)."""
+        idle = []
+        for busy, steps, waits in zip(self.busy, self.steps, self.waits, strict=True):
+            inside = sum(
+                max(0.0, min(w.end, t.end) - max(w.start, t.start)) for w in waits for t in steps
+            )
+            idle.append(self.makespan - busy + inside)
+        return idle
+
+    def save_png(self, path: str | os.PathLike[str], title: str | None = None) -> None:
+        """Draw the step to a PNG (one row per rank, waits as grey bars; needs matplotlib)."""
+        if title is None:
+            title = (
+                f"{self.schedule.name}: measured step on {self.schedule.num_ranks} ranks, "
+                f"{self.schedule.num_chunks} micro-batches ({self.makespan:.1f} ms)"
+            )
+        render_png(self.steps, self.schedule, path, title=title, waits=self.waits,
+                   time_unit="ms")
+
+    def save_trace(self, path: str | os.PathLike[str]) -> None:
+        """Write the step as a Chrome / Perfetto trace (JSON; open in ``ui.perfetto.dev``
+        or ``chrome://tracing``)."""
+        write_trace(self.steps, self.schedule, path, waits=self.waits)
+
 
 def _local_rows(record: StepRecord, rank: int) -> list:
     steps = [(str(s), a - record.origin, b - record.origin) for s, a, b in record.steps]
@@ -59,13 +88,14 @@ def gather_timeline(
     schedule: Schedule,
     rank: int,
     group: dist.ProcessGroup | None = None,
-    dst: int = 0,
+    dst: int | None = 0,
 ) -> MeasuredTimeline | None:
-    """Collective: every rank calls it; pipeline rank ``dst`` gets the timeline."""
+    """Collective: every rank calls it; pipeline rank ``dst`` gets the timeline (every
+    rank with ``dst=None``)."""
     payload = _local_rows(record, rank)
     everything: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everything, payload, group=group)
-    if rank != dst:
+    if dst is not None and rank != dst:
         return None
     origin = min(p[0] for p in everything)
     steps: list[list[TimedStep]] = [[] for _ in everything]

@@ -56,7 +56,7 @@ class Action:
 
 @dataclass(frozen=True, slots=True)
 class Overlap:
-    """A forward and a backward issued as one pair (``FB`` in SCHEDULES.md)."""
+    """A forward and a backward issued as one pair (``FB`` in docs/schedules.md)."""
 
     forward: Action
     backward: Action

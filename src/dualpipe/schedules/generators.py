@@ -1,8 +1,8 @@
 """Schedule generators: DualPipe, DualPipeV and the baselines (GPipe, 1F1B, ZB1P).
 
 Each generator returns a :class:`~dualpipe.schedules.schedule.Schedule` whose
-per-rank lists follow ``SCHEDULES.md`` to the letter. DualPipe on 4 ranks,
-10 micro-batches (``C = 5`` per direction), printed as tokens::
+per-rank lists follow the step tables of ``docs/schedules.md`` to the letter.
+DualPipe on 4 ranks, 10 micro-batches (``C = 5`` per direction), printed as tokens::
 
     rank 0: F0.0 F0.1 F0.2 F1.0 F0.3 F1.1 F0.4+B1.0 ...
 
@@ -33,7 +33,7 @@ def _bidirectional_rank(
     b: RankBuilder, h: int, half: int, main_repeats: int, split_first_pair: bool
 ) -> None:
     """The eight steps shared by DualPipe (h = distance to the nearer end, half = N/2)
-    and DualPipeV (h = r, half = N). See SCHEDULES.md."""
+    and DualPipeV (h = r, half = N). See docs/schedules.md."""
     outer = half - h - 1
     for _ in range(2 * outer):  # step 1
         b.f(0)
@@ -80,7 +80,7 @@ def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
     """DualPipe on ``num_ranks`` (even, >= 2) ranks; ``num_chunks`` (even) micro-batches
     in total, half going down from rank 0 and half up from rank N-1.
 
-    With ``num_chunks >= 2N`` the lists follow SCHEDULES.md's step table. With fewer,
+    With ``num_chunks >= 2N`` the lists follow the step table of docs/schedules.md. With fewer,
     the schedule for ``2N`` micro-batches is generated and the surplus micro-batches'
     actions are dropped on every rank (:func:`~dualpipe.schedules.builder.drop_chunks`).
     """
@@ -105,7 +105,7 @@ def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
     """DualPipeV ("cut-in-half") on ``num_ranks`` (>= 1) ranks holding ``2N`` stages;
     ``num_chunks`` micro-batches, all entering and leaving at rank 0.
 
-    With ``num_chunks >= 2N`` the lists follow SCHEDULES.md's step table; with fewer,
+    With ``num_chunks >= 2N`` the lists follow the step table of docs/schedules.md; with fewer,
     the ``2N`` schedule with the surplus micro-batches dropped.
     """
     n, c = num_ranks, num_chunks
@@ -184,6 +184,7 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     label="GPipe",
     layout=linear_layout,
     description="every forward, then every backward",
+    compare=False,
 )
 def gpipe(num_ranks: int, num_chunks: int) -> Schedule:
     """GPipe: every forward, then every (full) backward."""

@@ -42,9 +42,9 @@ class ScheduleSpec:
         rank_multiple: the number of ranks must be a multiple of this.
         min_ranks: fewest ranks.
         chunk_multiple: ``num_chunks`` must be a multiple of this.
-        min_chunks: fewest micro-batches, as a function of the number of ranks.
         extra: further rule on ``(num_ranks, num_chunks)``: returns what is wrong, or None.
         extra_text: that rule in words (for :attr:`constraints`).
+        compare: a row of ``python -m dualpipe compare``.
     """
 
     name: str
@@ -55,9 +55,9 @@ class ScheduleSpec:
     rank_multiple: int = 1
     min_ranks: int = 1
     chunk_multiple: int = 1
-    min_chunks: Callable[[int], int] = lambda num_ranks: 1
     extra: Callable[[int, int], str | None] | None = None
     extra_text: str = ""
+    compare: bool = True
 
     def check_ranks(self, num_ranks: int) -> None:
         """Raise :class:`ScheduleError` unless ``num_ranks`` suits this schedule."""
@@ -81,12 +81,6 @@ class ScheduleSpec:
                 f"{self.name}: num_chunks must be {_multiple(self.chunk_multiple)},"
                 f" got {num_chunks}"
             )
-        least = self.min_chunks(num_ranks)
-        if num_chunks < least:
-            raise ScheduleError(
-                f"{self.name}: num_chunks must be >= {least} on {num_ranks} ranks,"
-                f" got {num_chunks}"
-            )
         if self.extra is not None:
             problem = self.extra(num_ranks, num_chunks)
             if problem:
@@ -102,9 +96,6 @@ class ScheduleSpec:
             parts.append(f"ranks >= {self.min_ranks}")
         if self.chunk_multiple > 1:
             parts.append(f"micro-batches {_multiple(self.chunk_multiple)}")
-        least = {self.min_chunks(n) for n in (1, 2, 4, 8)}
-        if least != {1}:
-            parts.append("micro-batches >= " + _min_text(self.min_chunks))
         if self.extra_text:
             parts.append(self.extra_text)
         return "; ".join(parts)
@@ -112,15 +103,6 @@ class ScheduleSpec:
 
 def _multiple(k: int) -> str:
     return "even" if k == 2 else f"a multiple of {k}"
-
-
-def _min_text(fn: Callable[[int], int]) -> str:
-    """``2N``-style text for a minimum that is a multiple of the ranks, else a sample."""
-    ratio = {fn(n) / n for n in (1, 2, 4, 8)}
-    if len(ratio) == 1:
-        k = ratio.pop()
-        return f"{k:g}N" if k != 1 else "N"
-    return ", ".join(f"{fn(n)} (N={n})" for n in (1, 2, 4))
 
 
 def _check_positive(name: str, value: int, what: str) -> None:
@@ -143,9 +125,9 @@ def register(
     rank_multiple: int = 1,
     min_ranks: int = 1,
     chunk_multiple: int = 1,
-    min_chunks: Callable[[int], int] | None = None,
     extra: Callable[[int, int], str | None] | None = None,
     extra_text: str = "",
+    compare: bool = True,
 ) -> Callable[[Generator], Generator]:
     """Decorator: register ``build(num_ranks, num_chunks)`` under ``name``.
 
@@ -171,9 +153,9 @@ def register(
             rank_multiple=rank_multiple,
             min_ranks=min_ranks,
             chunk_multiple=chunk_multiple,
-            min_chunks=min_chunks if min_chunks is not None else (lambda num_ranks: 1),
             extra=extra,
             extra_text=extra_text,
+            compare=compare,
         )
         if name in _SPECS:
             raise ValueError(f"schedule {name!r} registered twice")

@@ -183,4 +183,7 @@ def from_torch_csv(
 ) -> Schedule:
     """A :class:`Schedule` from PyTorch's schedule CSV (``_dump_csv`` output, with or
     without communication actions); see :func:`from_torch_actions`."""
-    return from_torch_actions(list(csv.reader(io.StringIO(text))), layout, num_chunks, name)
+    rows = list(csv.reader(io.StringIO(text)))
+    while rows and not any(cell.strip() for cell in rows[-1]):
+        rows.pop()  # trailing blank lines
+    return from_torch_actions(rows, layout, num_chunks, name)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from ..schedules.registry import generate, spec
+from ..schedules.registry import generate, spec, specs
 from ..schedules.schedule import ScheduleError
 from ..simulation import Costs, seed_bubble, simulate
 
@@ -38,15 +38,15 @@ SEED_FORMULAS: dict[str, tuple[str, str]] = {
 }
 """The seed table's formulas, for the rows it has."""
 
-COMPARED: tuple[str, ...] = (
-    "1f1b",
-    "zb1p",
-    "dualpipe",
-    "dualpipev",
-    "zbv",
-    "interleaved-1f1b",
-)
-"""Rows of the table, in order: the seed's four, then the others worth comparing."""
+def compared() -> tuple[str, ...]:
+    """Rows of the table, in order: the seed's four, then every other registered
+    schedule marked for comparison, in registry order."""
+    others = (s.name for s in specs() if s.compare and s.name not in SEED_FORMULAS)
+    return (*SEED_FORMULAS, *others)
+
+
+COMPARED: tuple[str, ...] = compared()
+"""The default rows (see :func:`compared`)."""
 
 METHODS = COMPARED
 """Same as :data:`COMPARED` (the name the table's rows had before)."""

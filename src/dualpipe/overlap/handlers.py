@@ -1,0 +1,129 @@
+"""The executor's handlers for stages written as parts: their F, B and I run part by
+part and their F&B pairs interleave; any other stage goes to the table's own handler."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from ..schedules.actions import Op
+from .engine import BackwardTask, ForwardTask, Waiter, run_pair
+from .stage import PartedStage
+
+if TYPE_CHECKING:
+    from ..runtime.handlers import Handler
+    from ..runtime.plan import ActionPlan, PlannedStep
+    from ..runtime.run import StepRun
+
+__all__ = ["is_parted", "with_parts"]
+
+
+def is_parted(module: nn.Module) -> bool:
+    """Whether the runtime runs ``module`` part by part: a :class:`PartedStage` whose
+    class does not define its own ``overlapped_forward_backward`` (that hook needs whole
+    graphs: such a stage runs as an ordinary module, its communications blocking)."""
+    return isinstance(module, PartedStage) and not hasattr(
+        type(module), "overlapped_forward_backward")
+
+
+def with_parts(table: Mapping[str, Handler]) -> dict[str, Handler]:
+    """``table`` with its ``F``, ``B``, ``I`` and ``FB`` handlers taking stages written
+    as parts (:class:`PartedStage`) and passing every other stage to the original."""
+    return {
+        **table,
+        Op.FORWARD.value: partial(_forward, table[Op.FORWARD.value]),
+        Op.BACKWARD.value: partial(_backward, table[Op.BACKWARD.value]),
+        Op.INPUT.value: partial(_backward, table[Op.INPUT.value]),
+        "FB": partial(_pair, table["FB"]),
+    }
+
+
+def _key(a: ActionPlan) -> tuple[int, int]:
+    return (a.action.phase, a.action.chunk)
+
+
+def _waiter(run: StepRun) -> Waiter:
+    """Bounded by the pipeline's timeout, failing at once when another rank failed;
+    part events go to the step's record when there is one."""
+    events = run.record.parts if run.record is not None else None
+    return Waiter(run.transport.timeout, run.transport.check_error, events)
+
+
+def _input_grads(task: BackwardTask, leaves: list[Tensor]) -> list[Tensor | None]:
+    """The backward's input gradients for the executor's ``leaves`` (a subset of the
+    forward's tensor inputs, matched by identity)."""
+    inputs = [t for t in task.record.inputs if isinstance(t, Tensor)]
+    by_id = {id(t): g for t, g in zip(inputs, task.input_grads, strict=True)}
+    return [by_id.get(id(leaf)) for leaf in leaves]
+
+
+def _start_forward(run: StepRun, a: ActionPlan) -> ForwardTask:
+    return ForwardTask(run.module(a), run.forward_inputs(a), _waiter(run))
+
+
+def _finish_forward(run: StepRun, a: ActionPlan, task: ForwardTask) -> None:
+    if task.grad:
+        run.parted[_key(a)] = task  # the backward's record, for this step only
+    run.finish_forward(a, task.inputs, task.outputs, None)
+
+
+def _start_backward(run: StepRun, a: ActionPlan, record: ForwardTask,
+                    split: bool) -> tuple[BackwardTask, list[Tensor]]:
+    grads = run.output_grads(a)
+    roots, leaves = run.pop_saved(a)
+    return BackwardTask(record, roots, grads, _waiter(run), split=split), leaves
+
+
+def _finish_backward(run: StepRun, a: ActionPlan, task: BackwardTask,
+                     leaves: list[Tensor]) -> None:
+    if a.action.op is Op.INPUT:
+        run.deferred[_key(a)] = task.weight if task.split else None
+    else:
+        task.weight.run()  # a full backward: whatever the waits did not absorb
+    run.finish_backward(a, leaves, _input_grads(task, leaves))
+
+
+def _forward(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+    """``F`` of a parted stage: its parts in order, each communication waited for
+    before the next part."""
+    (a,) = step.actions
+    if not is_parted(run.module(a)):
+        fallback(run, step)
+        return
+    task = _start_forward(run, a)
+    task.finish()
+    _finish_forward(run, a, task)
+
+
+def _backward(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+    """``B`` or ``I`` of a parted stage: each part's backward, last part first (input-only
+    per part for an ``I`` with the split on, the weight work kept for its ``W``)."""
+    (a,) = step.actions
+    record = run.parted.pop(_key(a), None)
+    if record is None:
+        fallback(run, step)
+        return
+    task, leaves = _start_backward(run, a, record, run.split and a.action.op is Op.INPUT)
+    task.finish()
+    _finish_backward(run, a, task, leaves)
+
+
+def _pair(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+    """``F+B`` whose backward is a parted stage's: the two interleaved
+    (:func:`~dualpipe.overlap.run_pair`); a full backward splits per part when the split
+    is on, so its weight work fills the waits. A stage class with its own
+    ``overlapped_forward_backward``, or an ordinary backward, goes to ``fallback``."""
+    fwd, bwd = step.actions
+    own: Any = getattr(type(run.module(fwd)), "overlapped_forward_backward", None)
+    if own is not None or _key(bwd) not in run.parted:
+        fallback(run, step)
+        return
+    record = run.parted.pop(_key(bwd))
+    forward = _start_forward(run, fwd)
+    backward, leaves = _start_backward(run, bwd, record, run.split)
+    run_pair(forward, backward, fill_weight=bwd.action.op is Op.BACKWARD)
+    _finish_forward(run, fwd, forward)
+    _finish_backward(run, bwd, backward, leaves)

@@ -1,0 +1,144 @@
+"""Spawned-rank functions: DualPipeV / DualPipe on 2 pipeline ranks x 2 expert-parallel
+ranks (4 processes, a DeviceMesh), stages written as parts, against one process."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from dualpipe.runtime.pipeline import Pipeline
+from dualpipe.schedules.actions import Op, Overlap
+from dualpipe.schedules.registry import generate
+from dualpipe.schedules.schedule import layout_for
+
+from .models import DIM, MoEStage, expert_owner
+
+TOKENS = 4  # per micro-batch and expert-parallel rank
+
+
+def _data(ep_rank: int, chunks: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(7 + ep_rank)
+    return torch.randn(chunks * TOKENS, DIM, generator=g), torch.randn(chunks * TOKENS, DIM,
+                                                                        generator=g)
+
+
+def _criterion(out: Tensor, label: Tensor) -> Tensor:
+    return F.mse_loss(out, label)
+
+
+class HookedMoEStage(MoEStage):
+    """A parted stage whose class also defines the original's hook: the hook wins."""
+
+    calls = 0
+
+    @classmethod
+    def overlapped_forward_backward(
+        cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1, output_grads1
+    ):  # noqa: ANN001, ANN206 - the original's signature
+        cls.calls += 1
+        outputs0 = module0(*inputs0)
+        loss0 = criterion0(outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+        else:
+            torch.autograd.backward(outputs1, output_grads1)
+        return outputs0, loss0
+
+
+def pipeline_cases(rank: int, world: int,
+                   cases: list[tuple[str, int, str | None, bool]]) -> list[int]:
+    """:func:`moe_pipeline` for each ``(schedule, chunks, ckpt, train)``: how many
+    interleaved pairs each training step showed."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+    return [moe_pipeline(rank, mesh, *case) for case in cases]
+
+
+def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: str | None,
+                 train: bool) -> int:
+    """One step on the pipeline vs every expert-parallel shard on one process; the
+    number of places where a forward part ran between two backward parts."""
+    pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
+    pp_rank, ep_rank = rank // 2, rank % 2
+    layout = layout_for(schedule, 2)
+    torch.manual_seed(0)
+    cls = HookedMoEStage if ckpt == "hook" else MoEStage
+    stages = [cls(ep, ckpt=None if ckpt == "hook" else ckpt) for _ in range(layout.num_stages)]
+    HookedMoEStage.calls = 0
+    mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[pp_rank]]
+    pipe = Pipeline(mine, schedule, process_group=pp, timeout=60)
+    streams = layout.num_streams
+    per = chunks // streams
+    x, y = _data(ep_rank, chunks)
+    start = [s for s, p in enumerate(layout.paths) if p[0][0] == pp_rank]
+    end = [s for s, p in enumerate(layout.paths) if p[-1][0] == pp_rank]
+
+    def rows(s: int) -> slice:
+        return slice(s * per * TOKENS, (s + 1) * per * TOKENS)
+
+    with torch.set_grad_enabled(train):
+        loss, outs = pipe.step(
+            *((x[rows(start[0])],) if start else ()),
+            num_chunks=chunks,
+            criterion=_criterion,
+            labels=(y[rows(end[0])],) if end else (),
+            return_outputs=True,
+            record=train,
+        )
+
+    # one process: the same stages, every shard's micro-batches through local_forward
+    def reference(shards: list[int]) -> tuple[list[list[Tensor]], list[torch.nn.Module]]:
+        ref = copy.deepcopy(stages)
+        losses: list[list[Tensor]] = []
+        for shard in shards:
+            xs, ys = _data(shard, chunks)
+            per_stream = []
+            for s in range(streams):
+                for m in range(per):
+                    r = slice((s * per + m) * TOKENS, (s * per + m + 1) * TOKENS)
+                    h = xs[r]
+                    for k in layout.stages[s]:
+                        h = ref[k].local_forward(h)
+                    lo = _criterion(h, ys[r])
+                    if train:
+                        lo.backward()
+                    if shard == ep_rank and s == (end[0] if end else -1):
+                        per_stream.append(lo.detach())
+            if shard == ep_rank:
+                losses.append(per_stream)
+        return losses, ref
+
+    own_losses, own = reference([ep_rank])
+    if end:
+        assert torch.equal(loss, torch.stack(own_losses[0])), (loss, own_losses)
+    if not train:
+        return 0
+    _, every = reference([0, 1])
+    for k, module in zip(layout.rank_stages[pp_rank], mine, strict=True):
+        for name, p in module.named_parameters():
+            owner = expert_owner(name, module.local)
+            if owner is None:
+                want = dict(own[k].named_parameters())[name].grad
+            elif owner == ep_rank:
+                want = dict(every[k].named_parameters())[name].grad
+            else:
+                assert p.grad is None or not p.grad.any(), name
+                continue
+            torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6, msg=name)
+    parts = pipe.executor.last_record.parts if pipe.executor.last_record is not None else []
+    # pairs interleaved: a forward part ran between two backward parts of one pair
+    interleaved = 0
+    labels = [e.label for e in parts if e.kind == "compute"]
+    for a, b, c in zip(labels, labels[1:], labels[2:], strict=False):
+        if a.startswith("B part") and b.startswith("F part") and c.startswith("B part"):
+            interleaved += 1
+    if ckpt == "hook":  # every full-backward pair went to the hook, none interleaved
+        pairs = sum(isinstance(s, Overlap) and s.backward.op is Op.BACKWARD
+                    for s in generate(schedule, 2, chunks).steps[pp_rank])
+        assert HookedMoEStage.calls == pairs > 0 and interleaved == 0
+        return -1
+    return interleaved
+
