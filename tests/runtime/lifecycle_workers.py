@@ -23,7 +23,8 @@ def _counts() -> tuple[int, int]:
     return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
 
 
-def _one(rank: int, close: bool) -> None:
+def _one(rank: int, close: bool) -> int:
+    """One pipeline on a new group, one step; returns the threads while it was alive."""
     group = dist.new_group([0, 1])
     pipe = DualPipeV([MLPStage(), MLPStage()], process_group=group, timeout=30)
     x, y = torch.randn(8, 8), torch.randn(8, 8)
@@ -31,6 +32,7 @@ def _one(rank: int, close: bool) -> None:
         pipe.step(x, num_chunks=4, criterion=criterion, labels=(y,))
     else:
         pipe.step(num_chunks=4)
+    alive = _counts()[0]
     if close:
         with pipe:
             pass
@@ -38,21 +40,22 @@ def _one(rank: int, close: bool) -> None:
     del pipe  # not closed: released when collected
     gc.collect()
     dist.destroy_process_group(group)
+    return alive
 
 
-def create_and_close(rank: int, world: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def create_and_close(rank: int, world: int) -> tuple[tuple[int, int], tuple[int, int], int]:
     """(threads, fds) before and after 12 pipelines, each on a new group that is
-    destroyed after; half closed, half just dropped."""
+    destroyed after (half closed, half just dropped), and the most threads while one
+    was alive."""
     for _ in range(2):  # warm up whatever torch starts once per process
         _one(rank, close=True)
     gc.collect()
     time.sleep(0.2)  # sockets of a destroyed group close a moment later
     before = _counts()
-    for i in range(12):
-        _one(rank, close=i % 2 == 0)
+    most = max(_one(rank, close=i % 2 == 0) for i in range(12))
     gc.collect()
     time.sleep(0.2)
-    return before, _counts()
+    return before, _counts(), most
 
 
 def exit_after_failure(rank: int, world: int, port: int) -> None:

@@ -19,7 +19,8 @@ from .models import build_stages, criterion, make_batch
 from .workers import _reference
 
 
-def _step(name: str, ranks: int, chunks: int, kind: str, training: bool, **executor_kw):
+def _step(name: str, ranks: int, chunks: int, kind: str, training: bool,
+          network: LocalNetwork | None = None, **executor_kw):
     """Run one step of ``name`` in-process; returns (per-rank results, reference, modules,
     network)."""
     schedule = generate(name, ranks, chunks)
@@ -34,7 +35,7 @@ def _step(name: str, ranks: int, chunks: int, kind: str, training: bool, **execu
         for s in range(layout.num_streams)
     ]
     mods = {r: [copy.deepcopy(stages[k]) for k in layout.rank_stages[r]] for r in range(ranks)}
-    network = LocalNetwork(ranks, timeout=5.0)
+    network = network if network is not None else LocalNetwork(ranks, timeout=5.0)
 
     def rank_fn(rank: int, transport: LocalTransport):
         starts, ends = layout.streams_starting_on(rank), layout.streams_ending_on(rank)
@@ -102,10 +103,13 @@ def test_failure_reaches_every_rank() -> None:
             raise RuntimeError("boom")
         DEFAULT_HANDLERS["F"](run, step)
 
+    network = LocalNetwork(3, timeout=5.0)
     with pytest.raises(PipelineError, match="rank 1 failed in F0.1 .*boom"):
-        _step("1f1b", 3, 4, "mlp", training=True,
+        _step("1f1b", 3, 4, "mlp", training=True, network=network,
               handlers={**DEFAULT_HANDLERS, "F": exploding_forward})
     assert 1 in calls
+    # the failed step was drained: every message posted on one side was matched
+    assert network.unmatched == 0 and network.error is not None
 
 
 def test_handler_table_decides_what_runs() -> None:

@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_twelve_pipelines_leave_threads_and_fds_where_they_were() -> None:
-    for before, after in run_distributed(create_and_close, 2, timeout=120):
-        assert after == before, (before, after)
+    for before, after, most in run_distributed(create_and_close, 2, timeout=120):
+        assert most > before[0]  # a live pipeline does hold threads
+        # nothing left behind (a socket of the warm-up's group may close only later)
+        assert after[0] <= before[0] and after[1] <= before[1], (before, after)
 
 
 def test_process_exits_with_code_zero_after_a_caught_failure() -> None:

@@ -235,9 +235,9 @@ class Pipeline(nn.Module):
         ranks = dist.get_process_group_ranks(pg)
         store = self.transport.store
         if store is None:  # no store to meet in: nothing to compare, one pipeline per group
-            identity = PipelineIdentity(tuple(ranks), 0)
+            identity = PipelineIdentity(pg.group_name, tuple(ranks), 0)
         else:
-            identity = handshake(store, ranks, group_rank, config, self.timeout)
+            identity = handshake(store, pg.group_name, ranks, group_rank, config, self.timeout)
         self.transport.key = identity.key
         self.transport.pipeline = identity.number
         return identity

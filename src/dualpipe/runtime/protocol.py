@@ -1,8 +1,8 @@
 """The message protocol: which pipeline and step a message belongs to, the agreement
 checks made at construction and at the start of every step.
 
-* **Identity.** A pipeline is named by the global ranks of its group and its number
-  among the pipelines built on those ranks, agreed on at construction through the
+* **Identity.** A pipeline is named by its group (name and global ranks) and its
+  number among the pipelines built on that group, agreed on at construction through the
   store (:func:`handshake`), never by a per-process counter.
 * **Tags.** A message's tag packs the pipeline number, the step counter and the
   message number (:func:`wire_tag`), so a message of another pipeline or another step
@@ -55,17 +55,19 @@ class PipelineIdentity:
     """Who a pipeline is, as every one of its ranks knows it.
 
     Attributes:
+        group: the process group's name (the same on all its ranks).
         ranks: global ranks of the process group, in group order.
-        number: how many pipelines were built on these ranks before this one.
+        number: how many pipelines were built on this group before this one.
     """
 
+    group: str
     ranks: tuple[int, ...]
     number: int
 
     @property
     def key(self) -> str:
         """Prefix of this pipeline's keys in the store."""
-        return f"dualpipe/{'-'.join(map(str, self.ranks))}/{self.number}"
+        return f"dualpipe/{self.group}/{'-'.join(map(str, self.ranks))}/{self.number}"
 
 
 def disagreement(by_rank: Mapping[int, Mapping[str, Any]], what: str) -> str | None:
@@ -85,6 +87,7 @@ def disagreement(by_rank: Mapping[int, Mapping[str, Any]], what: str) -> str | N
 
 def handshake(
     store: dist.Store,
+    group: str,
     ranks: Sequence[int],
     pipeline_rank: int,
     config: Mapping[str, Any],
@@ -96,10 +99,10 @@ def handshake(
     :class:`PipelineError` on every rank when the configurations differ (naming the
     field, the values and the ranks) or when a rank does not build the pipeline
     within ``timeout`` seconds."""
-    base = f"dualpipe/{'-'.join(map(str, ranks))}"
+    base = PipelineIdentity(group, tuple(ranks), 0).key.rsplit("/", 1)[0]
     arrival = store.add(f"{base}/built", 1) - 1
     number = arrival // len(ranks)
-    identity = PipelineIdentity(tuple(ranks), number)
+    identity = PipelineIdentity(group, tuple(ranks), number)
     store.set(f"{identity.key}/config/{pipeline_rank}",
               base64.b64encode(pickle.dumps(dict(config))).decode())
     keys = [f"{identity.key}/config/{r}" for r in range(len(ranks))]
