@@ -82,7 +82,7 @@ def rebuild_after_failure(rank: int, world: int) -> list[str]:
     ref_loss, ref_out = _reference(ref, x2, y2, 8, train=True)
     if rank == 0:
         assert torch.equal(loss, ref_loss) and torch.equal(out, ref_out)
-    for k, module in zip(ids, pipe.module_list, strict=True):
+    for k, module in zip(ids, pipe.module, strict=True):
         for p, q in zip(module.parameters(), ref[k].parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
     report.append("training exact")
