@@ -27,7 +27,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import bench_stages
@@ -79,7 +79,7 @@ class SleepMoEStage(PartedStage):
         self.a2a = AllToAll(group)
         self.topk = topk
 
-    def parts(self, x: Tensor):  # type: ignore[override]
+    def parts(self, x: Tensor) -> Generator[Any, Any, Tensor]:
         recv = yield self.a2a(_Widen.apply(self.attn(x), self.topk))
         back = yield self.a2a(self.experts(recv))
         return _Narrow.apply(back, self.topk)
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation per micro-batch in KiB of fp32 (default 1024)")
     p.add_argument("--topk", type=int, default=4,
                    help="all-to-all volume as a multiple of the activation (default 4)")
-    p.add_argument("--chunks", type=int, default=10, help="micro-batches per step (10)")
+    p.add_argument("--chunks", type=int, default=20, help="micro-batches per step (20)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per schedule (6)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per wait (120)")
     return p

@@ -16,7 +16,8 @@ Resume from the newest checkpoint in that folder (any pipeline size or schedule)
 What it uses (see ``docs/guide.md``):
 
 * ``dualpipe.split.split_model`` cuts the model's layers (embedding, blocks, head) into
-  the schedule's stages, balanced by parameter count, and returns this rank's.
+  the schedule's stages, balanced by parameter count (or, with ``--balance time``, by
+  layer times measured on rank 0), and returns this rank's.
 * ``Pipeline(..., loss_reduction="mean")``: gradients of the batch's mean loss.
 * ``dualpipe.data_parallel.GradientSync`` (with ``--dp``): one all-reduce per bucket sums
   each stage's gradients over its replicas (and DualPipe's two copies) and averages.
@@ -34,6 +35,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,7 +48,7 @@ from dualpipe.demo.model import GPTConfig, build_gpt
 from dualpipe.demo.task import CopyTask, lm_loss
 from dualpipe.metrics import step_metrics
 from dualpipe.schedules.schedule import layout_for
-from dualpipe.split import split_model
+from dualpipe.split import measure_layer_times, split_model
 from dualpipe.stages import unique_parameters
 
 
@@ -59,6 +61,8 @@ def parse_args() -> argparse.Namespace:
                    help="micro-batches per step (default: max(8, 2 x pipeline ranks))")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--layers", type=int, default=6, help="transformer blocks")
+    p.add_argument("--balance", choices=["params", "time"], default="params",
+                   help="balance stages by parameter count or by measured layer times")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
@@ -102,7 +106,16 @@ def main() -> None:
     task = CopyTask()
     config = GPTConfig(vocab_size=task.vocab_size, seq_len=task.seq_len, n_layer=args.layers)
     layers = build_gpt(config, seed=args.seed).pieces()  # embed, blocks..., head
-    mine = [m.to(device) for m in split_model(layers, args.schedule, group=pp_group)]
+    costs: str | list[float] = "params"
+    if args.balance == "time":  # measured on one process, the same costs everywhere
+        measured: list[Any] = [None]
+        if dist.get_rank() == 0:
+            sample = task.batch(args.micro_batch, args.seed, 0)[0].to(device)
+            measured = [measure_layer_times([m.to(device) for m in layers], sample)]
+        dist.broadcast_object_list(measured, src=0)
+        costs = [float(c) for c in measured[0]]
+    mine = [m.to(device) for m in split_model(layers, args.schedule, costs=costs,
+                                              group=pp_group)]
     del layers
     pipe = Pipeline(mine, args.schedule, process_group=pp_group, loss_reduction="mean",
                     sync_mirrored_grads=args.dp == 1)  # GradientSync sums the copies
@@ -132,9 +145,9 @@ def main() -> None:
     for step in range(first, args.steps):
         tokens, targets = task.batch(batch * args.dp, args.seed, step)
         tokens, targets = tokens.chunk(args.dp)[replica], targets.chunk(args.dp)[replica]
-        tokens, targets = tokens.chunk(layout.num_streams), targets.chunk(layout.num_streams)
-        inputs = (tokens[start].to(device),) if start is not None else ()
-        labels = (targets[end].to(device),) if end is not None else ()
+        per_stream = tokens.chunk(layout.num_streams), targets.chunk(layout.num_streams)
+        inputs = (per_stream[0][start].to(device),) if start is not None else ()
+        labels = (per_stream[1][end].to(device),) if end is not None else ()
         log = (step + 1) % args.log_every == 0 or step + 1 == args.steps
         t0 = time.perf_counter()
         losses, _ = pipe.step(*inputs, num_chunks=chunks, criterion=lm_loss, labels=labels,

@@ -86,11 +86,13 @@ def measure_layer_times(
             samples = []
             for _ in range(repeats):
                 args = _leaves(x)
+                _synchronize(args)
                 t0 = time.perf_counter()
                 out = layer(*args) if isinstance(args, tuple) else layer(args)
                 roots = [t for t in _tensors(out) if t.requires_grad]
                 if roots:
                     torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
+                _synchronize(out)
                 samples.append((time.perf_counter() - t0) * 1000.0)
             times.append(statistics.median(samples))
             x = _detached(out)
@@ -98,6 +100,14 @@ def measure_layer_times(
         for p, g in saved.items():
             p.grad = g
     return times
+
+
+def _synchronize(x: Any) -> None:
+    """Wait for queued GPU work (kernels run asynchronously) before reading the clock."""
+    for t in _tensors(x):
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
+            return
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:

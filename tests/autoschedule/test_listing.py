@@ -107,6 +107,22 @@ def test_template_keeps_order_and_memory(name: str) -> None:
     assert makespan < simulate(template, costs).makespan
 
 
+def test_template_pairs_are_split_when_pairing_saves_nothing() -> None:
+    template = generate("dualpipev", 4, 10)
+    costs = Costs(f=1, b=2, w=1, comm=0.2)  # fb = f + b
+    res = list_schedule(template.layout, 10, costs, 9, Policy(), template)
+    assert res is not None
+    schedule, makespan = res
+    validate(schedule)
+    assert not any(isinstance(s, Overlap) for row in schedule.steps for s in row)
+    paired = Costs(f=1, b=2, w=1, fb=2.99, comm=0.2)  # pairs kept: they save 0.01
+    kept = list_schedule(template.layout, 10, paired, 9, Policy(), template)
+    assert kept is not None
+    assert any(isinstance(s, Overlap) for row in kept[0].steps for s in row)
+    for r in range(4):
+        assert peak_activations(schedule, r) == peak_activations(template, r)
+
+
 def test_template_out_of_order_is_refused() -> None:
     text = "rank 0: F0.1 F0.0 F1.0 F1.1 B1.0 B0.0 B1.1 B0.1"
     template = Schedule.from_text(text, dualpipev_layout(1))

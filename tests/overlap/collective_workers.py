@@ -3,6 +3,9 @@ an ordinary autograd operation, against the same sums computed from every rank's
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -15,7 +18,7 @@ class OneComm(PartedStage):
         super().__init__()
         self.op = op
 
-    def parts(self, x: Tensor):  # type: ignore[override]
+    def parts(self, x: Tensor) -> Generator[Any, Any, Tensor]:
         y = yield self.op(x * 2.0)
         return y * 3.0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Generator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -113,7 +115,7 @@ def engine_cases(rank: int, world: int, cases: list[tuple[str | None, bool]]) ->
 class _Boom(MoEStage):
     """Raises in its second computation part on expert-parallel rank 1."""
 
-    def parts(self, x: Tensor):  # type: ignore[override]
+    def parts(self, x: Tensor) -> Generator[Any, Any, Tensor]:
         gen = super().parts(x)
         value = None
         for part in range(10):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,7 +72,7 @@ class MoEStage(PartedStage):
         unsorted = torch.empty_like(y).index_copy(0, order, y)
         return h + (unsorted.view(h.shape[0], 2, -1) * weight.unsqueeze(-1)).sum(1)
 
-    def parts(self, x: Tensor):  # type: ignore[override]
+    def parts(self, x: Tensor) -> Generator[Any, Any, Tensor]:
         h, rows, order, weight, counts = self._front(x)
         # how many rows each rank sends me, per expert of mine
         recv_counts, h, rows, order, weight, counts = yield (

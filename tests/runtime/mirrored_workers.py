@@ -78,7 +78,20 @@ def frozen_and_accumulated(rank: int, world: int) -> dict[str, object]:
     # a second step without zero_grad: accumulated into the very same tensors
     held = {n: p.grad for n, p in params.items() if p.grad is not None}
     first = {n: g.clone() for n, g in held.items()}
+    exchanges: list[int] = []
+    swap = pipe.transport.exchange
+
+    def counted(tensor: torch.Tensor, *args: object) -> torch.Tensor:
+        exchanges.append(tensor.numel())
+        return swap(tensor, *args)  # type: ignore[arg-type]
+
+    pipe.transport.exchange = counted  # type: ignore[method-assign]
     _step(pipe, rank, x, y)
+    pipe.transport.exchange = swap  # type: ignore[method-assign]
+    trainable = sum(p.numel() for p in pipe.parameters() if p.requires_grad)
+    # one message: a requires-grad and a has-grad flag per tensor, then the gradients of
+    # every trainable parameter of this rank's two modules
+    out["one_exchange"] = exchanges == [2 * len(params) + trainable]
     out["same_grad_tensors"] = all(params[n].grad is g for n, g in held.items())
     out["accumulated"] = all(torch.equal(params[n].grad, 2 * first[n]) for n in held)
 

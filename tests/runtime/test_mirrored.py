@@ -26,6 +26,7 @@ def test_gradients_accumulate_in_place(results: list[dict[str, object]]) -> None
     for r in results:
         assert r["same_grad_tensors"]
         assert r["accumulated"]
+        assert r["one_exchange"]  # one flattened message per step
 
 
 def test_requires_grad_changed_after_construction(results: list[dict[str, object]]) -> None:

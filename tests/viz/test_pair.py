@@ -11,9 +11,10 @@ from dualpipe.viz.pair import render_pair_png, render_pair_text
 
 def test_text_shows_parts_on_two_rows() -> None:
     text = render_pair_text(pair_intervals(parse_parts("2,2,2", "2,2,2", "1,1")), width=40)
-    compute, comm, _axis = text.splitlines()
+    compute, comm_f, comm_b, _axis = text.splitlines()
     assert compute.split("|")[1].startswith("B1") and "F0" in compute and "W1" in compute
-    assert comm.split("|")[1].lstrip().startswith("B1>") and "F0>" in comm
+    assert comm_b.split("|")[1].lstrip().startswith("B1>") and "F0>" in comm_f
+    assert comm_f.index("F0>") > comm_b.index("B1>")  # launched after the backward's
 
 
 def test_png_and_cli(tmp_path: Path, capsys: object) -> None:

@@ -108,9 +108,10 @@ def _revisits(layout: Layout) -> set[tuple[int, int]]:
 
 
 def _template_moves(
-    template: Schedule, slots: list[_Slot], chunks: int
+    template: Schedule, slots: list[_Slot], chunks: int, split_pairs: bool
 ) -> list[list[tuple[int, int]]]:
-    """Per rank, the template's non-W steps as (forward slot, backward slot), -1 for none."""
+    """Per rank, the template's non-W steps as (forward slot, backward slot), -1 for none;
+    with ``split_pairs`` a pair becomes its forward then its backward."""
     where = {(s.rank, s.phase): i for i, s in enumerate(slots)}
     seen_f = [0] * len(slots)
     seen_b = [0] * len(slots)
@@ -130,7 +131,9 @@ def _template_moves(
                 if action.chunk != count[i]:
                     raise ValueError(f"template rank {rank}: {action} is out of micro-batch order")
                 count[i] += 1
-            if fwd >= 0 or bwd >= 0:
+            if split_pairs and fwd >= 0 and bwd >= 0:
+                row.extend(((fwd, -1), (-1, bwd)))
+            elif fwd >= 0 or bwd >= 0:
                 row.append((fwd, bwd))
         out.append(row)
     if any(x != chunks for x in seen_f + seen_b):
@@ -151,7 +154,8 @@ def list_schedule(
 
     With a ``template`` (a schedule on ``layout`` whose forwards and backwards run in
     micro-batch order per stage), each rank runs the template's forwards, backwards and
-    pairs in the template's order and the policy only decides the weight gradients:
+    pairs in the template's order (a pair as its two halves when pairing saves nothing,
+    ``fb >= f + b``) and the policy only decides the weight gradients:
     backwards become input-only (``policy.split``) and each ``W`` fills a wait (by
     ``policy.w_gap``) or runs at the end. The memory profile is then the template's.
 
@@ -193,7 +197,9 @@ def list_schedule(
     w_gap = policy.w_gap * costs.w
     pair_wait = policy.pair_wait * gain
     is_revisit = [(s.stream, s.pos) in revisit for s in slots]
-    order = _template_moves(template, slots, c) if template is not None else None
+    # a pair that saves nothing only waits for two inputs: run its halves one by one
+    # (never later in the simulator: the forward's result even leaves earlier)
+    order = None if template is None else _template_moves(template, slots, c, gain <= 0)
     t_cursor = [0] * n
 
     def f_arrival(i: int, r: int) -> float:

@@ -196,7 +196,7 @@ def expert_owner(name: str, config: MoEConfig) -> int | None:
 def to_intervals(events: Sequence[PartEvent], origin: float) -> list[PartInterval]:
     """Measured engine events as the pair picture's intervals (milliseconds from
     ``origin``): computation parts and weight work on the compute row, communications in
-    flight (from launch until the engine saw them complete) on the other."""
+    flight (from launch until they completed) on the other."""
     out = []
     for e in events:
         words = e.label.split(" ")

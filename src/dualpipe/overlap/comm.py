@@ -7,6 +7,7 @@ a :class:`Pending`; the engine waits on it only when the next part needs the res
 from __future__ import annotations
 
 import copy
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ class Pending:
         finish: called once after every handle completed; returns the result tensors.
     """
 
-    __slots__ = ("_works", "_finish", "_result", "device_side")
+    __slots__ = ("_works", "_finish", "_result", "device_side", "_total", "_done_at")
 
     def __init__(self, works: Sequence[Any], finish: Callable[[], tuple[Tensor, ...]],
                  device_side: bool = False) -> None:
@@ -36,6 +37,24 @@ class Pending:
         self.device_side = device_side
         """True when ``wait`` does not block the host (it orders accelerator streams, as
         NCCL's does): the engine then never polls it."""
+        self._total = len(self._works)
+        self._done_at: list[float] = []
+        for w in self._works:
+            try:  # when each handle completed, for timelines (not every handle tells)
+                w.get_future().add_done_callback(self._note)
+            except (AttributeError, RuntimeError):
+                self._total = -1
+
+    def _note(self, _future: Any) -> None:
+        self._done_at.append(time.perf_counter())
+
+    @property
+    def completed_at(self) -> float | None:
+        """``time.perf_counter()`` when the work completed, where its handles report it
+        (``None`` otherwise, or before it completed)."""
+        if self._total > 0 and len(self._done_at) == self._total:
+            return max(self._done_at)
+        return None
 
     def ready(self) -> bool:
         """Whether waiting now would not block the host. Handles must report completion

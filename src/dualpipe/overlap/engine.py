@@ -34,7 +34,8 @@ class PartEvent:
     """One measured interval of the engine (``time.perf_counter`` seconds).
 
     ``kind`` is ``"compute"`` (a computation part, forward or backward), ``"comm"`` (a
-    communication in flight, from launch until the engine saw it complete), ``"wait"``
+    communication in flight, from launch until it completed — as its handles report it,
+    else until the engine saw it complete), ``"wait"``
     (blocked on a communication, nothing else to do) or ``"weight"`` (deferred
     weight-gradient work run while a communication was in flight).
     """
@@ -84,6 +85,12 @@ class Waiter:
                 nap = min(nap * 2, 2e-4)
             self.log(what, "wait", t0, time.perf_counter())
         return pending.wait()
+
+
+def _completed(pending: Pending) -> float:
+    """When ``pending`` completed (its handles' report, else now: when it was seen)."""
+    done = pending.completed_at
+    return done if done is not None else time.perf_counter()
 
 
 def _leaf(t: Any, grad: bool) -> Any:
@@ -178,7 +185,7 @@ class ForwardTask:
         if self._pending is not None:
             what = f"{self.label} comm {n - 1}"
             results = self.waiter.wait(self._pending, what, filler)
-            self.waiter.log(what, "comm", self._launched, time.perf_counter())
+            self.waiter.log(what, "comm", self._launched, _completed(self._pending))
             needs = self.grad and self.boundaries[-1].grad
             res = tuple(r.detach().requires_grad_(needs and r.is_floating_point())
                         for r in results)
@@ -280,7 +287,7 @@ class BackwardTask:
         if self._pending is not None:
             what = f"{self.label} comm {k + 1}"  # launched after part k + 1's backward
             comm_grads = self.waiter.wait(self._pending, what, filler)
-            self.waiter.log(what, "comm", self._launched, time.perf_counter())
+            self.waiter.log(what, "comm", self._launched, _completed(self._pending))
             self._grads = [*comm_grads, *self._carried_grads]
             self._pending = None
         t0 = time.perf_counter()
@@ -320,11 +327,9 @@ class BackwardTask:
             )
             self._launched = time.perf_counter()
             self._pending = boundary.op.launch_backward(res_grads, boundary.ctx)
-        else:
-            none: tuple[Tensor, ...] = ()
-            self._pending = Pending([], lambda: none)
+        else:  # nothing needed a gradient through this communication: no backward
             nothing: list[Tensor | None] = [None] * boundary.n_inputs
-            self._carried_grads = nothing + self._carried_grads
+            self._grads = nothing + self._carried_grads
         self._k = k - 1
 
     def finish(self, filler: Callable[[], bool] | None = None) -> list[Tensor | None]:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from torch import Tensor, nn
@@ -13,6 +13,10 @@ from .comm import CommCall, run_synchronously
 __all__ = ["PartedStage", "split_yield", "reply"]
 
 PartsGenerator = Generator[Any, Any, Any]
+
+
+def _parts_unimplemented(self: nn.Module, *inputs: Any) -> PartsGenerator:
+    raise NotImplementedError(f"{type(self).__name__} must define parts(*inputs)")
 
 
 class PartedStage(nn.Module):
@@ -43,9 +47,9 @@ class PartedStage(nn.Module):
     communication's group must run the same parts in the same order.
     """
 
-    def parts(self, *inputs: Any) -> PartsGenerator:
-        """The stage's computation, with ``yield`` at each communication."""
-        raise NotImplementedError(f"{type(self).__name__} must define parts(*inputs)")
+    # declared like nn.Module.forward, so subclasses may name their own arguments
+    parts: Callable[..., PartsGenerator] = _parts_unimplemented
+    """The stage's computation, with ``yield`` at each communication."""
 
     def forward(self, *inputs: Any) -> Any:
         gen = self.parts(*inputs)

@@ -51,18 +51,16 @@ def _module_device(modules: Sequence[nn.Module]) -> torch.device:
 
 def _stage_modules(modules: nn.Module | Iterable[nn.Module], expected: int) -> list[nn.Module]:
     """The stage modules a user passed: any iterable of modules (``(a, b)``, a list,
-    ``nn.Sequential(a, b)``, ``nn.ModuleList``), or one module where one is expected."""
-    if isinstance(modules, nn.Module) and (expected == 1 or not _is_container(modules)):
-        return [modules]
-    stages = list(modules)  # type: ignore[arg-type]  # a container module iterates
+    ``nn.Sequential(a, b)``, ``nn.ModuleList``), or one module where one is expected
+    (an ``nn.Sequential`` is then that stage itself)."""
+    if isinstance(modules, nn.Module) and not isinstance(modules, nn.ModuleList):
+        if expected == 1 or not isinstance(modules, nn.Sequential):
+            return [modules]
+    stages = list(modules)
     for i, m in enumerate(stages):
         if not isinstance(m, nn.Module):
             raise TypeError(f"modules[{i}] must be an nn.Module, got {type(m).__name__}")
     return stages
-
-
-def _is_container(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Sequential, nn.ModuleList))
 
 
 def _pipeline_to_group(rank_mapping: Sequence[int] | None, size: int) -> list[int]:
