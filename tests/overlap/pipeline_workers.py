@@ -15,6 +15,7 @@ from dualpipe.schedules.actions import Op, Overlap
 from dualpipe.schedules.registry import generate
 from dualpipe.schedules.schedule import layout_for
 
+from ..runtime.overlap_workers import OriginalHook
 from .models import DIM, MoEStage, expert_owner
 
 TOKENS = 4  # per micro-batch and expert-parallel rank
@@ -30,23 +31,8 @@ def _criterion(out: Tensor, label: Tensor) -> Tensor:
     return F.mse_loss(out, label)
 
 
-class HookedMoEStage(MoEStage):
+class HookedMoEStage(OriginalHook, MoEStage):
     """A parted stage whose class also defines the original's hook: the hook wins."""
-
-    calls = 0
-
-    @classmethod
-    def overlapped_forward_backward(
-        cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1, output_grads1
-    ):  # noqa: ANN001, ANN206 - the original's signature
-        cls.calls += 1
-        outputs0 = module0(*inputs0)
-        loss0 = criterion0(outputs0, *labels0) if criterion0 is not None else None
-        if loss1 is not None:
-            loss1.backward()
-        else:
-            torch.autograd.backward(outputs1, output_grads1)
-        return outputs0, loss0
 
 
 def pipeline_cases(rank: int, world: int,

@@ -14,8 +14,9 @@ from .models import MLPStage, criterion
 from .workers import _reference
 
 
-class OverlapStage(MLPStage):
-    """A stage that supplies the original's ``overlapped_forward_backward`` hook."""
+class OriginalHook:
+    """Mixin: the original's ``overlapped_forward_backward`` hook (forward of one
+    micro-batch, then backward of the other), counting its calls per class."""
 
     calls = 0
 
@@ -31,6 +32,10 @@ class OverlapStage(MLPStage):
         else:
             torch.autograd.backward(outputs1, output_grads1)
         return outputs0, loss0
+
+
+class OverlapStage(OriginalHook, MLPStage):
+    """A stage that supplies the original's ``overlapped_forward_backward`` hook."""
 
 
 def overlapped(rank: int, world: int, schedule: str, num_chunks: int) -> tuple[int, int]:

@@ -7,6 +7,7 @@ comparison table, :class:`~dualpipe.runtime.pipeline.Pipeline`) asks here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,14 +137,11 @@ def register(
     """
 
     def wrap(build: Generator) -> Generator:
+        @functools.wraps(build)
         def checked(num_ranks: int, num_chunks: int) -> Schedule:
             entry.check(num_ranks, num_chunks)
             return build(num_ranks, num_chunks)
 
-        checked.__name__ = build.__name__
-        checked.__qualname__ = build.__qualname__
-        checked.__doc__ = build.__doc__
-        checked.__module__ = build.__module__
         entry = ScheduleSpec(
             name=name,
             label=label,
