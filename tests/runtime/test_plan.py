@@ -29,15 +29,35 @@ def test_steps_pairs_and_receive_posting() -> None:
     plan = build_plan(schedule, 0, True, True, lookahead=2)
     assert [str(s.label) for s in plan.steps] == [str(s) for s in schedule.steps[0]]
     assert {s.kind for s in plan.steps} == {"F", "B", "I", "W", "FB"}
-    index = {m: k for k, m in enumerate(plan.incoming[1])}
     start = 0
     for step in plan.steps:
         # every message a step needs is due by then, and due counts only grow
         for a in step.actions:
-            assert all(index[m] < step.due[1] for m in a.recvs)
-        assert step.due[1] >= start
-        start = step.due[1]
-    assert start == len(plan.incoming[1])
+            assert all(plan.index[m] < step.due for m in a.recvs)
+        assert step.due >= start
+        start = step.due
+    last_recv = max(k for k, op in enumerate(plan.ops) if not op.send)
+    assert start == last_recv + 1
+
+
+def test_issue_order_is_one_global_order() -> None:
+    # each rank issues its operations in the order of one list shared by all ranks:
+    # stamps first, and for every pair of ranks both sides list their common
+    # operations identically (a send on one side is the receive on the other)
+    schedule = generate("dualpipe", 4, 8)
+    plans = [build_plan(schedule, r, True, True) for r in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            mine = [(op.send, op.message) for op in plans[a].ops if op.peer == b]
+            theirs = [(not op.send, op.message) for op in plans[b].ops if op.peer == a]
+            assert mine == theirs
+    for plan in plans:
+        stamps = [k for k, op in enumerate(plan.ops) if op.message is None]
+        assert stamps == list(range(len(stamps))) and stamps
+        sends = {m for a in plan.actions for m in a.sends}
+        recvs = {m for a in plan.actions for m in a.recvs}
+        assert {op.message for op in plan.ops if op.message and op.send} == sends
+        assert {op.message for op in plan.ops if op.message and not op.send} == recvs
 
 
 def test_inference_plan_has_forwards_only_and_no_headers_when_shapes_known() -> None:

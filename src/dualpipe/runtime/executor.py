@@ -20,7 +20,7 @@ from .errors import RemoteFailure
 from .handlers import DEFAULT_HANDLERS, Handler
 from .p2p import BaseTransport
 from .plan import LOOKAHEAD, ExecutionPlan, build_plan
-from .protocol import STAMP_SEQ, Stamp
+from .protocol import Stamp
 from .record import StepRecord
 from .run import ActionFailure, StepData, StepResult, StepRun
 from .shapes import BoundaryShapes
@@ -108,8 +108,6 @@ class Executor:
         trace = StepRecord(time.perf_counter(), time.time()) if record else None
         stamp = Stamp(self.transport.pipeline, number, schedule.num_chunks, data.training,
                       self.static_shapes)
-        for dst in plan.outgoing:
-            self.transport.send([stamp.encode(self.transport.device)], dst, STAMP_SEQ)
         run = StepRun(plan, data, self.modules, self.transport, shapes, self.handlers,
                       self.split, self.keep_outputs, stamp, trace)
         self.last_plan, self.last_record = plan, trace
@@ -121,6 +119,7 @@ class Executor:
             run.guard(step.label, partial(self.handlers[step.kind], run, step))
             if trace is not None:
                 trace.steps.append((step.label, t0, time.perf_counter()))
+        run.mailbox.close()
         self.transport.drain_sends(f"rank {self.rank}: completion of its sends")
         if self.static_shapes and known is None:
             self._known[(schedule, data.training)] = shapes

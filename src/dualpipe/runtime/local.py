@@ -3,12 +3,17 @@ rank), messages handed over in memory. For unit tests of the executor.
 
     network = LocalNetwork(num_ranks=2)
     results = network.run(lambda rank, transport: executor_for(rank, transport).run(...))
+
+With ``in_order`` it also plays NCCL: it records the order in which every rank
+issues its operations and runs them the way NCCL does, strictly in that order.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -20,6 +25,22 @@ __all__ = ["LocalNetwork", "LocalTransport"]
 T = TypeVar("T")
 
 
+@dataclass
+class _Op:
+    """One operation issued in in-order mode."""
+
+    rank: int
+    peer: int
+    send: bool
+    tag: int
+    tensors: list[torch.Tensor]
+    pending: Pending
+
+    def __str__(self) -> str:
+        return (f"rank {self.rank}: {'send to' if self.send else 'recv from'} {self.peer} "
+                f"tag {self.tag:#x}")
+
+
 class LocalNetwork:
     """The mailboxes shared by the ranks of one in-process pipeline.
 
@@ -27,17 +48,87 @@ class LocalNetwork:
     (the tensors are copied then), like a rendezvous. A second message with the same
     ``(src, dst, tag)`` while the first is unmatched is an error: tags must tell
     messages apart.
+
+    ``in_order`` makes the network behave like NCCL, which ignores tags and runs the
+    operations of a rank in the order it issued them: with ``"peer"``, one queue per
+    rank and peer (NCCL's point-to-point communicator per pair of ranks); with
+    ``"rank"``, one queue per rank for all peers (a single communicator), the stricter
+    rule. An operation completes only when it is first in its queue and its
+    counterpart is first in the peer's queue; two heads that face each other but are
+    different messages are a *violation* (NCCL would pair them: wrong data), recorded
+    in :attr:`violations` and failing both. Every rank's issued operations are
+    recorded in :attr:`issued`, in order, as ``(peer, send, tag)``.
     """
 
-    def __init__(self, num_ranks: int, timeout: float = 10.0) -> None:
+    def __init__(self, num_ranks: int, timeout: float = 10.0, in_order: str | None = None
+                 ) -> None:
+        if in_order not in (None, "peer", "rank"):
+            raise ValueError(f"in_order must be None, 'peer' or 'rank', not {in_order!r}")
         self.num_ranks = num_ranks
         self.timeout = timeout
+        self.in_order = in_order
         self._lock = threading.Lock()
         self._sends: dict[tuple[int, int, int], tuple[list[torch.Tensor], Pending]] = {}
         self._recvs: dict[tuple[int, int, int], tuple[list[torch.Tensor], Pending]] = {}
+        self._queues: dict[tuple[int, int], deque[_Op]] = {}
+        self.issued: list[list[tuple[int, bool, int]]] = [[] for _ in range(num_ranks)]
+        self.violations: list[str] = []
         self.error: str | None = None
         self.notes: dict[str, bytes] = {}
         self.delivered = 0
+
+    # ------------------------------------------------------------ in-order mode
+    def _queue_key(self, rank: int, peer: int) -> tuple[int, int]:
+        return (rank, peer) if self.in_order == "peer" else (rank, -1)
+
+    def _enqueue(self, op: _Op) -> None:
+        with self._lock:
+            self.issued[op.rank].append((op.peer, op.send, op.tag))
+            self._queues.setdefault(self._queue_key(op.rank, op.peer), deque()).append(op)
+            done = self._progress()
+        for a, b in done:
+            self._deliver(a, b)
+
+    def _progress(self) -> list[tuple[_Op, _Op]]:
+        """Pair the queue heads that face each other (under the lock); returns the pairs
+        to deliver (outside it)."""
+        done: list[tuple[_Op, _Op]] = []
+        moved = True
+        while moved:
+            moved = False
+            for queue in list(self._queues.values()):
+                if not queue:
+                    continue
+                head = queue[0]
+                other = self._queues.get(self._queue_key(head.peer, head.rank))
+                if not other:
+                    continue
+                peer_head = other[0]
+                if peer_head.peer != head.rank or peer_head.send == head.send:
+                    continue  # the peer is busy with something else: head waits
+                queue.popleft()
+                other.popleft()
+                moved = True
+                if peer_head.tag != head.tag:
+                    message = f"NCCL would pair {head} with {peer_head}"
+                    self.violations.append(message)
+                    for op in (head, peer_head):
+                        op.pending.error = PipelineError(message)
+                        op.pending.keep = None
+                        op.pending.event.set()
+                    continue
+                self.delivered += 1
+                done.append((head, peer_head) if head.send else (peer_head, head))
+        return done
+
+    def _deliver(self, send: _Op, recv: _Op) -> None:
+        self._copy(send.tensors, recv.tensors, (send.rank, recv.rank, send.tag),
+                   send.pending, recv.pending)
+
+    def heads(self) -> list[str]:
+        """The first waiting operation of every queue (what a stuck network waits on)."""
+        with self._lock:
+            return [str(q[0]) for q in self._queues.values() if q]
 
     def transport(self, rank: int) -> LocalTransport:
         """The transport of pipeline rank ``rank``."""
@@ -45,6 +136,10 @@ class LocalNetwork:
 
     def _match(self, key: tuple[int, int, int], tensors: list[torch.Tensor], send: bool,
                pending: Pending) -> None:
+        if self.in_order is not None:
+            rank, peer = (key[0], key[1]) if send else (key[1], key[0])
+            self._enqueue(_Op(rank, peer, send, key[2], tensors, pending))
+            return
         with self._lock:
             mine, theirs = (self._sends, self._recvs) if send else (self._recvs, self._sends)
             if key in mine:
@@ -54,18 +149,26 @@ class LocalNetwork:
                 mine[key] = (tensors, pending)
                 return
             self.delivered += 1
-        sent, recv = (tensors, other[0]) if send else (other[0], tensors)
+        if send:
+            self._copy(tensors, other[0], key, pending, other[1])
+        else:
+            self._copy(other[0], tensors, key, other[1], pending)
+
+    @staticmethod
+    def _copy(sent: list[torch.Tensor], recv: list[torch.Tensor], key: tuple[int, int, int],
+              send_pending: Pending, recv_pending: Pending) -> None:
+        """Copy a matched message into its receive buffers and complete both sides."""
         if len(sent) != len(recv) or any(
             a.shape != b.shape or a.dtype != b.dtype for a, b in zip(sent, recv, strict=False)
         ):
             err = PipelineError(f"message {key}: sent {[tuple(t.shape) for t in sent]} into "
                                 f"buffers {[tuple(t.shape) for t in recv]}")
-            for p in (pending, other[1]):
+            for p in (send_pending, recv_pending):
                 p.error = err
         else:
             for a, b in zip(sent, recv, strict=True):
                 b.copy_(a)
-        for p in (pending, other[1]):
+        for p in (send_pending, recv_pending):
             p.keep = None
             p.event.set()
 
@@ -73,7 +176,8 @@ class LocalNetwork:
     def unmatched(self) -> int:
         """Messages posted on one side only."""
         with self._lock:
-            return len(self._sends) + len(self._recvs)
+            queued = sum(len(q) for q in self._queues.values())
+            return len(self._sends) + len(self._recvs) + queued
 
     def run(self, fn: Callable[[int, LocalTransport], T], timeout: float | None = None
             ) -> list[T]:

@@ -2,10 +2,12 @@
 
 * Tensor metadata travels in a fixed-size int64 *header* so receivers never need
   declared shapes.
-* Sends and receives are non-blocking for the caller: per peer and direction, a
-  background thread posts each message (``isend``/``irecv``, the message number as
-  tag) and waits for it; NCCL messages are posted by the caller through
-  ``batch_isend_irecv`` (its point-to-point operations are matched by order).
+* Sends and receives are issued at once, from the calling thread, in the order the
+  caller issues them (the step's :class:`~dualpipe.runtime.mailbox.Mailbox` keeps the
+  plan's order, which NCCL needs). With gloo, one background thread per peer and
+  direction waits for each operation and marks it done; with NCCL no thread waits: a
+  received tensor is handed to the device stream (:meth:`Pending.on_stream`) and the
+  host only polls for completion where it must read a message (headers, stamps).
 * Waits are bounded: a waiting rank gives up after ``timeout`` seconds, and
   notices within a fraction of a second when another rank has posted a failure
   to the process group's store.
@@ -20,7 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,7 +105,8 @@ def decode_header(header: torch.Tensor) -> list[TensorMeta]:
 
 
 class Pending:
-    """Completion of one message (one or more tensors), tracked by a background thread.
+    """Completion of one message (one or more tensors), marked by whoever learns of it
+    (a waiting thread, or the in-process transport).
 
     ``keep`` holds send buffers until the message is delivered; they are dropped the
     moment it is."""
@@ -118,27 +120,71 @@ class Pending:
 
     @property
     def done(self) -> bool:
+        """Whether the message has completed (never blocks)."""
         return self.event.is_set()
 
+    def wait_for(self, seconds: float) -> bool:
+        """Block the host up to ``seconds`` for completion; True once complete."""
+        return self.event.wait(seconds)
 
-class _Channel:
-    """A daemon thread that carries the messages to (or from) one peer, in order.
+    def on_stream(self) -> bool:
+        """Leave completion to the device: make the current stream wait for the message
+        and return True, or return False when the host must wait (gloo, in-process)."""
+        return False
 
-    For gloo it both posts each operation and waits for it: the gloo calls (tens of
-    microseconds each) leave the main thread, and, since gloo's ``is_completed()``
-    only turns true inside ``wait()``, a thread blocking in ``wait()`` is the way to
-    learn of completion at once while the main thread still waits with a deadline.
-    Each wait is bounded by the pipeline's timeout (passed to gloo, which otherwise
-    applies the process group's). Messages between two ranks are matched in order,
-    so one thread per peer and direction loses nothing. For NCCL the caller posts
-    (batched) and the thread only waits. :meth:`close` ends the thread."""
 
-    def __init__(self, name: str, op: Callable[..., dist.Work] | None, peer: int,
-                 timeout: float) -> None:
-        self._jobs: queue.SimpleQueue[tuple[list[Any], int, Pending] | None] = (
+class DevicePending(Pending):
+    """Completion of a message posted on a device backend (NCCL), read from its works:
+    polled by the host where it must read the message, awaited by the stream otherwise."""
+
+    __slots__ = ("works",)
+
+    def __init__(self, works: list[dist.Work], keep: list[torch.Tensor] | None) -> None:
+        super().__init__(keep)
+        self.works = works
+
+    @property
+    def done(self) -> bool:
+        if not self.event.is_set():
+            try:
+                if not all(w.is_completed() for w in self.works):
+                    return False
+            except Exception as exc:  # noqa: BLE001 - reported by the waiter
+                self.error = exc
+            self.keep = None
+            self.event.set()
+        return True
+
+    def wait_for(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not self.done:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
+    def on_stream(self) -> bool:
+        for work in self.works:
+            work.wait()  # NCCL: the current stream waits; the host does not
+        return True
+
+
+class _Waiter:
+    """A daemon thread that waits, in issue order, for the gloo operations with one
+    peer in one direction and marks each message done.
+
+    gloo's ``is_completed()`` only turns true inside ``wait()``, so a thread blocking
+    in ``wait()`` is the way to learn of completion at once while the main thread
+    still waits with a deadline (and notices other ranks' failures). Each wait is
+    bounded by the pipeline's timeout (passed to gloo, which otherwise applies the
+    process group's). Operations with one peer in one direction complete in issue
+    order, so one thread per peer and direction loses nothing. :meth:`close` ends
+    the thread."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self._jobs: queue.SimpleQueue[tuple[list[dist.Work], Pending] | None] = (
             queue.SimpleQueue()
         )
-        self._op, self._peer = op, peer
         self._timeout = timedelta(seconds=timeout)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -148,12 +194,8 @@ class _Channel:
             job = self._jobs.get()
             if job is None:
                 return
-            items, tag, pending = job
+            works, pending = job
             try:
-                if self._op is None:  # already posted: items are works
-                    works = items
-                else:
-                    works = [self._op([t], self._peer, tag) for t in items]
                 for work in works:
                     work.wait(self._timeout)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -161,8 +203,8 @@ class _Channel:
             pending.keep = None
             pending.event.set()
 
-    def submit(self, items: list[Any], tag: int, pending: Pending) -> Pending:
-        self._jobs.put((items, tag, pending))
+    def submit(self, works: list[dist.Work], pending: Pending) -> Pending:
+        self._jobs.put((works, pending))
         return pending
 
     def close(self, wait: float) -> bool:
@@ -274,12 +316,15 @@ class BaseTransport:
         ``buffers``; returns at once. Complete it with :meth:`wait`."""
         return self._post(list(buffers), peer, seq, send=False)
 
-    def wait(self, pending: Pending, what: str) -> None:
+    def wait(self, pending: Pending, what: str, host: bool = True) -> None:
         """Complete ``pending``; fail after ``timeout`` seconds, or as soon as another rank
-        reports a failure."""
-        if not pending.event.is_set():
+        reports a failure. ``host=False``: the caller only needs the data on the device
+        stream, so a device backend lets the stream wait instead of the host."""
+        if not host and pending.on_stream():
+            return
+        if not pending.done:
             deadline = time.monotonic() + self.timeout
-            while not pending.event.wait(0.2):
+            while not pending.wait_for(0.2):
                 self.check_error()
                 if time.monotonic() > deadline:
                     raise PipelineError(f"timed out after {self.timeout:.1f} s waiting for {what}")
@@ -301,8 +346,14 @@ class BaseTransport:
     def exchange(self, tensor: torch.Tensor, peer: int, seq: int, what: str) -> torch.Tensor:
         """Swap a tensor of the same shape with ``peer`` (blocking, with a deadline)."""
         other = torch.empty_like(tensor)
-        incoming = self.recv([other], peer, seq)
-        outgoing = self.send([tensor], peer, seq)
+        # the lower rank sends first, the higher receives first: both issue the two
+        # operations in the same order (as NCCL needs)
+        if self.rank < peer:
+            outgoing = self.send([tensor], peer, seq)
+            incoming = self.recv([other], peer, seq)
+        else:
+            incoming = self.recv([other], peer, seq)
+            outgoing = self.send([tensor], peer, seq)
         self.wait(incoming, what)
         self.wait(outgoing, what)
         self._sends.remove(outgoing)
@@ -347,7 +398,7 @@ class BaseTransport:
             for wait in waits:
                 wait(max(0.1, deadline - time.monotonic()))
             for _, pending in mine:
-                if not pending.event.wait(max(0.0, deadline - time.monotonic())):
+                if not pending.wait_for(max(0.0, deadline - time.monotonic())):
                     complete = False
         except Exception:  # noqa: BLE001 - best effort: the step failed already
             complete = False
@@ -383,57 +434,48 @@ class Transport(BaseTransport):
         self.group_ranks = list(group_ranks)
         self.ranks = [dist.get_global_rank(self._pg, g) for g in self.group_ranks]
         self.key = "dualpipe/unnamed"
-        backend = dist.get_backend(group)
-        self.batched = backend == "nccl"
+        # a device backend runs operations on streams: no waiting threads
+        self.device_backend = dist.get_backend(group) not in ("gloo", "mpi")
         try:
             self.store: dist.Store | None = dist.distributed_c10d._get_default_store()
         except Exception:  # noqa: BLE001 - no store: failures are noticed by timeout only
             self.store = None
-        self._channels: dict[tuple[int, bool], _Channel] = {}
+        self._waiters: dict[tuple[int, bool], _Waiter] = {}
 
     def _group(self) -> dist.ProcessGroup:
         if self._pg is None:
             raise PipelineError("this pipeline is closed")
         return self._pg
 
-    def _channel(self, peer: int, send: bool) -> _Channel:
-        channel = self._channels.get((peer, send))
-        if channel is None:
-            pg = self._group()
-            # the process group's own send/recv (group ranks), without the Python
-            # wrappers of torch.distributed.isend/irecv (about 20 us per call)
-            op = None if self.batched else (pg.send if send else pg.recv)
+    def _waiter(self, peer: int, send: bool) -> _Waiter:
+        waiter = self._waiters.get((peer, send))
+        if waiter is None:
             name = f"dualpipe-{'send-to' if send else 'recv-from'}-{peer}"
-            channel = _Channel(name, op, self.group_ranks[peer], self.timeout)
-            self._channels[(peer, send)] = channel
-        return channel
+            waiter = self._waiters[(peer, send)] = _Waiter(name, self.timeout)
+        return waiter
 
-    def _batched(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool
-                 ) -> list[dist.Work]:
-        op = dist.isend if send else dist.irecv
+    def _issue(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool
+               ) -> list[dist.Work]:
+        """Post the operations now, from this thread, in order (the process group's own
+        send/recv, with group ranks: no Python wrapper, about 20 us less per call)."""
+        pg = self._group()
+        op = pg.send if send else pg.recv
         try:
-            return dist.batch_isend_irecv(
-                [dist.P2POp(op, t, self.ranks[peer], self.group, tag) for t in tensors]
-            )
+            return [op([t], self.group_ranks[peer], tag) for t in tensors]
         except RuntimeError as exc:
             self.check_error()
             raise PipelineError(f"communication failed: {exc}") from exc
 
     def _submit(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool) -> Pending:
-        pending = Pending(list(tensors) if send else None)
-        if self.batched:
-            works = self._batched(tensors, peer, tag, send)
-            return self._channel(peer, send).submit(list(works), tag, pending)
-        return self._channel(peer, send).submit(list(tensors), tag, pending)
+        works = self._issue(tensors, peer, tag, send)
+        keep = list(tensors) if send else None
+        if self.device_backend:
+            return DevicePending(works, keep)
+        return self._waiter(peer, send).submit(works, Pending(keep))
 
     def _post_now(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool
                   ) -> Callable[[float], None]:
-        if self.batched:
-            works = self._batched(tensors, peer, tag, send)
-        else:
-            pg = self._group()
-            op = pg.send if send else pg.recv
-            works = [op([t], self.group_ranks[peer], tag) for t in tensors]
+        works = self._issue(tensors, peer, tag, send)
 
         def wait(seconds: float) -> None:
             for work in works:
@@ -477,7 +519,7 @@ class Transport(BaseTransport):
 
     def close(self) -> None:
         """Stop the per-peer threads (once their messages are done) and drop the group."""
-        for channel in self._channels.values():
-            channel.close(wait=1.0)
-        self._channels = {}
+        for waiter in self._waiters.values():
+            waiter.close(wait=1.0)
+        self._waiters = {}
         self._pg = None

@@ -2,23 +2,28 @@
 its inputs come from, where its outputs go, and which receives are posted before it.
 
 The executor and its handlers read only this plan; nothing rediscovers routes from
-the layout while a step runs.
+the layout while a step runs. The plan also fixes the order in which the rank issues
+its sends and receives (:attr:`ExecutionPlan.ops`): the step's stamps first, then
+every message in the global order of :func:`~dualpipe.schedules.order.message_order`,
+which all ranks share (why that order cannot deadlock NCCL: ``docs/runtime.md``).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..schedules.actions import Action, Op, Overlap
-from ..schedules.comm import Message, plan_communication
+from ..schedules.comm import Message, RankPlan, plan_communication
+from ..schedules.order import message_order
 from ..schedules.schedule import Schedule
 
-__all__ = ["Route", "HandOff", "ActionPlan", "PlannedStep", "ExecutionPlan", "build_plan",
-           "LOOKAHEAD"]
+__all__ = ["Route", "HandOff", "ActionPlan", "PlannedStep", "Issue", "ExecutionPlan",
+           "build_plan", "build_plans", "LOOKAHEAD"]
 
 LOOKAHEAD = 4
-"""Receives are posted (in each sender's order) for the next this-many actions."""
+"""Receives are posted (in issue order) for the next this-many actions."""
 
 HandOff = tuple[bool, int, int, int]
 """Key of a local hand-off: ``(grad, stream, producing position, chunk)``."""
@@ -82,14 +87,33 @@ class PlannedStep:
         kind: handler key: ``"F"``, ``"B"``, ``"I"``, ``"W"`` or ``"FB"`` (a pair).
         label: the schedule's step (printed in errors and timelines).
         actions: its actions (a pair: forward then backward).
-        due: per source rank, how many of its messages (in sender order) have their
-            receives posted before this step starts.
+        due: how many of the rank's operations (:attr:`ExecutionPlan.ops`, in order)
+            are issued before this step starts, at least: every receive it needs and
+            those needed within the look-ahead (a send among them is issued once its
+            action has run).
     """
 
     kind: str
     label: Action | Overlap
     actions: tuple[ActionPlan, ...]
-    due: dict[int, int]
+    due: int
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One operation of a rank in a step: a send or a receive of ``message``, or of
+    the step's stamp (``message is None``) to or from ``peer``."""
+
+    peer: int
+    send: bool
+    message: Message | None
+
+    def __str__(self) -> str:
+        what = "stamp" if self.message is None else (
+            f"{'header' if self.message.header else 'grad' if self.message.grad else 'act'}"
+            f"#{self.message.seq}")
+        return f"{'send' if self.send else 'recv'} {what} {'to' if self.send else 'from'} " \
+               f"{self.peer}"
 
 
 @dataclass(frozen=True)
@@ -104,6 +128,10 @@ class ExecutionPlan:
         steps: the steps in issue order.
         incoming: per source rank, every message from it, in sender order.
         outgoing: the ranks this rank sends to.
+        ops: every send and receive of the step, in the order the rank issues them:
+            stamps first (ordered by sending rank, then receiving rank), then the
+            messages in the global order shared by all ranks.
+        index: position of each message in ``ops``.
     """
 
     rank: int
@@ -113,6 +141,8 @@ class ExecutionPlan:
     steps: tuple[PlannedStep, ...]
     incoming: dict[int, tuple[Message, ...]]
     outgoing: tuple[int, ...]
+    ops: tuple[Issue, ...]
+    index: dict[Message, int]
 
     @property
     def actions(self) -> list[ActionPlan]:
@@ -153,17 +183,41 @@ def build_plan(
     schedule: Schedule, rank: int, training: bool, headers: bool, lookahead: int = LOOKAHEAD
 ) -> ExecutionPlan:
     """Derive ``rank``'s execution plan of ``schedule`` (inference drops B, I and W)."""
-    comm = plan_communication(schedule, not training, headers)[rank]
+    return build_plans(schedule, training, headers, lookahead, ranks=[rank])[0]
+
+
+def build_plans(
+    schedule: Schedule, training: bool, headers: bool, lookahead: int = LOOKAHEAD,
+    ranks: Sequence[int] | None = None,
+) -> list[ExecutionPlan]:
+    """The execution plans of ``ranks`` (default: every rank) of ``schedule``."""
+    plans = plan_communication(schedule, not training, headers)
+    order = message_order(plans)
+    pairs = sorted({(m.src, m.dst) for plan in plans for msgs in plan.sends for m in msgs})
+    return [_build(schedule, plans, order, pairs, rank, training, headers, lookahead)
+            for rank in (range(schedule.num_ranks) if ranks is None else ranks)]
+
+
+def _build(
+    schedule: Schedule, plans: list[RankPlan], order: dict[Message, int],
+    pairs: list[tuple[int, int]], rank: int, training: bool, headers: bool, lookahead: int,
+) -> ExecutionPlan:
+    comm = plans[rank]
     layout = schedule.layout
-    need = {m: i for i, msgs in enumerate(comm.recvs) for m in msgs}
-    # a message's receive is posted once it and every earlier one from its sender are
-    # needed within the look-ahead window
-    post_at: dict[Message, int] = {}
-    for msgs in comm.incoming.values():
-        latest = 0
-        for m in msgs:
-            latest = max(latest, need[m])
-            post_at[m] = max(0, latest - lookahead + 1)
+
+    # the stamps of every pair of neighbouring ranks, then the messages in global order
+    ops = [Issue(dst if src == rank else src, src == rank, None)
+           for src, dst in pairs if rank in (src, dst)]
+    mine = [m for m in order if rank in (m.src, m.dst)]  # (insertion order is the order)
+    ops += [Issue(m.dst if m.src == rank else m.src, m.src == rank, m) for m in mine]
+    index = {op.message: k for k, op in enumerate(ops) if op.message is not None}
+
+    # issued before action i: every receive needed by action i + lookahead - 1
+    need = [max((index[m] + 1 for m in msgs), default=0) for msgs in comm.recvs]
+    due_at, latest = [], 0
+    for i in range(len(comm.actions)):
+        latest = max([latest, *need[i : i + max(1, lookahead)]])
+        due_at.append(latest)
 
     actions = []
     for i, action in enumerate(comm.actions):
@@ -180,7 +234,7 @@ def build_plan(
     while i < len(actions):
         partner = comm.pair_of[i]
         group = tuple(actions[i : i + 2]) if partner == i + 1 else (actions[i],)
-        due = {src: sum(1 for m in msgs if post_at[m] <= i) for src, msgs in comm.incoming.items()}
+        due = max(due_at[i + len(group) - 1], due_at[i])
         if len(group) == 2:
             label: Action | Overlap = Overlap(group[0].action, group[1].action)
             kind = "FB"
@@ -191,4 +245,5 @@ def build_plan(
         i += len(group)
     incoming = {src: tuple(msgs) for src, msgs in comm.incoming.items()}
     outgoing = tuple(sorted({m.dst for msgs in comm.sends for m in msgs}))
-    return ExecutionPlan(rank, schedule, training, headers, tuple(steps), incoming, outgoing)
+    return ExecutionPlan(rank, schedule, training, headers, tuple(steps), incoming, outgoing,
+                         tuple(ops), index)

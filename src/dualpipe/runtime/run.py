@@ -13,7 +13,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ..overlap.engine import ForwardTask, WeightWorks
 from ..schedules.actions import Action, Overlap
-from .inbox import Inbox
+from .mailbox import Mailbox
 from .p2p import BaseTransport, PipelineError, RemoteFailure, TensorMeta, encode_header
 from .plan import ActionPlan, ExecutionPlan, HandOff, PlannedStep, Route
 from .protocol import Stamp
@@ -86,7 +86,7 @@ class StepRun:
         split: input-only backwards defer the weight work (False: full backwards).
         keep_outputs: keep stage outputs (not just their graph edges) for the backward
             (stages with ``overlapped_forward_backward`` receive them).
-        inbox: the step's receives.
+        mailbox: the step's sends and receives.
         record: the measured timeline, when asked for.
     """
 
@@ -112,7 +112,7 @@ class StepRun:
         self.split = split
         self.keep_outputs = keep_outputs
         self.record = record
-        self.inbox = Inbox(plan, transport, shapes, stamp, record)
+        self.mailbox = Mailbox(plan, transport, shapes, stamp, record)
         self.saved: dict[tuple[int, int], tuple[list[Any], list[torch.Tensor]]] = {}
         self.deferred: dict[tuple[int, int], WeightGradWork | WeightWorks | None] = {}
         # forward records of stages written as parts, until their backward
@@ -139,15 +139,15 @@ class StepRun:
     def run_action(self, a: ActionPlan) -> None:
         """Run one action through its handler (errors name the action)."""
         kind = a.action.op.value
-        self.guard(a.action, lambda: self.handlers[kind](self, PlannedStep(kind, a.action, (a,),
-                                                                            {})))
+        step = PlannedStep(kind, a.action, (a,), 0)
+        self.guard(a.action, lambda: self.handlers[kind](self, step))
 
     def receive(self, step: PlannedStep) -> None:
         """Post the receives due before ``step`` and wait for every message it needs."""
-        self.inbox.post(step)
+        self.mailbox.post(step)
         for a in step.actions:
             for msg in a.recvs:
-                self.inbox.complete(msg)
+                self.mailbox.complete(msg)
 
     def result(self) -> StepResult:
         """The losses and outputs, in micro-batch order; checks no W was forgotten."""
@@ -185,7 +185,7 @@ class StepRun:
             return tuple(t.detach().requires_grad_(training and t.requires_grad) for t in outs)
         msg = a.payload_recv
         assert msg is not None
-        bufs = self.inbox.take(msg)
+        bufs = self.mailbox.take(msg)
         if training:
             metas = self.shapes.received[(msg.stream, msg.position)]
             for t, m in zip(bufs, metas, strict=True):
@@ -249,7 +249,7 @@ class StepRun:
             return list(self.local.pop(a.source_key))
         msg = a.payload_recv
         assert msg is not None
-        return list(self.inbox.take(msg))
+        return list(self.mailbox.take(msg))
 
     def pop_saved(self, a: ActionPlan) -> tuple[list[Any], list[torch.Tensor]]:
         """``(output roots, input leaves)`` kept by ``a``'s forward, handed over once."""
@@ -278,6 +278,6 @@ class StepRun:
         for msg in a.sends:
             if msg.header:
                 assert metas is not None
-                self.transport.send([encode_header(metas, device)], msg.dst, msg.seq)
+                self.mailbox.send(msg, [encode_header(metas, device)])
             else:
-                self.transport.send([t.detach().contiguous() for t in tensors], msg.dst, msg.seq)
+                self.mailbox.send(msg, [t.detach().contiguous() for t in tensors])

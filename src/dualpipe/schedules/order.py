@@ -1,0 +1,75 @@
+"""One global order of a step's messages that every rank issues its operations in.
+
+NCCL runs the point-to-point operations between two ranks in the order each rank
+issued them, and an operation cannot finish before its counterpart has been issued.
+If every rank issues its sends and receives in the order of one list shared by all
+ranks, and that list follows the step's dependencies, no operation ever waits behind
+one that cannot start: ``docs/runtime.md`` ("Issue order") gives the argument.
+
+:func:`message_order` builds the list by running the step in unit-time rounds: in
+each round every rank whose next step has all its inputs runs it, and the messages
+sent in a round come after those of earlier rounds (within a round: by sending rank,
+then in the sender's order). A message therefore always comes after every message its
+sender needed before sending it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .comm import Message, RankPlan
+
+__all__ = ["message_order", "issue_order"]
+
+
+def _steps(plan: RankPlan) -> list[list[int]]:
+    """The rank's action indices grouped into steps (an overlapped pair is one step)."""
+    steps: list[list[int]] = []
+    for i in range(len(plan.actions)):
+        partner = plan.pair_of[i]
+        if partner is not None and partner < i:
+            continue
+        steps.append([i] if partner is None else [i, partner])
+    return steps
+
+
+def message_order(plans: Sequence[RankPlan]) -> dict[Message, int]:
+    """Every message of the step (from :func:`~dualpipe.schedules.comm.plan_communication`)
+    numbered in one order that follows the step's dependencies.
+
+    Raises:
+        ValueError: if the ranks' lists cannot all run (a message is needed that is
+            never sent before it is needed: the schedule deadlocks).
+    """
+    steps = [_steps(plan) for plan in plans]
+    cursor = [0] * len(plans)
+    sent: set[Message] = set()
+    order: list[Message] = []
+    while any(cursor[r] < len(steps[r]) for r in range(len(plans))):
+        new: list[Message] = []
+        ran = False
+        for plan, rank_steps in zip(plans, steps, strict=True):
+            r = plan.rank
+            if cursor[r] == len(rank_steps):
+                continue
+            step = rank_steps[cursor[r]]
+            if all(m in sent for i in step for m in plan.recvs[i]):
+                cursor[r] += 1
+                ran = True
+                new.extend(m for i in sorted(step) for m in plan.sends[i])
+        if not ran:
+            stuck = {plan.rank: [str(plan.actions[i]) for i in steps[r][cursor[r]]]
+                     for r, plan in enumerate(plans) if cursor[r] < len(steps[r])}
+            raise ValueError(f"the step cannot run to its end: ranks stuck at {stuck}")
+        order.extend(new)
+        sent.update(new)
+    return {m: k for k, m in enumerate(order)}
+
+
+def issue_order(plans: Sequence[RankPlan], rank: int) -> list[tuple[Message, bool]]:
+    """The operations ``rank`` issues in a step, in the global order: ``(message,
+    True)`` for a send, ``(message, False)`` for a receive."""
+    order = message_order(plans)
+    mine = [m for m in order if rank in (m.src, m.dst)]
+    mine.sort(key=order.__getitem__)
+    return [(m, m.src == rank) for m in mine]
