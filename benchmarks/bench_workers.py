@@ -34,6 +34,7 @@ __all__ = [
     "TORCH_SCHEDULES",
     "TORCH_TO_OURS",
     "num_stages",
+    "sleep_runner",
     "sleep_worker",
     "gpt_worker",
     "pingpong_worker",
@@ -74,6 +75,8 @@ class _Runner:
     actions: int
     order: list[str] | None = None
     record_step: Callable[[], dict[str, Any] | None] | None = None
+    close: Callable[[], None] | None = None
+    """Releases the runtime's threads and buffers (ours: ``Pipeline.close``)."""
 
 
 def _ours(
@@ -90,7 +93,8 @@ def _ours(
 
     name, chunks = cfg["schedule"], cfg["chunks"]
     layout = layout_for(name, ranks)
-    pipe = Pipeline(modules, name, timeout=cfg["timeout"])
+    pipe = Pipeline(modules, name, timeout=cfg["timeout"],
+                    static_shapes=cfg.get("static_shapes"))
     per_stream = chunks // layout.num_streams
     batches = [make_stream_batch(per_stream) for _ in range(layout.num_streams)]
     start = layout.streams_starting_on(rank)
@@ -114,7 +118,7 @@ def _ours(
         }
 
     actions = sum(1 for _ in generate(name, ranks, chunks).actions(rank))
-    return _Runner(step, modules, actions, None, record_step)
+    return _Runner(step, modules, actions, None, record_step, pipe.close)
 
 
 def _torch_actions(sched: Any, rank: int, chunks: int) -> int:
@@ -259,14 +263,12 @@ def _time_steps(runner: _Runner, warmup: int, steps: int) -> tuple[list[float], 
     return times, cpu / max(steps, 1)
 
 
-def sleep_worker(rank: int, ranks: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """One rank of a sleep-stage configuration.
-
-    ``cfg`` keys: ``impl`` (ours|torch), ``schedule``, ``chunks``, ``f``/``b``/``w`` (ms),
-    ``numel`` (fp32 elements per micro-batch activation), ``warmup``, ``steps``,
-    ``timeout``, optionally ``instrument`` (torch: count branches per backward call)
-    and ``input_grad`` (the pipeline input requires grad).
-    """
+def sleep_runner(
+    rank: int, ranks: int, cfg: dict[str, Any],
+    tally: dict[str, dict[str, int]] | None = None,
+) -> _Runner:
+    """This rank's pipeline of a sleep-stage configuration (see :func:`sleep_worker` for
+    ``cfg``); ``tally`` (torch) collects branch counts per backward call."""
     impl, name = cfg["impl"], cfg["schedule"]
     ids = _stage_ids(impl, name, rank, ranks)
     stages = bench_stages.build_sleep_stages(num_stages(name, ranks), cfg["f"], cfg["b"],
@@ -280,12 +282,23 @@ def sleep_worker(rank: int, ranks: int, cfg: dict[str, Any]) -> dict[str, Any]:
             x.requires_grad_(True)
         return x, torch.zeros(n, 1)
 
-    tally: dict[str, dict[str, int]] | None = {} if cfg.get("instrument") else None
     if impl == "ours":
-        runner = _ours(cfg, rank, ranks, modules, make_stream_batch, bench_stages.sleep_loss)
-    else:
-        runner = _torch(cfg, rank, ranks, modules, ids, make_stream_batch,
-                        bench_stages.sleep_loss, tally)
+        return _ours(cfg, rank, ranks, modules, make_stream_batch, bench_stages.sleep_loss)
+    return _torch(cfg, rank, ranks, modules, ids, make_stream_batch, bench_stages.sleep_loss,
+                  tally)
+
+
+def sleep_worker(rank: int, ranks: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One rank of a sleep-stage configuration.
+
+    ``cfg`` keys: ``impl`` (ours|torch), ``schedule``, ``chunks``, ``f``/``b``/``w`` (ms),
+    ``numel`` (fp32 elements per micro-batch activation), ``warmup``, ``steps``,
+    ``timeout``, optionally ``instrument`` (torch: count branches per backward call),
+    ``input_grad`` (the pipeline input requires grad) and ``static_shapes`` (ours:
+    passed to the Pipeline; default: its own default).
+    """
+    tally: dict[str, dict[str, int]] | None = {} if cfg.get("instrument") else None
+    runner = sleep_runner(rank, ranks, cfg, tally)
     _time_steps(runner, cfg["warmup"], 0)
     bench_stages.reset_counts()
     if tally is not None:
@@ -304,7 +317,7 @@ def sleep_worker(rank: int, ranks: int, cfg: dict[str, Any]) -> dict[str, Any]:
         "counts": counts,
         "overshoot_ms": overshoot / sleeps if sleeps else 0.0,
         "tally": tally,
-        "stages": ids,
+        "stages": _stage_ids(cfg["impl"], cfg["schedule"], rank, ranks),
         "order": runner.order,
         "timeline": recorded,
     }

@@ -1,0 +1,355 @@
+"""Benchmark: where a pipeline step's time goes, per OS thread, ours vs torch's runtime.
+
+Run ``python benchmarks/bench_profile.py`` (``--help`` for the options). For every rank
+count it runs DualPipeV on the same stages (:mod:`bench_stages`; zero-cost by default:
+F = B = W = 0 ms, 64-byte activations, so what is left is the runtimes' own cost) with
+
+* ``torch``: ``torch.distributed.pipelining.ScheduleDualPipeV`` (:mod:`bench_workers`),
+* ``ours dynamic``: :class:`dualpipe.runtime.pipeline.Pipeline`, ``static_shapes=False``
+  (every message preceded by a shape header),
+* ``ours static``: the same with ``static_shapes=True`` (no headers after the first step),
+
+side by side in one run, each configuration on fresh processes in a fresh gloo process
+group on 127.0.0.1 (:mod:`bench_launch`: bounded, a failure is an error row). Every rank
+runs ``--warmup`` untimed steps, a barrier, then ``--steps`` steps back to back, and
+reads, before and after those timed steps only, for each of its OS threads
+(``/proc/self/task/<tid>``):
+
+* the CPU time it ran (``schedstat``, first field, ns),
+* its voluntary context switches (it blocked: a wait, a lock, a socket) and its
+  involuntary ones (it was preempted: another thread wanted the core), from ``status``.
+
+Threads are named by Python (``threading.enumerate()``, matched on ``native_id``) or
+else by the kernel (``comm``) and grouped: ``MainThread``; ``gloo_tcp_loop`` (gloo's
+socket event loop); ``pt_gloo_runloop`` (the process group's async work threads);
+our ``dualpipe-send-to-*`` and ``dualpipe-recv-from-*`` (one per peer and direction);
+``other``. Per runtime and rank count it prints the step time (the slowest rank's
+timed window / steps), the time per compute action of the busiest rank, and per thread
+group the CPU ms, voluntary and involuntary switches per step (mean over ranks, and
+the largest rank's CPU). A thread that ended inside the window is not counted; one
+that started inside it counts from its start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import bench_launch
+import bench_workers
+import torch
+import torch.distributed as dist
+from bench_pipelines import _git_state, _load, _short_error, _table
+
+GROUPS = ("MainThread", "gloo_tcp_loop", "pt_gloo_runloop", "dualpipe-send-to-*",
+          "dualpipe-recv-from-*", "other")
+"""Thread groups, in table order."""
+
+RUNTIMES: dict[str, dict[str, Any]] = {
+    "torch": {"impl": "torch", "schedule": "DualPipeV"},
+    "ours dynamic": {"impl": "ours", "schedule": "dualpipev", "static_shapes": False},
+    "ours static": {"impl": "ours", "schedule": "dualpipev", "static_shapes": True},
+}
+"""Row label -> the runtime's part of a :func:`bench_workers.sleep_runner` config."""
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+@dataclass(frozen=True)
+class ThreadSample:
+    """One OS thread's counters at one moment."""
+
+    name: str
+    cpu_ns: int
+    voluntary: int
+    involuntary: int
+
+
+def _status_field(status: str, key: str) -> int:
+    match = re.search(rf"^{key}:\s*(\d+)", status, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/task/*/status has no {key}")
+    return int(match.group(1))
+
+
+def sample_threads() -> dict[int, ThreadSample]:
+    """Counters of every thread of this process, by thread id (threads that end while
+    being read are skipped)."""
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    out: dict[int, ThreadSample] = {}
+    for entry in os.listdir("/proc/self/task"):
+        tid, base = int(entry), f"/proc/self/task/{entry}"
+        try:
+            with open(f"{base}/schedstat") as fh:
+                cpu_ns = int(fh.read().split()[0])
+            with open(f"{base}/status") as fh:
+                status = fh.read()
+            with open(f"{base}/comm") as fh:
+                comm = fh.read().strip()
+        except FileNotFoundError:
+            continue
+        out[tid] = ThreadSample(names.get(tid, comm), cpu_ns,
+                                _status_field(status, "voluntary_ctxt_switches"),
+                                _status_field(status, "nonvoluntary_ctxt_switches"))
+    return out
+
+
+def thread_group(name: str) -> str:
+    """The group of :data:`GROUPS` a thread name belongs to."""
+    if name in GROUPS:
+        return name
+    for prefix in ("dualpipe-send-to-", "dualpipe-recv-from-"):
+        if name.startswith(prefix):
+            return prefix + "*"
+    return "other"
+
+
+def group_deltas(before: dict[int, ThreadSample], after: dict[int, ThreadSample]
+                 ) -> dict[str, dict[str, float]]:
+    """Per thread group: ``threads``, ``cpu_ms``, ``voluntary``, ``involuntary`` spent
+    between the two samples (threads alive at ``after``)."""
+    out = {g: {"threads": 0.0, "cpu_ms": 0.0, "voluntary": 0.0, "involuntary": 0.0}
+           for g in GROUPS}
+    for tid, end in after.items():
+        start = before.get(tid, ThreadSample(end.name, 0, 0, 0))
+        row = out[thread_group(end.name)]
+        row["threads"] += 1
+        row["cpu_ms"] += (end.cpu_ns - start.cpu_ns) / 1e6
+        row["voluntary"] += end.voluntary - start.voluntary
+        row["involuntary"] += end.involuntary - start.involuntary
+    return out
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+def profile_worker(rank: int, ranks: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One rank: build the pipeline (:func:`bench_workers.sleep_runner`), run
+    ``cfg["warmup"]`` steps, then sample every thread around ``cfg["steps"]`` steps run
+    back to back. Returns the window's seconds, this rank's compute actions and the
+    per-group deltas of :func:`group_deltas`."""
+    runner = bench_workers.sleep_runner(rank, ranks, cfg)
+    try:
+        for _ in range(cfg["warmup"]):
+            for m in runner.modules:
+                m.zero_grad(set_to_none=True)
+            runner.step()
+        dist.barrier()
+        before = sample_threads()
+        t0 = time.perf_counter()
+        for _ in range(cfg["steps"]):
+            for m in runner.modules:
+                m.zero_grad(set_to_none=True)
+            runner.step()
+        seconds = time.perf_counter() - t0
+        after = sample_threads()
+        dist.barrier()
+    finally:
+        if runner.close is not None:
+            runner.close()
+    return {"seconds": seconds, "actions": runner.actions,
+            "groups": group_deltas(before, after)}
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class Result:
+    """One runtime on one rank count."""
+
+    label: str
+    ranks: int
+    steps: int
+    step_ms: float | None = None
+    actions: int | None = None
+    groups: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def per_action_ms(self) -> float | None:
+        """Step time / compute actions of the busiest rank."""
+        return self.step_ms / self.actions if self.step_ms and self.actions else None
+
+    def per_step(self, group: str, key: str) -> list[float]:
+        """``key`` of ``group`` per timed step, one value per rank."""
+        return [g[group][key] / self.steps for g in self.groups]
+
+    def total_per_step(self, key: str) -> float:
+        """``key`` summed over all thread groups, per step, mean over ranks."""
+        return statistics.mean(sum(g[k][key] for k in GROUPS) / self.steps
+                               for g in self.groups)
+
+
+def run_config(label: str, ranks: int, args: argparse.Namespace) -> Result:
+    """Run ``label``'s runtime on ``ranks`` fresh ranks; errors become the result's error."""
+    result = Result(label, ranks, args.steps)
+    cfg = dict(RUNTIMES[label], chunks=args.chunks, f=args.f, b=args.b, w=args.w,
+               numel=args.numel, warmup=args.warmup, steps=args.steps, timeout=args.timeout)
+    # generous: every action of a step serialised, plus 5 ms of runtime per action
+    step_ms = 4 * args.chunks * (args.f + args.b + args.w) + 10 * args.chunks * ranks
+    budget = 60.0 + 5.0 * ranks + 4.0 * (args.warmup + args.steps) * step_ms / 1000.0
+    try:
+        per_rank = bench_launch.launch(profile_worker, ranks, cfg, timeout=budget)
+    except Exception as exc:  # noqa: BLE001 - reported as an error row
+        result.error = _short_error(exc)
+        return result
+    result.step_ms = max(r["seconds"] for r in per_rank) * 1000.0 / args.steps
+    result.actions = max(r["actions"] for r in per_rank)
+    result.groups = [r["groups"] for r in per_rank]
+    return result
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def summary_table(results: list[Result], markdown: bool) -> str:
+    """One row per runtime and rank count."""
+    headers = ["ranks", "runtime", "ms/step", "actions/rank", "ms/action", "cpu ms/step",
+               "vol cs/step", "invol cs/step", "ours/torch"]
+    torch_ms = {r.ranks: r.step_ms for r in results if r.label == "torch" and r.step_ms}
+    rows = []
+    for r in results:
+        if r.error:
+            rows.append([str(r.ranks), r.label, "ERROR"] + ["-"] * (len(headers) - 3))
+            continue
+        ratio = torch_ms.get(r.ranks)
+        rows.append([
+            str(r.ranks), r.label, _f(r.step_ms, ".2f"), str(r.actions),
+            _f(r.per_action_ms, ".3f"), f"{r.total_per_step('cpu_ms'):.2f}",
+            f"{r.total_per_step('voluntary'):.0f}", f"{r.total_per_step('involuntary'):.0f}",
+            "-" if ratio is None or r.step_ms is None or r.label == "torch"
+            else f"{r.step_ms / ratio:.3f}",
+        ])
+    return _table(headers, rows, markdown)
+
+
+def thread_table(result: Result, markdown: bool) -> str:
+    """One row per thread group: per step, mean over ranks (and the largest rank's CPU)."""
+    headers = ["thread group", "threads/rank", "cpu ms/step", "max rank", "cpu us/action",
+               "vol cs/step", "invol cs/step"]
+    rows = []
+    for group in GROUPS:
+        threads = [g[group]["threads"] for g in result.groups]
+        if not any(threads):
+            continue
+        cpu = result.per_step(group, "cpu_ms")
+        per_action = (statistics.mean(cpu) * 1000.0 / result.actions if result.actions
+                      else None)
+        rows.append([group, f"{statistics.mean(threads):g}", f"{statistics.mean(cpu):.2f}",
+                     f"{max(cpu):.2f}", _f(per_action, ".1f"),
+                     f"{statistics.mean(result.per_step(group, 'voluntary')):.1f}",
+                     f"{statistics.mean(result.per_step(group, 'involuntary')):.1f}"])
+    total = result.total_per_step("cpu_ms")
+    rows.append(["all", "-", f"{total:.2f}", "-",
+                 _f(total * 1000.0 / result.actions if result.actions else None, ".1f"),
+                 f"{result.total_per_step('voluntary'):.1f}",
+                 f"{result.total_per_step('involuntary'):.1f}"])
+    return _table(headers, rows, markdown)
+
+
+def render(results: list[Result], header: list[str], markdown: bool) -> str:
+    """Header, the summary and one thread table per runtime and rank count."""
+    def title(text: str) -> str:
+        return f"### {text}" if markdown else f"== {text} =="
+
+    parts = [*header, "", title("Summary"), "", summary_table(results, markdown), ""]
+    for r in results:
+        head = f"{r.label}, {r.ranks} ranks"
+        if r.error:
+            parts += [title(head), "", f"ERROR {r.error}", ""]
+            continue
+        parts += [title(f"{head}: {r.step_ms:.2f} ms/step, {r.per_action_ms:.3f} ms/action"),
+                  "", thread_table(r, markdown), ""]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        description="Per-thread CPU and context switches of a DualPipeV step: "
+                    "ours vs torch's ScheduleDualPipeV, side by side on local gloo ranks.",
+    )
+    p.add_argument("--ranks", default="2,4", help="rank counts (default 2,4)")
+    p.add_argument("--chunks", type=int, default=20, help="micro-batches per step (default 20)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps (default 40)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--static-shapes", choices=["both", "on", "off"], default="both",
+                   help="ours: Pipeline(static_shapes=True) ('on'), False ('off') or "
+                        "both rows (default)")
+    p.add_argument("--only", choices=["ours", "torch"], help="run one runtime only")
+    p.add_argument("--f", type=float, default=0.0, help="forward ms (default 0)")
+    p.add_argument("--b", type=float, default=0.0, help="input-gradient ms (default 0)")
+    p.add_argument("--w", type=float, default=0.0, help="weight-gradient ms (default 0)")
+    p.add_argument("--numel", type=int, default=16,
+                   help="fp32 elements per micro-batch activation (default 16: 64 bytes)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a rank waits for a message (default 60)")
+    p.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
+    return p
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    ours = {"both": ["ours dynamic", "ours static"], "on": ["ours static"],
+            "off": ["ours dynamic"]}[args.static_shapes]
+    labels = ([] if args.only == "ours" else ["torch"]) + ([] if args.only == "torch"
+                                                           else ours)
+    return labels
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status (1 if a configuration failed)."""
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        raise SystemExit("--steps and --warmup must be at least 1 (torch sets shapes up "
+                         "in its first step)")
+    ranks_list = [int(r) for r in args.ranks.split(",") if r.strip()]
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python benchmarks/bench_profile.py " + " ".join(sys.argv[1:] if argv is None
+                                                            else argv)
+    header = [
+        f"command: {cmd.strip()}",
+        f"date: {when}; {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}; torch {torch.__version__}; gloo on 127.0.0.1, "
+        f"1 thread per rank; {_git_state()}",
+        f"DualPipeV, {args.chunks} micro-batches, stages F={args.f:g} B={args.b:g} "
+        f"W={args.w:g} ms, {4 * args.numel} B activations; {args.steps} timed steps back to "
+        f"back after {args.warmup} warm-up; per step, mean over ranks",
+        f"at start: {_load()}",
+    ]
+    for line in header:
+        print(line, flush=True)
+    results = []
+    for ranks in ranks_list:
+        for label in _labels(args):
+            result = run_config(label, ranks, args)
+            results.append(result)
+            print(f"  ranks={ranks} {label}: " + (f"ERROR {result.error}" if result.error
+                                                  else f"{result.step_ms:.2f} ms/step"),
+                  flush=True)
+    header.append(f"at end: {_load()}")
+    print("\n" + render(results, header, markdown=False), flush=True)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as fh:
+            fh.write(render(results, [f"- {h}" for h in header], markdown=True) + "\n")
+        print(f"markdown written to {args.markdown}", flush=True)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
