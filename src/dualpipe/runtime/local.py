@@ -114,8 +114,7 @@ class LocalNetwork:
                     self.violations.append(message)
                     for op in (head, peer_head):
                         op.pending.error = PipelineError(message)
-                        op.pending.keep = None
-                        op.pending.event.set()
+                        op.pending.mark_done()
                     continue
                 self.delivered += 1
                 done.append((head, peer_head) if head.send else (peer_head, head))
@@ -169,8 +168,7 @@ class LocalNetwork:
             for a, b in zip(sent, recv, strict=True):
                 b.copy_(a)
         for p in (send_pending, recv_pending):
-            p.keep = None
-            p.event.set()
+            p.mark_done()
 
     @property
     def unmatched(self) -> int:
@@ -226,7 +224,7 @@ class LocalTransport(BaseTransport):
         pending = self._submit(tensors, peer, tag, send)
 
         def wait(seconds: float) -> None:
-            if not pending.event.wait(seconds):
+            if not pending.wait_for(seconds):
                 raise PipelineError(f"message {tag} to/from rank {peer} did not complete")
 
         return wait

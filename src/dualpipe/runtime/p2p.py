@@ -4,10 +4,12 @@
   declared shapes.
 * Sends and receives are issued at once, from the calling thread, in the order the
   caller issues them (the step's :class:`~dualpipe.runtime.mailbox.Mailbox` keeps the
-  plan's order, which NCCL needs). With gloo, one background thread per peer and
-  direction waits for each operation and marks it done; with NCCL no thread waits: a
-  received tensor is handed to the device stream (:meth:`Pending.on_stream`) and the
-  host only polls for completion where it must read a message (headers, stamps).
+  plan's order, which NCCL needs). With gloo the thread that needs a message waits
+  for it in gloo itself, and a send's completion is collected once a later message
+  from the same peer shows it was matched; one small thread per pipeline watches the
+  store for other ranks' failures. With NCCL no thread waits: a received tensor is
+  handed to the device stream (:meth:`Pending.on_stream`) and the host only polls for
+  completion where it must read a message (headers, stamps).
 * Waits are bounded: a waiting rank gives up after ``timeout`` seconds, and
   notices within a fraction of a second when another rank has posted a failure
   to the process group's store.
@@ -16,9 +18,9 @@
 from __future__ import annotations
 
 import base64
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -111,26 +113,45 @@ class Pending:
     ``keep`` holds send buffers until the message is delivered; they are dropped the
     moment it is."""
 
-    __slots__ = ("event", "error", "keep")
+    __slots__ = ("_done", "_event", "error", "keep")
 
     def __init__(self, keep: list[torch.Tensor] | None = None) -> None:
-        self.event = threading.Event()
+        self._done = False
+        self._event: threading.Event | None = None  # made only for a thread that waits
         self.error: BaseException | None = None
         self.keep = keep
 
     @property
     def done(self) -> bool:
         """Whether the message has completed (never blocks)."""
-        return self.event.is_set()
+        return self._done
+
+    def mark_done(self) -> None:
+        """Record completion (from any thread) and wake whoever waits."""
+        self.keep = None
+        with _EVENTS:
+            self._done = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def wait_for(self, seconds: float) -> bool:
         """Block the host up to ``seconds`` for completion; True once complete."""
-        return self.event.wait(seconds)
+        with _EVENTS:
+            if self._done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(seconds)
 
     def on_stream(self) -> bool:
         """Leave completion to the device: make the current stream wait for the message
         and return True, or return False when the host must wait (gloo, in-process)."""
         return False
+
+
+_EVENTS = threading.Lock()
 
 
 class DevicePending(Pending):
@@ -145,14 +166,13 @@ class DevicePending(Pending):
 
     @property
     def done(self) -> bool:
-        if not self.event.is_set():
+        if not self._done:
             try:
                 if not all(w.is_completed() for w in self.works):
                     return False
             except Exception as exc:  # noqa: BLE001 - reported by the waiter
                 self.error = exc
-            self.keep = None
-            self.event.set()
+            self.mark_done()
         return True
 
     def wait_for(self, seconds: float) -> bool:
@@ -169,48 +189,82 @@ class DevicePending(Pending):
         return True
 
 
-class _Waiter:
-    """A daemon thread that waits, in issue order, for the gloo operations with one
-    peer in one direction and marks each message done.
+class GlooPending(Pending):
+    """Completion of a message posted on gloo, learned by waiting in gloo itself.
 
-    gloo's ``is_completed()`` only turns true inside ``wait()``, so a thread blocking
-    in ``wait()`` is the way to learn of completion at once while the main thread
-    still waits with a deadline (and notices other ranks' failures). Each wait is
-    bounded by the pipeline's timeout (passed to gloo, which otherwise applies the
-    process group's). Operations with one peer in one direction complete in issue
-    order, so one thread per peer and direction loses nothing. :meth:`close` ends
-    the thread."""
+    gloo's ``is_completed()`` only turns true inside ``wait()``, so completion is known
+    once a thread has waited. The main thread does so when it needs the message (one
+    thread waits on a message at a time: :meth:`claim`); a send is waited for once the
+    order says it has been matched (:meth:`Transport.wait`), or at the end of the step."""
 
-    def __init__(self, name: str, timeout: float) -> None:
-        self._jobs: queue.SimpleQueue[tuple[list[dist.Work], Pending] | None] = (
-            queue.SimpleQueue()
-        )
-        self._timeout = timedelta(seconds=timeout)
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+    __slots__ = ("works", "peer", "index", "_claimed")
+
+    def __init__(self, works: list[dist.Work], keep: list[torch.Tensor] | None, peer: int,
+                 index: int) -> None:
+        super().__init__(keep)
+        self.works = works
+        self.peer = peer
+        self.index = index
+        self._claimed = False
+
+    def claim(self) -> bool:
+        """True for the one caller that may wait in gloo for this message."""
+        with _CLAIMS:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def complete(self, limit: float | timedelta) -> None:
+        """Wait in gloo (at most ``limit`` seconds; gloo closes the connection on expiry)."""
+        if not isinstance(limit, timedelta):
+            limit = timedelta(seconds=limit)
+        try:
+            for work in self.works:
+                work.wait(limit)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            self.error = exc
+        self.mark_done()
+
+    def wait_for(self, seconds: float) -> bool:
+        if self.claim():
+            self.complete(seconds)
+            return True
+        return super().wait_for(seconds)
+
+
+_CLAIMS = threading.Lock()
+
+
+
+
+class _FailureWatch:
+    """A daemon thread that looks for a failure posted by another rank every ``period``
+    seconds and, when one is, stops the transport from posting and completes the
+    step's open messages (:meth:`BaseTransport.drain_failed_step`): that wakes the main
+    thread if it is waiting in gloo. :meth:`close` ends the thread."""
+
+    def __init__(self, transport: Transport, period: float = 0.2) -> None:
+        self._transport = transport
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dualpipe-failure-watch",
+                                        daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            works, pending = job
+        while not self._stop.wait(self._period):
             try:
-                for work in works:
-                    work.wait(self._timeout)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                pending.error = exc
-            pending.keep = None
-            pending.event.set()
-
-    def submit(self, works: list[dist.Work], pending: Pending) -> Pending:
-        self._jobs.put((works, pending))
-        return pending
+                message = self._transport._posted_error()
+            except RemoteFailure as exc:
+                message = str(exc)
+            if message is not None:
+                self._transport._fail(message)
+                return
 
     def close(self, wait: float) -> bool:
-        """Stop the thread once its queued messages are done; True if it ended within
-        ``wait`` seconds."""
-        self._jobs.put(None)
+        """Stop the thread; True if it ended within ``wait`` seconds."""
+        self._stop.set()
         self._thread.join(wait)
         return not self._thread.is_alive()
 
@@ -252,6 +306,10 @@ class BaseTransport:
         self.step = 0
         self._sends: list[Pending] = []
         self._ops: list[tuple[_Op, Pending]] = []
+        self._lock = threading.Lock()  # posting vs. a failure noticed by another thread
+        self._failure: str | None = None  # another rank's failure, once noticed
+        self._drain_lock = threading.Lock()
+        self._drained: tuple[int, bool] | None = None  # (step, result) of the last drain
 
     # ----------------------------------------------------------------- backend
     def _submit(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool) -> Pending:
@@ -299,10 +357,22 @@ class BaseTransport:
 
     def _post(self, tensors: list[torch.Tensor], peer: int, seq: int, send: bool) -> Pending:
         tag = self.tag(seq)
-        pending = self._submit(tensors, peer, tag, send)
-        op = _Op(peer, tag, send, tuple((tuple(t.shape), t.dtype) for t in tensors))
-        self._ops.append((op, pending))
+        with self._lock:
+            if self._failure is not None:
+                raise RemoteFailure(self._failure)
+            pending = self._submit(tensors, peer, tag, send)
+            op = _Op(peer, tag, send, tuple((tuple(t.shape), t.dtype) for t in tensors))
+            self._ops.append((op, pending))
         return pending
+
+    def _fail(self, message: str) -> None:
+        """Another rank failed (noticed off the main thread): post nothing more and
+        complete the step's open messages."""
+        with self._lock:
+            if self._failure is not None:
+                return
+            self._failure = message
+        self.drain_failed_step(min(self.timeout, 30.0))
 
     def send(self, tensors: Sequence[torch.Tensor], peer: int, seq: int) -> Pending:
         """Send ``tensors`` (message ``seq`` of the step) to pipeline rank ``peer``; returns
@@ -369,10 +439,19 @@ class BaseTransport:
         it never posted itself (zeros of the peer's shapes), and waits for all of them.
         Returns False if some rank did not take part or a message did not complete
         within ``within`` seconds (what is left then ends at the pipeline's timeout)."""
+        with self._drain_lock:
+            if self._drained is not None and self._drained[0] == self.step:
+                return self._drained[1]  # drained already (by the failure watch)
+            complete = self._drain(within)
+            self._drained = (self.step, complete)
+            return complete
+
+    def _drain(self, within: float) -> bool:
         import pickle
 
         deadline = time.monotonic() + within
-        mine = [(op, p) for op, p in self._ops]
+        with self._lock:
+            mine = [(op, p) for op, p in self._ops]
         posted = {(op.peer, op.tag, op.send) for op, _ in mine}
         open_ops = [op for op, p in mine if not p.done]
         self._publish(f"drain/{self.step}/{self.rank}", pickle.dumps(open_ops))
@@ -398,7 +477,7 @@ class BaseTransport:
             for wait in waits:
                 wait(max(0.1, deadline - time.monotonic()))
             for _, pending in mine:
-                if not pending.wait_for(max(0.0, deadline - time.monotonic())):
+                if not pending.wait_for(max(0.1, deadline - time.monotonic())):
                     complete = False
         except Exception:  # noqa: BLE001 - best effort: the step failed already
             complete = False
@@ -440,19 +519,15 @@ class Transport(BaseTransport):
             self.store: dist.Store | None = dist.distributed_c10d._get_default_store()
         except Exception:  # noqa: BLE001 - no store: failures are noticed by timeout only
             self.store = None
-        self._waiters: dict[tuple[int, bool], _Waiter] = {}
+        self._watch: _FailureWatch | None = None
+        self._limit = timedelta(seconds=timeout)  # gloo's wait limit: the pipeline's timeout
+        self._issued = 0  # operations posted (their order, for sends to be completed)
+        self._unmatched: dict[int, deque[GlooPending]] = {}  # per peer: sends not waited
 
     def _group(self) -> dist.ProcessGroup:
         if self._pg is None:
             raise PipelineError("this pipeline is closed")
         return self._pg
-
-    def _waiter(self, peer: int, send: bool) -> _Waiter:
-        waiter = self._waiters.get((peer, send))
-        if waiter is None:
-            name = f"dualpipe-{'send-to' if send else 'recv-from'}-{peer}"
-            waiter = self._waiters[(peer, send)] = _Waiter(name, self.timeout)
-        return waiter
 
     def _issue(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool
                ) -> list[dist.Work]:
@@ -471,7 +546,35 @@ class Transport(BaseTransport):
         keep = list(tensors) if send else None
         if self.device_backend:
             return DevicePending(works, keep)
-        return self._waiter(peer, send).submit(works, Pending(keep))
+        if self._watch is None and self.store is not None:
+            self._watch = _FailureWatch(self)
+        self._issued += 1
+        pending = GlooPending(works, keep, peer, self._issued)
+        if send:
+            self._unmatched.setdefault(peer, deque()).append(pending)
+        return pending
+
+    def wait(self, pending: Pending, what: str, host: bool = True) -> None:
+        """As :meth:`BaseTransport.wait`; with gloo the calling thread waits in gloo
+        itself (no thread hand-off: the failure watch wakes it if another rank fails).
+
+        Once a receive from a peer is in, every send to that peer issued before it has
+        been matched (both ranks issue in one order, so the peer posted those receives
+        before it sent this), so their completion is collected then, at no wait."""
+        if isinstance(pending, GlooPending) and not pending.done and pending.claim():
+            start = time.monotonic()
+            pending.complete(self._limit)
+            if pending.error is not None and time.monotonic() - start >= self.timeout:
+                raise PipelineError(f"timed out after {self.timeout:.1f} s waiting for {what}")
+        if self._failure is not None:
+            raise RemoteFailure(self._failure)
+        super().wait(pending, what, host)
+        if isinstance(pending, GlooPending):
+            sends = self._unmatched.get(pending.peer)
+            while sends and sends[0].index < pending.index:
+                send = sends.popleft()
+                if not send.done and send.claim():
+                    send.complete(self._limit)
 
     def _post_now(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool
                   ) -> Callable[[float], None]:
@@ -519,7 +622,8 @@ class Transport(BaseTransport):
 
     def close(self) -> None:
         """Stop the per-peer threads (once their messages are done) and drop the group."""
-        for waiter in self._waiters.values():
-            waiter.close(wait=1.0)
-        self._waiters = {}
+        if self._watch is not None:
+            self._watch.close(wait=1.0)
+            self._watch = None
+        self._unmatched = {}
         self._pg = None
