@@ -621,7 +621,7 @@ class Transport(BaseTransport):
             return None
 
     def close(self) -> None:
-        """Stop the per-peer threads (once their messages are done) and drop the group."""
+        """Stop the failure-watch thread and drop the group."""
         if self._watch is not None:
             self._watch.close(wait=1.0)
             self._watch = None

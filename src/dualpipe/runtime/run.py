@@ -77,7 +77,7 @@ class StepRun:
     Lifetime: one step. It holds the stage inputs and output roots kept for the
     backward (``saved``), the deferred weight work of input-only backwards
     (``deferred``), local hand-offs between the rank's own stages, the losses and
-    outputs, the inbox and the record; all of it is dropped with the run.
+    outputs, the mailbox and the record; all of it is dropped with the run.
 
     Attributes:
         plan: this rank's execution plan of the step's schedule.
