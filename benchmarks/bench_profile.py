@@ -22,8 +22,9 @@ reads, before and after those timed steps only, for each of its OS threads
 Threads are named by Python (``threading.enumerate()``, matched on ``native_id``) or
 else by the kernel (``comm``) and grouped: ``MainThread``; ``gloo_tcp_loop`` (gloo's
 socket event loop); ``pt_gloo_runloop`` (the process group's async work threads);
-our ``dualpipe-send-to-*`` and ``dualpipe-recv-from-*`` (one per peer and direction);
-``other``. Per runtime and rank count it prints the step time (the slowest rank's
+our ``dualpipe-failure-watch`` (one per pipeline); ``dualpipe-send-to-*`` and
+``dualpipe-recv-from-*`` (one per peer and direction, in runtimes before the main
+thread waited in gloo itself); ``other``. Per runtime and rank count it prints the step time (the slowest rank's
 timed window / steps), the time per compute action of the busiest rank, and per thread
 group the CPU ms, voluntary and involuntary switches per step (mean over ranks, and
 the largest rank's CPU). A thread that ended inside the window is not counted; one
@@ -51,8 +52,8 @@ import torch
 import torch.distributed as dist
 from bench_pipelines import _git_state, _load, _short_error, _table
 
-GROUPS = ("MainThread", "gloo_tcp_loop", "pt_gloo_runloop", "dualpipe-send-to-*",
-          "dualpipe-recv-from-*", "other")
+GROUPS = ("MainThread", "gloo_tcp_loop", "pt_gloo_runloop", "dualpipe-failure-watch",
+          "dualpipe-send-to-*", "dualpipe-recv-from-*", "other")
 """Thread groups, in table order."""
 
 RUNTIMES: dict[str, dict[str, Any]] = {
