@@ -10,6 +10,7 @@ from dualpipe.testing import run_distributed
 
 from .workers import (
     check_custom_schedule,
+    check_large_sends,
     check_many,
     check_mapped,
     check_static_shapes,
@@ -87,6 +88,11 @@ def test_baselines_match_single_process() -> None:
     cases = [(name, kind, [4, 6]) for name in ("1f1b", "zb1p", "gpipe") for kind in KINDS]
     reports = run_distributed(check_many, 3, cases, timeout=240)
     assert all(len(r) == 2 * len(cases) for r in reports)
+
+
+def test_large_sends_posted_by_a_thread_match_single_process() -> None:
+    reports = run_distributed(check_large_sends, 2, timeout=120)
+    assert all(len(r) == 3 for r in reports)
 
 
 def test_static_shapes_send_headers_once() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import torch
@@ -230,3 +231,26 @@ def check_custom_schedule(rank: int, world: int) -> list[str]:
     except ScheduleError as exc:
         messages.append(str(exc))
     return messages
+
+
+def check_large_sends(rank: int, world: int) -> list[str]:
+    """Every send goes through gloo's per-peer large-send thread (threshold lowered to
+    1 byte; 2 ranks): the results are the same, exactly."""
+    from dualpipe.runtime import p2p
+
+    p2p.LARGE_MESSAGE = 1
+    report = check_pipeline(rank, world, "dualpipev", "mlp", [4, 5])
+    report += check_pipeline(rank, world, "dualpipe", "two", [4])
+    threads = {t.name for t in threading.enumerate()}
+    layout = layout_for("dualpipev", world)
+    stages = build_stages("mlp", layout.num_stages)
+    pipe = Pipeline([stages[k] for k in layout.rank_stages[rank]], "dualpipev", timeout=60)
+    inputs, labels = make_batch("mlp", 4)
+    pipe.step(*(inputs if layout.streams_starting_on(rank) else ()), num_chunks=4,
+              criterion=criterion, labels=(labels,) if layout.streams_ending_on(rank) else ())
+    threads |= {t.name for t in threading.enumerate()}
+    pipe.close()
+    peer = f"dualpipe-send-to-{1 - rank}"
+    assert peer in threads  # the large sends' thread ran, and close() ended it
+    assert peer not in {t.name for t in threading.enumerate()}
+    return report

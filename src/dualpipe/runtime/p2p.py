@@ -7,7 +7,8 @@
   plan's order, which NCCL needs). With gloo the thread that needs a message waits
   for it in gloo itself, and a send's completion is collected once a later message
   from the same peer shows it was matched; one small thread per pipeline watches the
-  store for other ranks' failures. With NCCL no thread waits: a received tensor is
+  store for other ranks' failures, and messages of 256 KiB or more go to a thread
+  per peer and direction. With NCCL no thread waits: a received tensor is
   handed to the device stream (:meth:`Pending.on_stream`) and the host only polls for
   completion where it must read a message (headers, stamps).
 * Waits are bounded: a waiting rank gives up after ``timeout`` seconds, and
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import base64
+import queue
 import threading
 import time
 from collections import deque
@@ -236,6 +238,54 @@ class GlooPending(Pending):
 _CLAIMS = threading.Lock()
 
 
+
+
+LARGE_MESSAGE = 256 * 1024
+"""With gloo, messages of at least this many bytes are handed to a thread per peer and
+direction, which posts the sends and waits for both: gloo copies into the socket in
+the posting thread, which would hold up compute, and large transfers measured faster
+this way (``benchmarks/RESULTS.md``)."""
+
+
+class _LargeMessages:
+    """A daemon thread for the large gloo messages with one peer in one direction: it
+    posts each send (in issue order) and waits for each message (no other thread
+    touches their works). Messages with one peer in one direction complete in order
+    anyway, so one thread per peer and direction holds nothing up."""
+
+    def __init__(self, transport: Transport, peer: int, send: bool) -> None:
+        self._transport = transport
+        self._send = send
+        self._jobs: queue.SimpleQueue[tuple[list[torch.Tensor], int, int, GlooPending] | None]
+        self._jobs = queue.SimpleQueue()
+        name = f"dualpipe-{'send-to' if send else 'recv-from'}-{peer}"
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, tensors: list[torch.Tensor], peer: int, tag: int,
+               pending: GlooPending) -> None:
+        self._jobs.put((tensors, peer, tag, pending))
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            tensors, peer, tag, pending = job
+            if self._send:
+                try:
+                    pending.works = self._transport._issue(tensors, peer, tag, send=True)
+                except Exception as exc:  # noqa: BLE001 - handed to the waiter
+                    pending.error = exc
+                    pending.mark_done()
+                    continue
+            pending.complete(self._transport._limit)
+
+    def close(self, wait: float) -> bool:
+        """Stop the thread once its queued sends are done; True if it ended in time."""
+        self._jobs.put(None)
+        self._thread.join(wait)
+        return not self._thread.is_alive()
 
 
 class _FailureWatch:
@@ -520,6 +570,8 @@ class Transport(BaseTransport):
         except Exception:  # noqa: BLE001 - no store: failures are noticed by timeout only
             self.store = None
         self._watch: _FailureWatch | None = None
+        # per (peer, send): made at the first large message
+        self._large: dict[tuple[int, bool], _LargeMessages] = {}
         self._limit = timedelta(seconds=timeout)  # gloo's wait limit: the pipeline's timeout
         self._issued = 0  # operations posted (their order, for sends to be completed)
         self._unmatched: dict[int, deque[GlooPending]] = {}  # per peer: sends not waited
@@ -542,13 +594,23 @@ class Transport(BaseTransport):
             raise PipelineError(f"communication failed: {exc}") from exc
 
     def _submit(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool) -> Pending:
-        works = self._issue(tensors, peer, tag, send)
         keep = list(tensors) if send else None
         if self.device_backend:
-            return DevicePending(works, keep)
+            return DevicePending(self._issue(tensors, peer, tag, send), keep)
         if self._watch is None and self.store is not None:
             self._watch = _FailureWatch(self)
         self._issued += 1
+        if sum(t.nbytes for t in tensors) >= LARGE_MESSAGE:
+            # a receive is posted here (in order), a send by the thread; it waits for both
+            works = [] if send else self._issue(tensors, peer, tag, send)
+            pending = GlooPending(works, keep, peer, self._issued)
+            pending.claim()
+            helper = self._large.get((peer, send))
+            if helper is None:
+                helper = self._large[(peer, send)] = _LargeMessages(self, peer, send)
+            helper.submit(list(tensors), peer, tag, pending)
+            return pending
+        works = self._issue(tensors, peer, tag, send)
         pending = GlooPending(works, keep, peer, self._issued)
         if send:
             self._unmatched.setdefault(peer, deque()).append(pending)
@@ -621,9 +683,12 @@ class Transport(BaseTransport):
             return None
 
     def close(self) -> None:
-        """Stop the failure-watch thread and drop the group."""
+        """Stop the failure-watch and large-message threads and drop the group."""
         if self._watch is not None:
             self._watch.close(wait=1.0)
             self._watch = None
+        for helper in self._large.values():
+            helper.close(wait=1.0)
+        self._large = {}
         self._unmatched = {}
         self._pg = None

@@ -244,7 +244,7 @@ class Pipeline(nn.Module):
 
     # --------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Release what the pipeline holds: its failure-watch thread and its reference to the
+        """Release what the pipeline holds: its threads and its reference to the
         process group (which stays yours to destroy). Idempotent; also done when the
         pipeline is garbage-collected, and at the end of a ``with`` block."""
         self._finalizer()
