@@ -23,12 +23,12 @@ Threads are named by Python (``threading.enumerate()``, matched on ``native_id``
 else by the kernel (``comm``) and grouped: ``MainThread``; ``gloo_tcp_loop`` (gloo's
 socket event loop); ``pt_gloo_runloop`` (the process group's async work threads);
 our ``dualpipe-failure-watch`` (one per pipeline); ``dualpipe-send-to-*`` and
-``dualpipe-recv-from-*`` (one per peer and direction, in runtimes before the main
-thread waited in gloo itself); ``other``. Per runtime and rank count it prints the step time (the slowest rank's
-timed window / steps), the time per compute action of the busiest rank, and per thread
-group the CPU ms, voluntary and involuntary switches per step (mean over ranks, and
-the largest rank's CPU). A thread that ended inside the window is not counted; one
-that started inside it counts from its start.
+``dualpipe-recv-from-*`` (one per peer and direction: for messages of 256 KiB or
+more; in older trees, for every message); ``other``. Per runtime and rank count it
+prints the step time (the slowest rank's timed window / steps), the time per compute
+action of the busiest rank, and per thread group the CPU ms, voluntary and involuntary
+switches per step (mean over ranks, and the largest rank's CPU). A thread that ended
+inside the window is not counted; one that started inside it counts from its start.
 """
 
 from __future__ import annotations
