@@ -218,7 +218,9 @@ class GlooPending(Pending):
             return True
 
     def complete(self, limit: float | timedelta) -> None:
-        """Wait in gloo (at most ``limit`` seconds; gloo closes the connection on expiry)."""
+        """Wait in gloo (at most ``limit`` seconds; gloo closes the connection on expiry),
+        then let go of the works: a gloo work holds its tensor, which must be freed once
+        the message is delivered."""
         if not isinstance(limit, timedelta):
             limit = timedelta(seconds=limit)
         try:
@@ -226,6 +228,7 @@ class GlooPending(Pending):
                 work.wait(limit)
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             self.error = exc
+        self.works = []
         self.mark_done()
 
     def wait_for(self, seconds: float) -> bool:
@@ -236,8 +239,6 @@ class GlooPending(Pending):
 
 
 _CLAIMS = threading.Lock()
-
-
 
 
 LARGE_MESSAGE = 256 * 1024
@@ -271,18 +272,22 @@ class _LargeMessages:
             job = self._jobs.get()
             if job is None:
                 return
-            tensors, peer, tag, pending = job
-            if self._send:
-                try:
-                    pending.works = self._transport._issue(tensors, peer, tag, send=True)
-                except Exception as exc:  # noqa: BLE001 - handed to the waiter
-                    pending.error = exc
-                    pending.mark_done()
-                    continue
-            pending.complete(self._transport._limit)
+            self._run(*job)
+            del job  # a delivered message's tensors must not wait here for the next one
+
+    def _run(self, tensors: list[torch.Tensor], peer: int, tag: int,
+             pending: GlooPending) -> None:
+        if self._send:
+            try:
+                pending.works = self._transport._issue(tensors, peer, tag, send=True)
+            except Exception as exc:  # noqa: BLE001 - handed to the waiter
+                pending.error = exc
+                pending.mark_done()
+                return
+        pending.complete(self._transport._limit)
 
     def close(self, wait: float) -> bool:
-        """Stop the thread once its queued sends are done; True if it ended in time."""
+        """Stop the thread once its queued messages are done; True if it ended in time."""
         self._jobs.put(None)
         self._thread.join(wait)
         return not self._thread.is_alive()
@@ -637,6 +642,14 @@ class Transport(BaseTransport):
                 send = sends.popleft()
                 if not send.done and send.claim():
                     send.complete(self._limit)
+
+    def drain_sends(self, what: str) -> None:
+        """As :meth:`BaseTransport.drain_sends`; then forgets the delivered sends still
+        listed for collection (to a peer this rank receives nothing more from)."""
+        super().drain_sends(what)
+        for sends in self._unmatched.values():
+            while sends and sends[0].done:
+                sends.popleft()
 
     def _post_now(self, tensors: list[torch.Tensor], peer: int, tag: int, send: bool
                   ) -> Callable[[float], None]:
