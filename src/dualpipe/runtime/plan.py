@@ -127,7 +127,6 @@ class ExecutionPlan:
         headers: whether shape headers travel in this step.
         steps: the steps in issue order.
         incoming: per source rank, every message from it, in sender order.
-        outgoing: the ranks this rank sends to.
         ops: every send and receive of the step, in the order the rank issues them:
             stamps first (ordered by sending rank, then receiving rank), then the
             messages in the global order shared by all ranks.
@@ -140,7 +139,6 @@ class ExecutionPlan:
     headers: bool
     steps: tuple[PlannedStep, ...]
     incoming: dict[int, tuple[Message, ...]]
-    outgoing: tuple[int, ...]
     ops: tuple[Issue, ...]
     index: dict[Message, int]
 
@@ -244,6 +242,5 @@ def _build(
         steps.append(PlannedStep(kind, label, group, due))
         i += len(group)
     incoming = {src: tuple(msgs) for src, msgs in comm.incoming.items()}
-    outgoing = tuple(sorted({m.dst for msgs in comm.sends for m in msgs}))
-    return ExecutionPlan(rank, schedule, training, headers, tuple(steps), incoming, outgoing,
-                         tuple(ops), index)
+    return ExecutionPlan(rank, schedule, training, headers, tuple(steps), incoming, tuple(ops),
+                         index)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from .comm import Message, RankPlan
 
-__all__ = ["message_order", "issue_order"]
+__all__ = ["message_order"]
 
 
 def _steps(plan: RankPlan) -> list[list[int]]:
@@ -64,12 +64,3 @@ def message_order(plans: Sequence[RankPlan]) -> dict[Message, int]:
         order.extend(new)
         sent.update(new)
     return {m: k for k, m in enumerate(order)}
-
-
-def issue_order(plans: Sequence[RankPlan], rank: int) -> list[tuple[Message, bool]]:
-    """The operations ``rank`` issues in a step, in the global order: ``(message,
-    True)`` for a send, ``(message, False)`` for a receive."""
-    order = message_order(plans)
-    mine = [m for m in order if rank in (m.src, m.dst)]
-    mine.sort(key=order.__getitem__)
-    return [(m, m.src == rank) for m in mine]
