@@ -324,6 +324,19 @@ def _load() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
+def run_header(script: str, argv: Sequence[str] | None) -> list[str]:
+    """A benchmark's first two lines: the command that ran ``script`` (with ``argv``,
+    default the process's), and the date, machine, versions and checkout."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    return [
+        f"command: {cmd.strip()}",
+        f"date: {when}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}; "
+        f"torch {torch.__version__}; gloo on 127.0.0.1, 1 thread per rank; {_git_state()}",
+    ]
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -656,14 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ranks_list, chunk_tokens, sizes = [2], ["2x"], [SIZES["4k"]]
         steps, warmup, zero_steps, gpt_steps = 3, 1, 5, 3
     started = time.monotonic()
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cmd = "python benchmarks/bench_pipelines.py " + " ".join(sys.argv[1:] if argv is None
-                                                              else argv)
     header = [
-        f"command: {cmd.strip()}",
-        f"date: {when}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{platform.system()} {platform.release()}; Python {platform.python_version()}; "
-        f"torch {torch.__version__}; gloo on 127.0.0.1, 1 thread per rank; {_git_state()}",
+        *run_header("bench_pipelines.py", argv),
         f"sleep stages: F={args.f:g} B={args.b:g} W={args.w:g} ms; "
         f"{steps} timed steps after {warmup} warm-up",
     ]

@@ -34,9 +34,7 @@ inside the window is not counted; one that started inside it counts from its sta
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import re
 import statistics
 import sys
@@ -48,9 +46,8 @@ from typing import Any
 
 import bench_launch
 import bench_workers
-import torch
 import torch.distributed as dist
-from bench_pipelines import _git_state, _load, _short_error, _table
+from bench_pipelines import _load, _short_error, _table, run_header
 
 GROUPS = ("MainThread", "gloo_tcp_loop", "pt_gloo_runloop", "dualpipe-failure-watch",
           "dualpipe-send-to-*", "dualpipe-recv-from-*", "other")
@@ -320,14 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--steps and --warmup must be at least 1 (torch sets shapes up "
                          "in its first step)")
     ranks_list = [int(r) for r in args.ranks.split(",") if r.strip()]
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cmd = "python benchmarks/bench_profile.py " + " ".join(sys.argv[1:] if argv is None
-                                                            else argv)
     header = [
-        f"command: {cmd.strip()}",
-        f"date: {when}; {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}; torch {torch.__version__}; gloo on 127.0.0.1, "
-        f"1 thread per rank; {_git_state()}",
+        *run_header("bench_profile.py", argv),
         f"DualPipeV, {args.chunks} micro-batches, stages F={args.f:g} B={args.b:g} "
         f"W={args.w:g} ms, {4 * args.numel} B activations; {args.steps} timed steps back to "
         f"back after {args.warmup} warm-up; per step, mean over ranks",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from typing import Any
 import bench_launch
 import torch
 import torch.distributed as dist
+from bench_pipelines import run_header
 
 MODES = ("gloo", "ours")
 
@@ -136,9 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table."""
     args = build_parser().parse_args(argv)
-    print(f"command: python benchmarks/bench_transport.py {' '.join(argv or sys.argv[1:])}")
-    print(f"{os.cpu_count()} CPU cores; torch {torch.__version__}; gloo on 127.0.0.1; "
-          f"{args.numel * 4} B messages, {args.rounds} round trips per run")
+    print("\n".join(run_header("bench_transport.py", argv)))
+    print(f"{args.numel * 4} B messages, {args.rounds} round trips per run")
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     for _ in range(args.repeat):
         for mode in MODES:
