@@ -35,7 +35,8 @@ import bench_workers
 import torch
 
 from dualpipe.autoschedule import costs_from_timeline, search
-from dualpipe.schedules import Schedule, ScheduleError, generate
+from dualpipe.errors import ScheduleError
+from dualpipe.schedules import Schedule, generate
 from dualpipe.simulation import Costs, simulate
 
 RATIOS = {"1:1:1": (1.0, 1.0, 1.0), "1:2:1": (1.0, 2.0, 1.0), "2:3:1": (2.0, 3.0, 1.0),

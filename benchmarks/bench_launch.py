@@ -16,7 +16,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from dualpipe.testing import DistributedRunError, free_port, run_distributed
+from dualpipe.errors import DistributedRunError
+from dualpipe.testing import free_port, run_distributed
 
 __all__ = ["LaunchError", "launch", "free_port"]
 

@@ -40,11 +40,12 @@ import bench_stages
 import bench_workers
 import torch
 
+from dualpipe.errors import ScheduleError
 from dualpipe.schedules.actions import parse_step
 from dualpipe.schedules.generators import generate
 from dualpipe.schedules.layout import dualpipev_layout
 from dualpipe.schedules.registry import spec
-from dualpipe.schedules.schedule import Schedule, ScheduleError
+from dualpipe.schedules.schedule import Schedule
 from dualpipe.simulation import Costs, simulate
 
 # (label, runtime, schedule name for the runtime, our schedule to simulate (None: the

@@ -89,7 +89,7 @@ def _ours(
 ) -> _Runner:
     from dualpipe.runtime.pipeline import Pipeline
     from dualpipe.schedules.generators import generate
-    from dualpipe.schedules.schedule import layout_for
+    from dualpipe.schedules.registry import layout_for
 
     name, chunks = cfg["schedule"], cfg["chunks"]
     layout = layout_for(name, ranks)

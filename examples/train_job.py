@@ -47,7 +47,7 @@ from dualpipe.data_parallel import GradientSync
 from dualpipe.demo.model import GPTConfig, build_gpt
 from dualpipe.demo.task import CopyTask, lm_loss
 from dualpipe.metrics import step_metrics
-from dualpipe.schedules.schedule import layout_for
+from dualpipe.schedules.registry import layout_for
 from dualpipe.split import measure_layer_times, split_model
 from dualpipe.stages import unique_parameters
 

@@ -52,7 +52,7 @@ from dualpipe import Pipeline
 from dualpipe.demo.model import GPTConfig, gpt_stages
 from dualpipe.demo.task import IGNORE, CopyTask, lm_loss
 from dualpipe.schedules.layout import Layout
-from dualpipe.schedules.schedule import layout_for
+from dualpipe.schedules.registry import layout_for
 
 
 def parse_args() -> argparse.Namespace:

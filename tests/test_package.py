@@ -20,9 +20,8 @@ def test_import_does_not_load_torch() -> None:
 
 
 def test_public_errors_and_original_helpers_are_top_level() -> None:
+    from dualpipe.errors import PipelineError, RemoteFailure, ScheduleError
     from dualpipe.runtime.declared import set_p2p_tensor_shapes
-    from dualpipe.runtime.p2p import PipelineError, RemoteFailure
-    from dualpipe.schedules import ScheduleError
     from dualpipe.utils import WeightGradStore
 
     assert dualpipe.PipelineError is PipelineError

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dualpipe.schedules.schedule import layout_for
+from dualpipe.schedules.registry import layout_for
 from dualpipe.split import (
     StageModule,
     measure_layer_times,

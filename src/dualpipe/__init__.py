@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .schedules import Schedule, ScheduleError, generate
+from .errors import ScheduleError
+from .schedules import Schedule, generate
 from .simulation import Costs, SimResult, simulate
 
 __version__ = "0.1.0"

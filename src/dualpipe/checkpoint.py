@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CheckpointError
 from .runtime.pipeline import Pipeline
 from .split import StageModule
 from .stages import local_stages
@@ -33,10 +34,6 @@ __all__ = [
     "save",
     "load",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """Saving or loading a checkpoint failed (raised on every rank)."""
 
 
 def _dcp(action: str, path: str | os.PathLike[str], fn: Callable[[], Any]) -> None:

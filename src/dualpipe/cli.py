@@ -24,9 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .errors import ScheduleError, UsageError
 from .partcosts import PartCosts, pair_intervals, parse_parts
 from .schedules.registry import SCHEDULES, generate, layout_for
-from .schedules.schedule import Schedule, ScheduleError
+from .schedules.schedule import Schedule
 from .schedules.torch_format import from_torch_csv, to_torch_csv
 from .simulation import Costs, SimResult, seed_bubble, simulate
 
@@ -35,17 +36,13 @@ __all__ = ["main", "build_parser"]
 PROG = "dualpipe"
 
 
-class CliError(Exception):
-    """A usage error: reported as one line and exit status 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line, ``dualpipe: error: ...``, exit 2."""
 
     def error(self, message: str) -> NoReturn:
         sub = self.prog.removeprefix(PROG).strip()
         where = f" (see '{PROG} {sub + ' ' if sub else ''}--help')"
-        raise CliError(message + where)
+        raise UsageError(message + where)
 
 
 def _add_costs(p: argparse.ArgumentParser) -> None:
@@ -156,7 +153,7 @@ def _parts(args: argparse.Namespace) -> PartCosts | None:
     if all(v is None for v in given):
         return None
     if any(v is None for v in given):
-        raise CliError("give --part-f, --part-b and --part-w together")
+        raise UsageError("give --part-f, --part-b and --part-w together")
     return parse_parts(args.part_f, args.part_b, args.part_w)
 
 
@@ -183,7 +180,7 @@ def _write(path: str, text: str) -> None:
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
     if args.format in ("png", "trace") and not args.output:
-        raise CliError(f"--format {args.format} needs -o FILE")
+        raise UsageError(f"--format {args.format} needs -o FILE")
     schedule = _schedule(args)
     costs = _costs(args)
     if args.format == "text":
@@ -267,7 +264,7 @@ def _load_schedule(args: argparse.Namespace) -> Schedule:
     try:
         text = Path(args.file).read_text(encoding="utf-8")
     except OSError as exc:
-        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     if args.file.endswith(".csv"):  # PyTorch's schedule CSV: the layout comes from the rows
         layout = layout_for(args.layout, args.ranks) if args.layout and args.ranks else None
         return from_torch_csv(text, layout, name=Path(args.file).stem)
@@ -275,14 +272,16 @@ def _load_schedule(args: argparse.Namespace) -> Schedule:
         try:
             return Schedule.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
-            raise CliError(f"{args.file}: not valid JSON: {exc}") from None
+            raise UsageError(f"{args.file}: not valid JSON: {exc}") from None
         except (KeyError, TypeError) as exc:
-            raise CliError(f"{args.file}: not a schedule JSON ({exc!r} missing or wrong)") from None
+            raise UsageError(
+                f"{args.file}: not a schedule JSON ({exc!r} missing or wrong)"
+            ) from None
     if not args.layout:
-        raise CliError("a text schedule needs --layout NAME (dualpipe, dualpipev, 1f1b, ...)")
+        raise UsageError("a text schedule needs --layout NAME (dualpipe, dualpipev, 1f1b, ...)")
     name = args.layout.lower()
     if name not in SCHEDULES:
-        raise CliError(f"unknown layout {args.layout!r}; choose one of {', '.join(SCHEDULES)}")
+        raise UsageError(f"unknown layout {args.layout!r}; choose one of {', '.join(SCHEDULES)}")
     ranks = args.ranks
     if ranks is None:
         ranks = sum(1 for line in text.splitlines() if line.strip())
@@ -386,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    except (CliError, ScheduleError, ValueError) as exc:
+    except (UsageError, ScheduleError, ValueError) as exc:
         message = " ".join(str(exc).split("\n")[0].split())
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2

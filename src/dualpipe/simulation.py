@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ScheduleError
 from .partcosts import PartCosts
 from .schedules.actions import Action, Op, Overlap, Step, step_actions
 from .schedules.dependency import dependency
-from .schedules.schedule import Schedule, ScheduleError
+from .schedules.schedule import Schedule
 
 __all__ = ["Costs", "TimedStep", "SimResult", "simulate", "step_duration", "seed_bubble"]
 

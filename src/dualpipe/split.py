@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .schedules.layout import Layout
-from .schedules.schedule import Schedule, layout_for
+from .schedules.registry import layout_for
+from .schedules.schedule import Schedule
 
 __all__ = [
     "StageModule",

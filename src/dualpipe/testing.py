@@ -27,11 +27,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from .errors import DistributedRunError
+
 __all__ = ["run_distributed", "free_port", "DistributedRunError"]
-
-
-class DistributedRunError(RuntimeError):
-    """A rank raised, crashed or did not finish in time."""
 
 
 def free_port() -> int:

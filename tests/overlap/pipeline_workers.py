@@ -12,8 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.schedules.actions import Op, Overlap
-from dualpipe.schedules.registry import generate
-from dualpipe.schedules.schedule import layout_for
+from dualpipe.schedules.registry import generate, layout_for
 
 from ..runtime.overlap_workers import OriginalHook
 from .models import DIM, MoEStage, expert_owner

@@ -9,7 +9,7 @@ from torch import nn
 
 from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.schedules.actions import Op, Overlap
-from dualpipe.schedules.schedule import layout_for
+from dualpipe.schedules.registry import layout_for
 
 
 class LoggedWeight(torch.autograd.Function):

@@ -7,9 +7,8 @@ import time
 import torch
 from torch import nn
 
-from dualpipe.runtime.p2p import PipelineError
+from dualpipe.errors import PipelineError, ScheduleError
 from dualpipe.runtime.pipeline import DualPipe, DualPipeV, Pipeline
-from dualpipe.schedules.schedule import ScheduleError
 
 from .models import MLPStage, criterion
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dualpipe.runtime.errors import PipelineError
+from dualpipe.errors import PipelineError
 from dualpipe.runtime.pipeline import DualPipeV
 
 from .failure_workers import Exploding

@@ -9,7 +9,7 @@ from torch import nn
 
 from dualpipe.runtime.handlers import DEFAULT_HANDLERS
 from dualpipe.runtime.pipeline import Pipeline
-from dualpipe.schedules.schedule import layout_for
+from dualpipe.schedules.registry import layout_for
 from dualpipe.simulation import peak_activations
 
 WIDTH = 4096  # one micro-batch's activation at one stage: WIDTH fp32 values per sample

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from dualpipe.runtime.p2p import PipelineError
+from dualpipe.errors import PipelineError
 from dualpipe.runtime.pipeline import DualPipe, Pipeline
 
 from .models import DIM, MLPStage, criterion

@@ -8,7 +8,7 @@ import torch
 
 from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.schedules.actions import Op, Overlap
-from dualpipe.schedules.schedule import layout_for
+from dualpipe.schedules.registry import layout_for
 
 from .models import MLPStage, criterion
 from .workers import _reference

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dualpipe.runtime.errors import PipelineError
+from dualpipe.errors import PipelineError
 from dualpipe.runtime.pipeline import DualPipeV, Pipeline
 
 from .failure_workers import Exploding

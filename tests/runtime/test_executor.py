@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
+from dualpipe.errors import PipelineError
 from dualpipe.runtime.executor import Executor, StepData
 from dualpipe.runtime.handlers import DEFAULT_HANDLERS
 from dualpipe.runtime.local import LocalNetwork, LocalTransport
 from dualpipe.runtime.microbatch import split_batch
-from dualpipe.runtime.p2p import PipelineError
 from dualpipe.schedules.generators import generate
 
 from .models import build_stages, criterion, make_batch

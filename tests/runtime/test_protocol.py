@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualpipe.runtime.errors import PipelineError
+from dualpipe.errors import PipelineError
 from dualpipe.runtime.protocol import Stamp, disagreement, wire_tag
 from dualpipe.testing import run_distributed
 

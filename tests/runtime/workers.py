@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from dualpipe.runtime.pipeline import Pipeline
-from dualpipe.schedules.schedule import Schedule, layout_for
+from dualpipe.schedules.registry import layout_for
+from dualpipe.schedules.schedule import Schedule
 
 from .models import build_stages, criterion, make_batch
 
@@ -148,7 +149,7 @@ def check_static_shapes(rank: int, world: int) -> tuple[int, int, str]:
     """static_shapes: headers only on the first step, results still exact, and a shape
     change afterwards is a clear error. Returns (headers in step 1 plan, headers in
     step 2 plan, error message)."""
-    from dualpipe.runtime.p2p import PipelineError
+    from dualpipe.errors import PipelineError
 
     layout = layout_for("dualpipev", world)
     stages = build_stages("mlp", layout.num_stages, seed=5)
@@ -201,8 +202,9 @@ rank 1: F0.0 B0.0 F0.1 I0.1 F0.2 B0.2 W0.1
 def check_custom_schedule(rank: int, world: int) -> list[str]:
     """A hand-written schedule runs exactly; an unsound one and a wrong chunk count are
     refused with clear errors."""
+    from dualpipe.errors import ScheduleError
     from dualpipe.schedules.layout import linear_layout
-    from dualpipe.schedules.schedule import Schedule, ScheduleError
+    from dualpipe.schedules.schedule import Schedule
 
     schedule = Schedule.from_text(CUSTOM_TEXT, linear_layout(2), name="mine")
     stages = build_stages("mlp", 2, seed=3)

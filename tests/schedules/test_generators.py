@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
+from dualpipe.errors import ScheduleError
 from dualpipe.schedules import (
     SCHEDULES,
     Op,
     Overlap,
     Schedule,
-    ScheduleError,
     Step,
     dualpipe,
     dualpipev,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dualpipe.errors import ScheduleError
 from dualpipe.schedules import (
-    ScheduleError,
     from_torch_actions,
     generate,
     interleaved_1f1b,

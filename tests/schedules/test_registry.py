@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from dualpipe.errors import ScheduleError
 from dualpipe.schedules import (
     SCHEDULES,
-    ScheduleError,
     dualpipe_layout,
     dualpipev_layout,
     generate,
@@ -29,6 +32,19 @@ def test_names_in_one_order_everywhere() -> None:
     for s in specs():
         assert SCHEDULES[s.name] is s.generator
         assert s.label and s.description
+
+
+def test_listing_order_does_not_depend_on_import_order() -> None:
+    # a fresh interpreter that imports the generator modules in another order first
+    code = (
+        "import dualpipe.schedules.interleaved, dualpipe.schedules.zbv, "
+        "dualpipe.schedules.controllable\n"
+        "from dualpipe.schedules import SCHEDULES, schedule_names\n"
+        "print(','.join(schedule_names())); print(','.join(SCHEDULES))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == [",".join(schedule_names())] * 2
 
 
 @pytest.mark.parametrize(

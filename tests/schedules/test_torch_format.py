@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from torch.distributed.pipelining.schedules import _Action, _validate_schedule
 
+from dualpipe.errors import ScheduleError
 from dualpipe.schedules import (
     Schedule,
-    ScheduleError,
     dualpipev_layout,
     from_torch_actions,
     from_torch_csv,

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from dualpipe.errors import ScheduleError
 from dualpipe.schedules import (
     SCHEDULES,
     Action,
     Op,
     Overlap,
     Schedule,
-    ScheduleError,
     Step,
     generate,
     layout_for,

@@ -9,9 +9,10 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from ..errors import ScheduleError
 from ..schedules import Op, generate, schedule_names, validate
 from ..schedules.layout import Layout, dualpipe_layout, dualpipev_layout
-from ..schedules.schedule import Schedule, ScheduleError
+from ..schedules.schedule import Schedule
 from ..simulation import Costs, peak_activations, simulate
 from .listing import Policy, list_schedule
 from .refine import refine

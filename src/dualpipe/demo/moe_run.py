@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..testing import DistributedRunError, run_distributed
+from ..errors import DistributedRunError
+from ..testing import run_distributed
 from ..viz.pair import render_pair_png, render_pair_text
 from .moe_train import PIPELINE_RANKS, MoEOptions, moe_config, train_moe_rank
 from .task import CopyTask

@@ -17,32 +17,29 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import DistributedRunError, ScheduleError, UsageError
 from ..schedules.generators import SCHEDULES, generate
-from ..schedules.schedule import ScheduleError, layout_for
-from ..testing import DistributedRunError, run_distributed
+from ..schedules.registry import layout_for
+from ..testing import run_distributed
 from .model import build_gpt
 from .report import format_summary, summarize, write_figures, write_summary
 from .task import CopyTask
 from .train import DemoOptions, default_chunks, model_config, train_rank
 
-__all__ = ["main", "build_parser", "DemoUsageError"]
+__all__ = ["main", "build_parser"]
 
 PROG = "dualpipe demo"
 DEFAULT_STEPS = 300
 MAX_RANKS = 32
 
 
-class DemoUsageError(Exception):
-    """A bad command-line option (reported on one line, exit status 2)."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise DemoUsageError(message)
+        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The demo's argument parser (errors raise :class:`DemoUsageError`)."""
+    """The demo's argument parser (errors raise :class:`UsageError`)."""
     p = _Parser(
         prog=PROG,
         description="Train a small GPT on a synthetic copy task with a pipeline schedule on "
@@ -71,26 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> DemoOptions:
-    """Validate ``args`` (raising :class:`DemoUsageError`) and build the run's options."""
+    """Validate ``args`` (raising :class:`UsageError`) and build the run's options."""
     if not 1 <= args.ranks <= MAX_RANKS:
-        raise DemoUsageError(f"--ranks must be between 1 and {MAX_RANKS}, got {args.ranks}")
+        raise UsageError(f"--ranks must be between 1 and {MAX_RANKS}, got {args.ranks}")
     try:
         layout_for(args.schedule, args.ranks)  # the registry's rank constraints
     except ScheduleError as exc:
-        raise DemoUsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     chunks = args.chunks if args.chunks is not None else default_chunks(args.schedule, args.ranks)
     try:
         generate(args.schedule, args.ranks, chunks)
     except ScheduleError as exc:
-        raise DemoUsageError(f"--chunks {chunks}: {exc}") from None
+        raise UsageError(f"--chunks {chunks}: {exc}") from None
     if args.steps < 1:
-        raise DemoUsageError(f"--steps must be >= 1, got {args.steps}")
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.micro_batch < 1:
-        raise DemoUsageError(f"--micro-batch must be >= 1, got {args.micro_batch}")
+        raise UsageError(f"--micro-batch must be >= 1, got {args.micro_batch}")
     if not (math.isfinite(args.lr) and args.lr > 0):
-        raise DemoUsageError(f"--lr must be a positive number, got {args.lr}")
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise DemoUsageError(f"--timeout must be a positive number, got {args.timeout}")
+        raise UsageError(f"--timeout must be a positive number, got {args.timeout}")
     return DemoOptions(
         schedule=args.schedule,
         chunks=chunks,
@@ -120,11 +117,11 @@ def _moe(args: argparse.Namespace, out: Path) -> int:
 def _prepare_out(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise DemoUsageError(f"--out {out} exists and is not a folder")
+        raise UsageError(f"--out {out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DemoUsageError(f"--out {out}: cannot create it ({exc.strerror})") from None
+        raise UsageError(f"--out {out}: cannot create it ({exc.strerror})") from None
     return out
 
 
@@ -139,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         out = _prepare_out(args.out)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    except DemoUsageError as exc:
+    except UsageError as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if args.model == "moe":

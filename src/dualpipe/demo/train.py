@@ -22,7 +22,7 @@ from torch import nn
 from ..runtime.pipeline import Pipeline
 from ..runtime.timeline import MeasuredTimeline
 from ..schedules.layout import Layout
-from ..schedules.schedule import layout_for
+from ..schedules.registry import layout_for
 from .model import GPTConfig, GPTStage, gpt_stages
 from .task import CopyTask, lm_loss
 

@@ -14,15 +14,15 @@ from functools import partial
 
 from torch import nn
 
+from ..errors import ActionFailure, RemoteFailure
 from ..schedules.schedule import Schedule
 from .declared import Declared
-from .errors import RemoteFailure
 from .handlers import DEFAULT_HANDLERS, Handler
 from .p2p import BaseTransport
 from .plan import LOOKAHEAD, ExecutionPlan, build_plan
 from .protocol import Stamp
 from .record import StepRecord
-from .run import ActionFailure, StepData, StepResult, StepRun
+from .run import StepData, StepResult, StepRun
 from .shapes import BoundaryShapes
 
 __all__ = ["StepData", "StepResult", "Executor", "StepRecord", "DRAIN_SECONDS"]

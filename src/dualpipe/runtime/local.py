@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from .p2p import BaseTransport, Pending, PipelineError
+from ..errors import PipelineError
+from .p2p import BaseTransport, Pending
 
 __all__ = ["LocalNetwork", "LocalTransport"]
 

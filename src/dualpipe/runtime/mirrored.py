@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .p2p import PipelineError, Transport
+from ..errors import PipelineError
+from .p2p import Transport
 from .protocol import EXCHANGE_SEQ
 
 __all__ = ["MirroredStages", "MIRRORED_WEIGHTS"]

@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import PipelineError, RemoteFailure
+from ..errors import PipelineError, RemoteFailure
 from .protocol import wire_tag
 
 __all__ = [

@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import PipelineError, RemoteFailure, ScheduleError
 from ..schedules.generators import generate
 from ..schedules.layout import dualpipe_layout
-from ..schedules.schedule import Schedule, ScheduleError, layout_for
+from ..schedules.registry import layout_for
+from ..schedules.schedule import Schedule
 from ..schedules.validate import validate
 from .declared import Declared, declared
-from .errors import PipelineError, RemoteFailure
 from .executor import Executor, StepData, StepRecord
 from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 __all__ = ["PipelineIdentity", "handshake", "wire_tag", "Stamp", "STAMP_SEQ", "EXCHANGE_SEQ",
            "MAX_SEQ", "disagreement"]

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ..errors import ActionFailure, PipelineError, RemoteFailure
 from ..overlap.engine import ForwardTask, WeightWorks
 from ..schedules.actions import Action, Overlap
 from .mailbox import Mailbox
-from .p2p import BaseTransport, PipelineError, RemoteFailure, TensorMeta, encode_header
+from .p2p import BaseTransport, TensorMeta, encode_header
 from .plan import ActionPlan, ExecutionPlan, HandOff, PlannedStep, Route
 from .protocol import Stamp
 from .record import StepRecord
@@ -24,11 +25,7 @@ from .split_backward import WeightGradWork
 if TYPE_CHECKING:
     from .handlers import Handler
 
-__all__ = ["StepData", "StepResult", "StepRun", "ActionFailure"]
-
-
-class ActionFailure(PipelineError):
-    """An action failed on this rank (already reported to the other ranks)."""
+__all__ = ["StepData", "StepResult", "StepRun"]
 
 
 @dataclass

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import PipelineError
 from ..schedules.comm import Message
 from .declared import Declared
-from .p2p import HEADER_LEN, PipelineError, TensorMeta
+from .p2p import HEADER_LEN, TensorMeta
 
 __all__ = ["BoundaryShapes"]
 

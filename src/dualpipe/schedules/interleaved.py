@@ -12,10 +12,11 @@ micro-batch ids count per phase.
 
 from __future__ import annotations
 
+from ..errors import ScheduleError
 from .builder import RankBuilder
 from .layout import interleaved_layout
 from .registry import register, spec
-from .schedule import Schedule, ScheduleError
+from .schedule import Schedule
 
 __all__ = ["interleaved_1f1b", "round_size", "INTERLEAVED_STAGES_PER_RANK"]
 

@@ -11,8 +11,9 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import ScheduleError
 from .layout import Layout
-from .schedule import Schedule, ScheduleError
+from .schedule import Schedule
 
 __all__ = [
     "Generator",
@@ -111,6 +112,11 @@ def _check_positive(name: str, value: int, what: str) -> None:
         raise ScheduleError(f"{name}: {what} must be a positive integer, got {value!r}")
 
 
+LISTING_ORDER = (
+    "dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe", "zbv", "v-half", "v-min", "interleaved-1f1b",
+)
+"""The order every listing shows; schedules not named here follow in registration order."""
+
 _SPECS: dict[str, ScheduleSpec] = {}
 
 SCHEDULES: dict[str, Generator] = {}
@@ -159,18 +165,33 @@ def register(
             raise ValueError(f"schedule {name!r} registered twice")
         _SPECS[name] = entry
         SCHEDULES[name] = checked
+        _put_in_order()
         return checked
 
     return wrap
 
 
+
+
+def _put_in_order() -> None:
+    """Reorder :data:`SCHEDULES` (and the specs) by :data:`LISTING_ORDER`."""
+    registered = list(_SPECS)
+    names = sorted(registered, key=lambda n: (
+        LISTING_ORDER.index(n) if n in LISTING_ORDER else len(LISTING_ORDER), registered.index(n)))
+    ordered = {n: _SPECS[n] for n in names}
+    _SPECS.clear()
+    _SPECS.update(ordered)
+    SCHEDULES.clear()
+    SCHEDULES.update((n, entry.generator) for n, entry in ordered.items())
+
+
 def schedule_names() -> tuple[str, ...]:
-    """Every registered name, in registration order."""
+    """Every registered name, in listing order (:data:`LISTING_ORDER`)."""
     return tuple(_SPECS)
 
 
 def specs() -> tuple[ScheduleSpec, ...]:
-    """Every registered schedule, in registration order."""
+    """Every registered schedule, in listing order."""
     return tuple(_SPECS.values())
 
 

@@ -7,14 +7,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ScheduleError
 from .actions import Action, Step, parse_step, step_actions
 from .layout import Layout
 
-__all__ = ["Schedule", "ScheduleError", "layout_for"]
-
-
-class ScheduleError(ValueError):
-    """A schedule cannot be built for these arguments, or is unsound."""
+__all__ = ["Schedule"]
 
 
 @dataclass(frozen=True)
@@ -122,10 +119,3 @@ class Schedule:
             chunks_per_stream = 1 + max(ids, default=-1)
         return cls(name, layout, chunks_per_stream, steps)
 
-
-def layout_for(name: str, num_ranks: int) -> Layout:
-    """The layout a named schedule uses on ``num_ranks`` ranks (see
-    :func:`dualpipe.schedules.registry.layout_for`)."""
-    from .registry import layout_for as registry_layout_for  # the registry imports this module
-
-    return registry_layout_for(name, num_ranks)

@@ -23,9 +23,10 @@ import io
 import re
 from collections.abc import Sequence
 
+from ..errors import ScheduleError
 from .actions import Action, Op, Overlap, Step
 from .layout import Layout
-from .schedule import Schedule, ScheduleError
+from .schedule import Schedule
 
 __all__ = [
     "to_torch_actions",

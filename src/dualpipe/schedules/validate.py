@@ -39,9 +39,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from ..errors import ScheduleError
 from .actions import Action, Op, Overlap, Step, step_actions
 from .dependency import dependency
-from .schedule import Schedule, ScheduleError
+from .schedule import Schedule
 
 __all__ = ["problems", "validate"]
 

@@ -12,8 +12,7 @@ Nothing here imports torch; matplotlib is imported only by :func:`render_png`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from ._common import TimedWait
 from .png import render_png
 from .table import compare_table, format_compare_table
 from .text import render_text, render_tokens
@@ -29,18 +28,3 @@ __all__ = [
     "compare_table",
     "format_compare_table",
 ]
-
-
-@dataclass(frozen=True)
-class TimedWait:
-    """Time ``rank`` spent blocked, e.g. waiting to receive ``label`` (``recv F0.3``).
-
-    The runtime records these next to its measured :class:`~dualpipe.simulation.TimedStep`
-    rows; the renderers draw them as grey bars (PNG), ``~`` (text) or a
-    ``recv wait`` thread (trace).
-    """
-
-    rank: int
-    label: str
-    start: float
-    end: float

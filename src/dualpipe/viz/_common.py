@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..schedules.actions import Action, Op, Overlap
 from ..schedules.schedule import Schedule
 from ..simulation import TimedStep
 
-if TYPE_CHECKING:
-    from . import TimedWait
-
-__all__ = ["Segment", "segments", "all_segments", "direction", "direction_names", "time_span"]
+__all__ = [
+    "TimedWait", "Segment", "segments", "all_segments", "direction", "direction_names",
+    "time_span",
+]
 
 KIND_NAMES: dict[Op, str] = {
     Op.FORWARD: "forward",
@@ -25,6 +24,21 @@ KIND_NAMES: dict[Op, str] = {
     Op.WEIGHT: "backward for weights",
 }
 """Human names of the four kinds (the seed figure's wording)."""
+
+
+@dataclass(frozen=True)
+class TimedWait:
+    """Time ``rank`` spent blocked, e.g. waiting to receive ``label`` (``recv F0.3``).
+
+    The runtime records these next to its measured :class:`~dualpipe.simulation.TimedStep`
+    rows; the renderers draw them as grey bars (PNG), ``~`` (text) or a
+    ``recv wait`` thread (trace).
+    """
+
+    rank: int
+    label: str
+    start: float
+    end: float
 
 
 @dataclass(frozen=True)

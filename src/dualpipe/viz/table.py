@@ -23,8 +23,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from ..errors import ScheduleError
 from ..schedules.registry import generate, spec, specs
-from ..schedules.schedule import ScheduleError
 from ..simulation import Costs, seed_bubble, simulate
 
 __all__ = ["compare_table", "format_compare_table", "COMPARED", "METHODS", "SEED_FORMULAS"]

@@ -24,7 +24,7 @@ from ..simulation import TimedStep
 from ._common import direction, direction_names, time_span
 
 if TYPE_CHECKING:
-    from . import TimedWait
+    from ._common import TimedWait
 
 __all__ = ["render_text", "render_tokens"]
 

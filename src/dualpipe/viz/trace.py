@@ -21,7 +21,7 @@ from ..simulation import TimedStep
 from ._common import KIND_NAMES, Segment, direction_names, segments
 
 if TYPE_CHECKING:
-    from . import TimedWait
+    from ._common import TimedWait
 
 __all__ = ["chrome_trace", "write_trace"]
 
