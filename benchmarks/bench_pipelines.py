@@ -214,7 +214,7 @@ def check_split(f: float, b: float, w: float) -> list[str]:
     branch (about W ms); stage 0 (input without grad) must defer everything. Raises
     ``AssertionError`` otherwise; returns report lines.
     """
-    from dualpipe.runtime.split_backward import backward_input
+    from dualpipe.autograd import backward_input
 
     lines = []
     b, w = max(b, 5.0), max(w, 5.0)  # keep the timing check meaningful for zero costs

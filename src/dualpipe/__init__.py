@@ -21,7 +21,7 @@ _RUNTIME = {
     "PipelineError": "dualpipe.runtime.p2p",
     "RemoteFailure": "dualpipe.runtime.p2p",
     "WeightGradStore": "dualpipe.utils",
-    "defer_weight_grad": "dualpipe.runtime.split_backward",
+    "defer_weight_grad": "dualpipe.autograd",
     "set_p2p_tensor_dtype": "dualpipe.runtime.declared",
     "set_p2p_tensor_shapes": "dualpipe.runtime.declared",
 }

@@ -22,12 +22,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from dualpipe.runtime.split_backward import (
-    WeightGradWork,
-    backward_full,
-    backward_input,
-    defer_weight_grad,
-)
+from dualpipe.autograd import WeightGradWork, backward_full, backward_input, defer_weight_grad
 
 # ----------------------------------------------------------------------------- stages
 

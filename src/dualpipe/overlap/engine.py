@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from ..runtime.split_backward import WeightGradWork, backward_full, backward_input
+from ..autograd import WeightGradWork, backward_full, backward_input
 from .comm import AsyncComm, Pending
 from .stage import PartedStage, reply, split_yield
 

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..autograd import backward_full, backward_input
 from ..overlap.handlers import with_parts
 from ..schedules.actions import Op
 from .plan import ActionPlan, PlannedStep, Route
-from .split_backward import backward_full, backward_input
 
 if TYPE_CHECKING:
     from .run import StepRun

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ..autograd import WeightGradWork
 from ..errors import ActionFailure, PipelineError, RemoteFailure
 from ..overlap.engine import ForwardTask, WeightWorks
 from ..schedules.actions import Action, Overlap
@@ -20,7 +21,6 @@ from .plan import ActionPlan, ExecutionPlan, HandOff, PlannedStep, Route
 from .protocol import Stamp
 from .record import StepRecord
 from .shapes import BoundaryShapes
-from .split_backward import WeightGradWork
 
 if TYPE_CHECKING:
     from .handlers import Handler
