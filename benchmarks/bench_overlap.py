@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from dualpipe.overlap import AllToAll, PartedStage, Waiter, run_pair
-from dualpipe.overlap.engine import BackwardTask, ForwardTask, PartEvent
+from dualpipe.overlap.engine import BackwardTask, ForwardTask
+from dualpipe.runtime.record import PartEvent
 from dualpipe.testing import run_distributed
 
 

@@ -59,7 +59,7 @@ def pingpong_worker(rank: int, world: int, mode: str, rounds: int, warmup: int,
     """One side of the ping-pong (rank 0 sends first); returns per-round-trip figures."""
     from datetime import timedelta
 
-    from dualpipe.runtime.p2p import Transport
+    from dualpipe.transport.process_group import Transport
 
     del world
     torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import nn
 
-from dualpipe.runtime.handlers import DEFAULT_HANDLERS
+from dualpipe.runtime.kernels import DEFAULT_KERNELS
 from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.schedules.registry import layout_for
 from dualpipe.simulation import peak_activations
@@ -92,11 +92,11 @@ def measure_peak(
     start = any(p[0][0] == rank for p in layout.paths)
     end = any(p[-1][0] == rank for p in layout.paths)
     _Held.live = _Held.peak = 0
-    def spying_forward(run, step) -> None:  # noqa: ANN001
+    def spying_forward(run, a) -> None:  # noqa: ANN001
         ScaleStage.run = run
-        DEFAULT_HANDLERS["F"](run, step)
+        DEFAULT_KERNELS.forward(run, a)
 
-    pipe.executor.handlers["F"] = spying_forward
+    pipe.executor.kernels = pipe.executor.kernels.replace(forward=spying_forward)
     ScaleStage.most_in_flight = ScaleStage.held_output_tensors = 0
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         pipe.step(

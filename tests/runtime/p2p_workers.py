@@ -7,8 +7,7 @@ import weakref
 
 import torch
 
-from dualpipe.runtime import p2p
-from dualpipe.runtime.p2p import Transport
+from dualpipe.transport.process_group import Transport
 
 
 def check_delivered_tensors_released(rank: int, world: int, large: bool) -> list[bool]:
@@ -18,7 +17,7 @@ def check_delivered_tensors_released(rank: int, world: int, large: bool) -> list
     thread. Returns rank 0's checks, or rank 1's "received intact" checks."""
     del world
     if large:
-        p2p.LARGE_MESSAGE = 1
+        Transport.large_message = 1
     transport = Transport(None, [0, 1], rank, torch.device("cpu"), timeout=30.0)
     checks: list[bool] = []
     for step in range(2):

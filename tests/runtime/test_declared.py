@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dualpipe.runtime import declared as mod
-from dualpipe.runtime.p2p import TensorMeta
+from dualpipe.transport.wire import TensorMeta
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,10 @@ import torch
 
 from dualpipe.errors import PipelineError
 from dualpipe.runtime.executor import Executor, StepData
-from dualpipe.runtime.handlers import DEFAULT_HANDLERS
-from dualpipe.runtime.local import LocalNetwork, LocalTransport
+from dualpipe.runtime.kernels import DEFAULT_KERNELS
 from dualpipe.runtime.microbatch import split_batch
 from dualpipe.schedules.generators import generate
+from dualpipe.transport.local import LocalNetwork, LocalTransport
 
 from .models import build_stages, criterion, make_batch
 from .workers import _reference
@@ -97,16 +97,16 @@ def test_in_process_inference() -> None:
 def test_failure_reaches_every_rank() -> None:
     calls = []
 
-    def exploding_forward(run, step) -> None:  # noqa: ANN001
+    def exploding_forward(run, a) -> None:  # noqa: ANN001
         calls.append(run.plan.rank)
-        if run.plan.rank == 1 and step.label.chunk == 1:
+        if run.plan.rank == 1 and a.action.chunk == 1:
             raise RuntimeError("boom")
-        DEFAULT_HANDLERS["F"](run, step)
+        DEFAULT_KERNELS.forward(run, a)
 
     network = LocalNetwork(3, timeout=5.0)
     with pytest.raises(PipelineError, match="rank 1 failed in F0.1 .*boom"):
         _step("1f1b", 3, 4, "mlp", training=True, network=network,
-              handlers={**DEFAULT_HANDLERS, "F": exploding_forward})
+              kernels=DEFAULT_KERNELS.replace(forward=exploding_forward))
     assert 1 in calls
     # the failed step was drained: every message posted on one side was matched
     assert network.unmatched == 0 and network.error is not None
@@ -116,12 +116,12 @@ def test_handler_table_decides_what_runs() -> None:
     """A replaced pair handler is called for every overlapped pair, and only for them."""
     seen = []
 
-    def pair(run, step) -> None:  # noqa: ANN001
-        seen.append((run.plan.rank, str(step.label)))
-        DEFAULT_HANDLERS["FB"](run, step)
+    def pair(kernels, run, fwd, bwd) -> None:  # noqa: ANN001
+        seen.append((run.plan.rank, f"{fwd.action}+{bwd.action}"))
+        DEFAULT_KERNELS.pair(kernels, run, fwd, bwd)
 
     results, (ref_losses, _), _, _ = _step("dualpipev", 2, 6, "mlp", training=True,
-                                           handlers={**DEFAULT_HANDLERS, "FB": pair})
+                                           kernels=DEFAULT_KERNELS.replace(pair=pair))
     schedule = generate("dualpipev", 2, 6)
     expected = sorted((r, str(s)) for r in range(2) for s in schedule.steps[r] if "+" in str(s))
     assert sorted(seen) == expected and expected

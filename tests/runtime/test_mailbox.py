@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from dualpipe.errors import ScheduleError
-from dualpipe.runtime.local import LocalNetwork
 from dualpipe.runtime.plan import build_plan, build_plans
-from dualpipe.runtime.protocol import STAMP_SEQ, wire_tag
 from dualpipe.schedules.generators import generate
 from dualpipe.schedules.registry import SCHEDULES, spec
+from dualpipe.transport.local import LocalNetwork
+from dualpipe.transport.protocol import STAMP_SEQ, wire_tag
 
 from .issue_model import run_in_order
 from .test_executor import _step

@@ -28,7 +28,7 @@ def test_steps_pairs_and_receive_posting() -> None:
     schedule = generate("dualpipev", 2, 6)
     plan = build_plan(schedule, 0, True, True, lookahead=2)
     assert [str(s.label) for s in plan.steps] == [str(s) for s in schedule.steps[0]]
-    assert {s.kind for s in plan.steps} == {"F", "B", "I", "W", "FB"}
+    assert {s.kind.value for s in plan.steps} == {"F", "B", "I", "W", "FB"}
     start = 0
     for step in plan.steps:
         # every message a step needs is due by then, and due counts only grow
@@ -63,5 +63,5 @@ def test_issue_order_is_one_global_order() -> None:
 def test_inference_plan_has_forwards_only_and_no_headers_when_shapes_known() -> None:
     schedule = generate("dualpipe", 4, 8)
     plan = build_plan(schedule, 1, training=False, headers=False)
-    assert {s.kind for s in plan.steps} == {"F"}
+    assert {s.kind.value for s in plan.steps} == {"F"}
     assert not any(m.header or m.grad for m in plan.messages)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dualpipe.errors import PipelineError
-from dualpipe.runtime.protocol import Stamp, disagreement, wire_tag
 from dualpipe.testing import run_distributed
+from dualpipe.transport.protocol import Stamp, disagreement, wire_tag
 
 from .protocol_workers import (
     disagreements,

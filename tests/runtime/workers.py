@@ -238,9 +238,9 @@ def check_custom_schedule(rank: int, world: int) -> list[str]:
 def check_large_sends(rank: int, world: int) -> list[str]:
     """Every send goes through gloo's per-peer large-send thread (threshold lowered to
     1 byte; 2 ranks): the results are the same, exactly."""
-    from dualpipe.runtime import p2p
+    from dualpipe.transport.process_group import Transport
 
-    p2p.LARGE_MESSAGE = 1
+    Transport.large_message = 1
     report = check_pipeline(rank, world, "dualpipev", "mlp", [4, 5])
     report += check_pipeline(rank, world, "dualpipe", "two", [4])
     threads = {t.name for t in threading.enumerate()}

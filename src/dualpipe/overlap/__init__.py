@@ -1,18 +1,19 @@
 """The overlap engine: stages written as computation and communication parts, and F&B
 pairs that hide one micro-batch's communication under the other's computation."""
 
+from ..runtime.record import PartEvent
 from .collectives import AllGather, AllReduce, AllToAll, ReduceScatter, exchange_counts
 from .comm import AsyncComm, CommCall, Pending
 from .engine import (
     BackwardTask,
     ForwardTask,
-    PartEvent,
     Waiter,
     WeightWorks,
     run_backward,
     run_forward,
     run_pair,
 )
+from .plugin import OverlapExtension, is_parted
 from .stage import PartedStage
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "BackwardTask",
     "CommCall",
     "ForwardTask",
+    "OverlapExtension",
     "PartEvent",
     "PartedStage",
     "Pending",
@@ -30,6 +32,7 @@ __all__ = [
     "Waiter",
     "WeightWorks",
     "exchange_counts",
+    "is_parted",
     "run_backward",
     "run_forward",
     "run_pair",

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..autograd import WeightGradWork, backward_full, backward_input
+from ..errors import StepTimeout
+from ..runtime.record import PartEvent
 from .comm import AsyncComm, Pending
 from .stage import PartedStage, reply, split_yield
 
@@ -27,23 +29,6 @@ __all__ = [
     "run_backward",
     "run_pair",
 ]
-
-
-@dataclass(frozen=True)
-class PartEvent:
-    """One measured interval of the engine (``time.perf_counter`` seconds).
-
-    ``kind`` is ``"compute"`` (a computation part, forward or backward), ``"comm"`` (a
-    communication in flight, from launch until it completed — as its handles report it,
-    else until the engine saw it complete), ``"wait"``
-    (blocked on a communication, nothing else to do) or ``"weight"`` (deferred
-    weight-gradient work run while a communication was in flight).
-    """
-
-    label: str
-    kind: str
-    start: float
-    end: float
 
 
 class Waiter:
@@ -80,7 +65,7 @@ class Waiter:
                     self.check()
                 now = time.perf_counter()
                 if now > deadline:
-                    raise TimeoutError(f"{what} did not complete within {self.timeout:.0f} s")
+                    raise StepTimeout(f"{what} did not complete within {self.timeout:.0f} s")
                 time.sleep(nap)
                 nap = min(nap * 2, 2e-4)
             self.log(what, "wait", t0, time.perf_counter())

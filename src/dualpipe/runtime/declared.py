@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .p2p import TensorMeta
+from ..transport.wire import TensorMeta
 
 __all__ = ["Declared", "declared", "set_p2p_tensor_dtype", "set_p2p_tensor_shapes"]
 

@@ -1,38 +1,36 @@
-"""The executor: runs one rank's list of a schedule, step by step, through the
-handler table.
-
-It keeps only configuration and caches (execution plans, and the boundary shapes
-of a static-shape pipeline); everything a step holds lives in the step's
-:class:`~dualpipe.runtime.run.StepRun` and is dropped when the step ends.
-"""
+"""The executor: runs one rank's list of a schedule, step by step, through the dispatch
+table; the one place where a failure on this rank is reported to the others."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from torch import nn
 
 from ..errors import ActionFailure, RemoteFailure
+from ..schedules.actions import Action, Overlap
 from ..schedules.schedule import Schedule
+from ..transport.base import DRAIN_SECONDS, BaseTransport
+from ..transport.protocol import Stamp
 from .declared import Declared
-from .handlers import DEFAULT_HANDLERS, Handler
-from .p2p import BaseTransport
+from .extension import Extension
+from .kernels import DEFAULT_KERNELS, Kernels
 from .plan import LOOKAHEAD, ExecutionPlan, build_plan
-from .protocol import Stamp
 from .record import StepRecord
 from .run import StepData, StepResult, StepRun
 from .shapes import BoundaryShapes
 
 __all__ = ["StepData", "StepResult", "Executor", "StepRecord", "DRAIN_SECONDS"]
 
-DRAIN_SECONDS = 30.0
-"""At most this long, after a failure, for the ranks to complete the step's open messages."""
-
 
 class Executor:
     """Runs schedules on one rank.
+
+    It keeps only configuration and caches (execution plans, and the boundary shapes of
+    a static-shape pipeline); everything a step holds lives in the step's
+    :class:`~dualpipe.runtime.run.StepRun` and is dropped when the step ends.
 
     Args:
         rank: this rank's pipeline rank.
@@ -43,7 +41,9 @@ class Executor:
         static_shapes: boundary shapes never change: headers travel in the first step
             of each schedule only.
         lookahead: receives are posted this many actions ahead.
-        handlers: the dispatch table (see :mod:`dualpipe.runtime.handlers`).
+        kernels: the dispatch table (see :mod:`dualpipe.runtime.kernels`); default: the
+            runtime's own, extended by ``extensions``.
+        extensions: plug-ins whose kernels and step hooks this executor runs.
     """
 
     def __init__(
@@ -54,16 +54,22 @@ class Executor:
         split_backward: bool = True,
         static_shapes: bool = False,
         lookahead: int = LOOKAHEAD,
-        handlers: Mapping[str, Handler] | None = None,
+        kernels: Kernels | None = None,
+        extensions: Sequence[Extension] = (),
     ) -> None:
         self.rank = rank
         self.modules = list(modules)
         self.transport = transport
-        self.split = split_backward
+        self.split_backward = split_backward
         self.static_shapes = static_shapes
         self.declared: Declared | None = None  # the user's declared shapes/dtype, checked
         self.lookahead = lookahead
-        self.handlers = dict(handlers if handlers is not None else DEFAULT_HANDLERS)
+        self.extensions = list(extensions)
+        if kernels is None:
+            kernels = DEFAULT_KERNELS
+            for ext in self.extensions:
+                kernels = ext.kernels(kernels)
+        self.kernels = kernels
         self._plans: dict[tuple[Schedule, bool, bool], ExecutionPlan] = {}
         self._known: dict[tuple[Schedule, bool], BoundaryShapes] = {}
         # the original's overlapped_forward_backward receives output tensors, so stages
@@ -95,11 +101,19 @@ class Executor:
             self.abandon(exc)
             raise
 
+    def refuse(self, step: int, exc: BaseException, what: str) -> None:
+        """Step ``step`` cannot start on this rank (``exc``; ``what`` says why, e.g.
+        "invalid step arguments"): tell the other ranks at once, naming this rank, and
+        complete whatever of the step they posted."""
+        self.transport.begin_step(step)
+        self.transport.post_error(f"rank {self.rank}: {what}: {exc}")
+        self.abandon(exc)
+
     def _run(self, schedule: Schedule, data: StepData, number: int, record: bool
              ) -> StepResult:
         known = self._known.get((schedule, data.training)) if self.static_shapes else None
         plan = self.plan(schedule, data.training, headers=known is None)
-        self.transport.check_error()  # a pipeline that failed before stays failed
+        self.transport.check_error(fresh=True)  # a pipeline that failed before stays failed
         shapes = (
             known.copy()
             if known is not None
@@ -108,30 +122,60 @@ class Executor:
         trace = StepRecord(time.perf_counter(), time.time()) if record else None
         stamp = Stamp(self.transport.pipeline, number, schedule.num_chunks, data.training,
                       self.static_shapes)
-        run = StepRun(plan, data, self.modules, self.transport, shapes, self.handlers,
-                      self.split, self.keep_outputs, stamp, trace)
+        run = StepRun(plan, data, self.modules, self.transport, shapes, self.split_backward,
+                      self.keep_outputs, stamp, trace)
         self.last_plan, self.last_record = plan, trace
+        for ext in self.extensions:
+            self._guard(run, f"{ext.name}: before the step",
+                        partial(ext.before_step, data.training))
         for step in plan.steps:
-            # post what is due and wait for the step's inputs before its timed compute
-            # (a timeout or a disagreeing stamp is reported like a failing action)
-            run.guard(step.label, partial(run.receive, step))
+            # 1. post what is due and wait for the step's inputs before its clock starts
+            #    (a timeout or a disagreeing stamp is reported like a failing action)
+            self._guard(run, step.label, partial(run.receive, step))
+            # 2. compute
             t0 = time.perf_counter()
-            run.guard(step.label, partial(self.handlers[step.kind], run, step))
+            self._guard(run, step.label, partial(self.kernels.run, run, step))
             if trace is not None:
                 trace.steps.append((step.label, t0, time.perf_counter()))
+            # 3. plug-ins' work after a module's last gradient work (e.g. reduce-scatter)
+            for module in step.finishes:
+                for ext in self.extensions:
+                    self._guard(run, step.label,
+                                partial(ext.after_stage_backward, module))
         run.mailbox.close()
         self.transport.drain_sends(f"rank {self.rank}: completion of its sends")
+        for ext in self.extensions:
+            self._guard(run, f"{ext.name}: after the step",
+                        partial(ext.after_step, data.training))
         if self.static_shapes and known is None:
             self._known[(schedule, data.training)] = shapes
         return run.result()
 
-    def abandon(self, exc: BaseException) -> None:
-        """Give up the current step after ``exc``: tell the other ranks (unless they told
-        us, or the failing action did already) and complete every message of the step
-        still open on either side, so nothing of it is left posted."""
-        if not isinstance(exc, (RemoteFailure, ActionFailure)):
-            self.transport.post_error(
-                f"rank {self.rank} failed in step {self.transport.step}: "
+    def _guard(self, run: StepRun, label: Action | Overlap | str,
+               fn: Callable[[], None]) -> None:
+        """Run ``fn``; an error of this rank is reported to every rank, naming this rank
+        and what ran (``run.label`` when a kernel narrowed it, else ``label``)."""
+        run.label = None
+        try:
+            fn()
+        except (RemoteFailure, ActionFailure):
+            raise  # another rank's failure, or one reported already
+        except Exception as exc:
+            what = run.label if run.label is not None else label
+            message = (
+                f"rank {self.rank} failed in {what} ({run.plan.schedule.name}): "
                 f"{type(exc).__name__}: {exc}"
             )
+            self.transport.post_error(message)
+            raise ActionFailure(message) from exc
+
+    def abandon(self, exc: BaseException) -> None:
+        """Give up the current step after ``exc``: tell the other ranks (the transport
+        keeps the first failure posted in a pipeline, so a failure already reported —
+        or one that came from another rank — is not replaced) and complete every
+        message of the step still open on either side, so nothing of it is left posted."""
+        self.transport.post_error(
+            f"rank {self.rank} failed in step {self.transport.step}: "
+            f"{type(exc).__name__}: {exc}"
+        )
         self.transport.drain_failed_step(min(self.transport.timeout, DRAIN_SECONDS))

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..schedules.comm import Message
-from .p2p import BaseTransport, Pending, decode_header
-from .protocol import STAMP_SEQ, Stamp
+from ..transport.base import BaseTransport
+from ..transport.pending import Pending
+from ..transport.protocol import STAMP_SEQ, Stamp
+from ..transport.wire import decode_header
 from .shapes import BoundaryShapes
 
 if TYPE_CHECKING:

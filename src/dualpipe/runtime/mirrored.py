@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import PipelineError
-from .p2p import Transport
-from .protocol import EXCHANGE_SEQ
+from ..transport.process_group import Transport
+from ..transport.protocol import EXCHANGE_SEQ
 
 __all__ = ["MirroredStages", "MIRRORED_WEIGHTS"]
 

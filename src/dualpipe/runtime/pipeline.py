@@ -22,19 +22,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import PipelineError, RemoteFailure, ScheduleError
+from ..errors import PipelineError, ScheduleError
 from ..schedules.generators import generate
 from ..schedules.layout import dualpipe_layout
 from ..schedules.registry import layout_for
 from ..schedules.schedule import Schedule
 from ..schedules.validate import validate
+from ..transport.process_group import Transport
+from ..transport.protocol import PipelineIdentity, handshake
 from .declared import Declared, declared
 from .executor import Executor, StepData, StepRecord
+from .extension import Extension, PipelineInfo, extensions_for
 from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch
 from .mirrored import MirroredStages
-from .p2p import Transport
-from .protocol import PipelineIdentity, handshake
 from .timeline import MeasuredTimeline, gather_timeline
 
 __all__ = ["Pipeline", "DualPipe", "DualPipeV", "PipelineError"]
@@ -90,6 +91,15 @@ def _accept_module_list_keys(
         state_dict[prefix + "module." + key[len(old) :]] = state_dict.pop(key)
 
 
+def _release(transport: Transport, extensions: Sequence[Extension]) -> None:
+    """What closing a pipeline does (also run when it is garbage-collected)."""
+    try:
+        for ext in extensions:
+            ext.close()
+    finally:
+        transport.close()
+
+
 class Pipeline(nn.Module):
     """Runs a named schedule over the ranks of a process group.
 
@@ -134,6 +144,9 @@ class Pipeline(nn.Module):
             micro-batch losses; ``"mean"``: of their mean over all micro-batches of the step
             (what one process computing the mean loss of the batch gets). The returned
             per-micro-batch losses are the criterion's values either way.
+        extensions: plug-ins of your own (:class:`~dualpipe.runtime.extension.Extension`),
+            run after those the registered plug-ins provide (the overlap engine for stages
+            written as parts, ...).
     """
 
     def __init__(
@@ -150,6 +163,7 @@ class Pipeline(nn.Module):
         mirrored_weights: str = "check",
         static_shapes: bool | None = None,
         loss_reduction: str = "sum",
+        extensions: Sequence[Extension] = (),
     ) -> None:
         super().__init__()
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -197,8 +211,19 @@ class Pipeline(nn.Module):
         declaration = declared()
         if static_shapes is None:
             static_shapes = declaration.shapes is not None
+        info = PipelineInfo(
+            self.rank, size, self.schedule_name, self.layout, tuple(stages),
+            tuple(self.layout.rank_stages[self.rank]), process_group, self.device,
+            split_backward,
+        )
+        try:
+            self.extensions = extensions_for(info, extensions)
+        except BaseException:
+            self.transport.close()
+            raise
         self.executor = Executor(
-            self.rank, stages, self.transport, split_backward, static_shapes=static_shapes
+            self.rank, stages, self.transport, split_backward, static_shapes=static_shapes,
+            extensions=self.extensions,
         )
         if declaration != Declared():
             self.executor.declared = declaration
@@ -220,7 +245,7 @@ class Pipeline(nn.Module):
                 "loss_reduction": loss_reduction,
             },
         )
-        self._finalizer = weakref.finalize(self, self.transport.close)
+        self._finalizer = weakref.finalize(self, _release, self.transport, self.extensions)
         # DualPipe's layout holds every stage on two ranks (r and N-1-r)
         self.mirrored: MirroredStages | None = None
         if size % 2 == 0 and self.layout == dualpipe_layout(size):
@@ -336,13 +361,11 @@ class Pipeline(nn.Module):
         if self.closed:
             raise PipelineError("this pipeline is closed")
         self._steps += 1
-        self.transport.begin_step(self._steps)
         try:
             schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
         except (ValueError, ScheduleError) as exc:
             # tell the other ranks at once instead of letting them wait for a timeout
-            self.transport.post_error(f"rank {self.rank}: invalid step arguments: {exc}")
-            self.executor.abandon(RemoteFailure(str(exc)))
+            self.executor.refuse(self._steps, exc, "invalid step arguments")
             raise
         mirrored = self.mirrored if data.training and self.sync_mirrored_grads else None
         if mirrored is not None:

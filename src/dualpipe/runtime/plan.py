@@ -19,7 +19,7 @@ from ..schedules.comm import Message, RankPlan, plan_communication
 from ..schedules.order import message_order
 from ..schedules.schedule import Schedule
 
-__all__ = ["Route", "HandOff", "ActionPlan", "PlannedStep", "Issue", "ExecutionPlan",
+__all__ = ["Route", "StepKind", "HandOff", "ActionPlan", "PlannedStep", "Issue", "ExecutionPlan",
            "build_plan", "build_plans", "LOOKAHEAD"]
 
 LOOKAHEAD = 4
@@ -37,6 +37,21 @@ class Route(enum.Enum):
     LOCAL = "local"  # a hand-off to or from another stage on this rank
     MESSAGE = "message"  # point-to-point messages with another rank
     NONE = "none"  # nothing: a W, or the input gradients of the first stage
+
+
+class StepKind(enum.Enum):
+    """What one entry of a rank's list is: a single action of each kind, or a pair."""
+
+    FORWARD = "F"
+    BACKWARD = "B"
+    INPUT = "I"
+    WEIGHT = "W"
+    PAIR = "FB"  # an overlapped forward and backward
+
+    @classmethod
+    def of(cls, op: Op) -> StepKind:
+        """The kind of a single action of ``op``."""
+        return cls(op.value)
 
 
 @dataclass(frozen=True)
@@ -84,19 +99,22 @@ class PlannedStep:
     """One entry of the rank's list: a single action or an overlapped pair.
 
     Attributes:
-        kind: handler key: ``"F"``, ``"B"``, ``"I"``, ``"W"`` or ``"FB"`` (a pair).
+        kind: a single action's kind, or :attr:`StepKind.PAIR`.
         label: the schedule's step (printed in errors and timelines).
         actions: its actions (a pair: forward then backward).
         due: how many of the rank's operations (:attr:`ExecutionPlan.ops`, in order)
             are issued before this step starts, at least: every receive it needs and
             those needed within the look-ahead (a send among them is issued once its
             action has run).
+        finishes: the rank's modules whose gradient work of the step ends with this step
+            (their last ``B`` or ``W``): plug-ins reduce gradients after it.
     """
 
-    kind: str
+    kind: StepKind
     label: Action | Overlap
     actions: tuple[ActionPlan, ...]
     due: int
+    finishes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +245,8 @@ def _build(
             sink_key=okey, recvs=tuple(comm.recvs[i]), sends=tuple(comm.sends[i]),
         ))
 
+    # the last action of each module that computes gradients (B or W)
+    last = {a.module: a.index for a in actions if a.action.op in (Op.BACKWARD, Op.WEIGHT)}
     steps: list[PlannedStep] = []
     i = 0
     while i < len(actions):
@@ -235,11 +255,12 @@ def _build(
         due = max(due_at[i + len(group) - 1], due_at[i])
         if len(group) == 2:
             label: Action | Overlap = Overlap(group[0].action, group[1].action)
-            kind = "FB"
+            kind = StepKind.PAIR
         else:
             label = group[0].action
-            kind = label.op.value
-        steps.append(PlannedStep(kind, label, group, due))
+            kind = StepKind.of(label.op)
+        finishes = tuple(sorted(m for m, k in last.items() if i <= k < i + len(group)))
+        steps.append(PlannedStep(kind, label, group, due, finishes))
         i += len(group)
     incoming = {src: tuple(msgs) for src, msgs in comm.incoming.items()}
     return ExecutionPlan(rank, schedule, training, headers, tuple(steps), incoming, tuple(ops),

@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..overlap.engine import PartEvent
 from ..schedules.actions import Action, Overlap
 
-__all__ = ["StepRecord"]
+__all__ = ["PartEvent", "StepRecord"]
+
+
+@dataclass(frozen=True)
+class PartEvent:
+    """One measured interval inside an action (``time.perf_counter`` seconds), as a
+    plug-in that runs stages part by part reports it.
+
+    ``kind`` is ``"compute"`` (a computation part, forward or backward), ``"comm"`` (a
+    communication in flight, from launch until it completed — as its handles report it,
+    else until the engine saw it complete), ``"wait"`` (blocked on a communication,
+    nothing else to do) or ``"weight"`` (deferred weight-gradient work run while a
+    communication was in flight).
+    """
+
+    label: str
+    kind: str
+    start: float
+    end: float
 
 
 @dataclass

@@ -1,31 +1,34 @@
-"""The state of one step on one rank (:class:`StepRun`), created when the step starts
-and dropped when it ends, and the primitives handlers build actions from."""
+"""The state of one step on one rank (:class:`StepRun`) and the primitives kernels build
+actions from."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from ..autograd import WeightGradWork
-from ..errors import ActionFailure, PipelineError, RemoteFailure
-from ..overlap.engine import ForwardTask, WeightWorks
+from ..errors import PipelineError
 from ..schedules.actions import Action, Overlap
+from ..transport.base import BaseTransport
+from ..transport.protocol import Stamp
+from ..transport.wire import TensorMeta, encode_header
 from .mailbox import Mailbox
-from .p2p import BaseTransport, TensorMeta, encode_header
 from .plan import ActionPlan, ExecutionPlan, HandOff, PlannedStep, Route
-from .protocol import Stamp
 from .record import StepRecord
 from .shapes import BoundaryShapes
 
-if TYPE_CHECKING:
-    from .handlers import Handler
+__all__ = ["StepData", "StepResult", "StepRun", "DeferredWork"]
 
-__all__ = ["StepData", "StepResult", "StepRun"]
+
+class DeferredWork(Protocol):
+    """Weight-gradient work an input-only backward leaves for its ``W``."""
+
+    def run(self) -> None:
+        """Do the work (once)."""
 
 
 @dataclass
@@ -69,12 +72,13 @@ def as_tensors(out: Any) -> tuple[torch.Tensor, ...]:
 
 
 class StepRun:
-    """Everything one step holds on one rank, and the primitives handlers use.
+    """Everything one step holds on one rank, and the primitives kernels use.
 
     Lifetime: one step. It holds the stage inputs and output roots kept for the
     backward (``saved``), the deferred weight work of input-only backwards
     (``deferred``), local hand-offs between the rank's own stages, the losses and
-    outputs, the mailbox and the record; all of it is dropped with the run.
+    outputs, the mailbox, the record and the plug-ins' per-step state (``extras``); all
+    of it is dropped with the run.
 
     Attributes:
         plan: this rank's execution plan of the step's schedule.
@@ -85,6 +89,9 @@ class StepRun:
             (stages with ``overlapped_forward_backward`` receive them).
         mailbox: the step's sends and receives.
         record: the measured timeline, when asked for.
+        label: what is running now (errors name it); the executor sets it per step, a
+            pair kernel narrows it to the half it runs.
+        extras: per-step state of plug-ins, under a name of their own.
     """
 
     def __init__(
@@ -94,7 +101,6 @@ class StepRun:
         modules: Sequence[nn.Module],
         transport: BaseTransport,
         shapes: BoundaryShapes,
-        handlers: Mapping[str, Handler],
         split: bool,
         keep_outputs: bool,
         stamp: Stamp,
@@ -105,40 +111,19 @@ class StepRun:
         self.modules = modules
         self.transport = transport
         self.shapes = shapes
-        self.handlers = handlers
         self.split = split
         self.keep_outputs = keep_outputs
         self.record = record
         self.mailbox = Mailbox(plan, transport, shapes, stamp, record)
         self.saved: dict[tuple[int, int], tuple[list[Any], list[torch.Tensor]]] = {}
-        self.deferred: dict[tuple[int, int], WeightGradWork | WeightWorks | None] = {}
-        # forward records of stages written as parts, until their backward
-        self.parted: dict[tuple[int, int], ForwardTask] = {}
+        self.deferred: dict[tuple[int, int], DeferredWork | None] = {}
         self.local: dict[HandOff, list[torch.Tensor]] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.label: Action | Overlap | None = None
+        self.extras: dict[str, Any] = {}
 
     # ------------------------------------------------------------ running
-    def guard(self, label: Action | Overlap, fn: Callable[[], None]) -> None:
-        """Run ``fn``; a failure is reported to every rank, naming this rank and ``label``."""
-        try:
-            fn()
-        except (RemoteFailure, ActionFailure):
-            raise
-        except Exception as exc:
-            message = (
-                f"rank {self.plan.rank} failed in {label} ({self.plan.schedule.name}): "
-                f"{type(exc).__name__}: {exc}"
-            )
-            self.transport.post_error(message)
-            raise ActionFailure(message) from exc
-
-    def run_action(self, a: ActionPlan) -> None:
-        """Run one action through its handler (errors name the action)."""
-        kind = a.action.op.value
-        step = PlannedStep(kind, a.action, (a,), 0)
-        self.guard(a.action, lambda: self.handlers[kind](self, step))
-
     def receive(self, step: PlannedStep) -> None:
         """Post the receives due before ``step`` and wait for every message it needs."""
         self.mailbox.post(step)

@@ -9,8 +9,8 @@ import torch
 
 from ..errors import PipelineError
 from ..schedules.comm import Message
+from ..transport.wire import HEADER_LEN, TensorMeta
 from .declared import Declared
-from .p2p import HEADER_LEN, TensorMeta
 
 __all__ = ["BoundaryShapes"]
 

@@ -1,24 +1,26 @@
-"""The executor's handlers for stages written as parts: their F, B and I run part by
-part and their F&B pairs interleave; any other stage goes to the table's own handler."""
+"""The overlap engine's extension of the runtime: parted stages run part by part and
+their F&B pairs interleave; every other stage goes to the table's own kernels."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
+from ..runtime.extension import Extension, PipelineInfo, register_extension
+from ..runtime.kernels import ActionKernel, Kernels, PairKernel
+from ..runtime.plan import ActionPlan
+from ..runtime.run import StepRun
 from ..schedules.actions import Op
 from .engine import BackwardTask, ForwardTask, Waiter, run_pair
 from .stage import PartedStage
 
-if TYPE_CHECKING:
-    from ..runtime.handlers import Handler
-    from ..runtime.plan import ActionPlan, PlannedStep
-    from ..runtime.run import StepRun
+__all__ = ["is_parted", "OverlapExtension"]
 
-__all__ = ["is_parted", "with_parts"]
+_STATE = "overlap"
+"""Key of this plug-in's per-step state in ``StepRun.extras``: the forward records of
+parted stages, until their backward."""
 
 
 def is_parted(module: nn.Module) -> bool:
@@ -29,16 +31,29 @@ def is_parted(module: nn.Module) -> bool:
         type(module), "overlapped_forward_backward")
 
 
-def with_parts(table: Mapping[str, Handler]) -> dict[str, Handler]:
-    """``table`` with its ``F``, ``B``, ``I`` and ``FB`` handlers taking stages written
-    as parts (:class:`PartedStage`) and passing every other stage to the original."""
-    return {
-        **table,
-        Op.FORWARD.value: partial(_forward, table[Op.FORWARD.value]),
-        Op.BACKWARD.value: partial(_backward, table[Op.BACKWARD.value]),
-        Op.INPUT.value: partial(_backward, table[Op.INPUT.value]),
-        "FB": partial(_pair, table["FB"]),
-    }
+class OverlapExtension(Extension):
+    """Takes the ``F``, ``B``, ``I`` and pair kernels for parted stages."""
+
+    name = "overlap"
+
+    def kernels(self, table: Kernels) -> Kernels:
+        return table.replace(
+            forward=partial(_forward, table.forward),
+            backward=partial(_backward, table.backward),
+            input=partial(_backward, table.input),
+            pair=partial(_pair, table.pair),
+        )
+
+
+@register_extension
+def _overlap_extension(info: PipelineInfo) -> OverlapExtension | None:
+    """The overlap engine extends pipelines that hold a parted stage."""
+    return OverlapExtension() if any(is_parted(m) for m in info.modules) else None
+
+
+def _records(run: StepRun) -> dict[tuple[int, int], ForwardTask]:
+    records: dict[tuple[int, int], ForwardTask] = run.extras.setdefault(_STATE, {})
+    return records
 
 
 def _key(a: ActionPlan) -> tuple[int, int]:
@@ -66,7 +81,7 @@ def _start_forward(run: StepRun, a: ActionPlan) -> ForwardTask:
 
 def _finish_forward(run: StepRun, a: ActionPlan, task: ForwardTask) -> None:
     if task.grad:
-        run.parted[_key(a)] = task  # the backward's record, for this step only
+        _records(run)[_key(a)] = task  # the backward's record, for this step only
     run.finish_forward(a, task.inputs, task.outputs, None)
 
 
@@ -86,42 +101,41 @@ def _finish_backward(run: StepRun, a: ActionPlan, task: BackwardTask,
     run.finish_backward(a, leaves, _input_grads(task, leaves))
 
 
-def _forward(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+def _forward(fallback: ActionKernel, run: StepRun, a: ActionPlan) -> None:
     """``F`` of a parted stage: its parts in order, each communication waited for
     before the next part."""
-    (a,) = step.actions
     if not is_parted(run.module(a)):
-        fallback(run, step)
+        fallback(run, a)
         return
     task = _start_forward(run, a)
     task.finish()
     _finish_forward(run, a, task)
 
 
-def _backward(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+def _backward(fallback: ActionKernel, run: StepRun, a: ActionPlan) -> None:
     """``B`` or ``I`` of a parted stage: each part's backward, last part first (input-only
     per part for an ``I`` with the split on, the weight work kept for its ``W``)."""
-    (a,) = step.actions
-    record = run.parted.pop(_key(a), None)
+    record = _records(run).pop(_key(a), None)
     if record is None:
-        fallback(run, step)
+        fallback(run, a)
         return
     task, leaves = _start_backward(run, a, record, run.split and a.action.op is Op.INPUT)
     task.finish()
     _finish_backward(run, a, task, leaves)
 
 
-def _pair(fallback: Handler, run: StepRun, step: PlannedStep) -> None:
+def _pair(fallback: PairKernel, kernels: Kernels, run: StepRun, fwd: ActionPlan,
+          bwd: ActionPlan) -> None:
     """``F+B`` whose backward is a parted stage's: the two interleaved
     (:func:`~dualpipe.overlap.run_pair`); a full backward splits per part when the split
     is on, so its weight work fills the waits. A stage class with its own
     ``overlapped_forward_backward``, or an ordinary backward, goes to ``fallback``."""
-    fwd, bwd = step.actions
     own: Any = getattr(type(run.module(fwd)), "overlapped_forward_backward", None)
-    if own is not None or _key(bwd) not in run.parted:
-        fallback(run, step)
+    records = _records(run)
+    if own is not None or _key(bwd) not in records:
+        fallback(kernels, run, fwd, bwd)
         return
-    record = run.parted.pop(_key(bwd))
+    record = records.pop(_key(bwd))
     forward = _start_forward(run, fwd)
     backward, leaves = _start_backward(run, bwd, record, run.split)
     run_pair(forward, backward, fill_weight=bwd.action.op is Op.BACKWARD)

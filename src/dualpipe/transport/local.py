@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import PipelineError
-from .p2p import BaseTransport, Pending
+from .base import BaseTransport
+from .pending import Pending
 
 __all__ = ["LocalNetwork", "LocalTransport"]
 
@@ -236,9 +237,9 @@ class LocalTransport(BaseTransport):
     def _read(self, name: str) -> bytes | None:
         return self.network.notes.get(f"{self.pipeline}/{name}")
 
-    def post_error(self, message: str) -> None:
-        """Tell every rank that this step failed."""
-        self.network.error = message
+    def _publish_error(self, message: str) -> None:
+        if self.network.error is None:
+            self.network.error = message
 
-    def _posted_error(self) -> str | None:
+    def posted_error(self) -> str | None:
         return self.network.error
