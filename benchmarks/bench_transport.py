@@ -7,7 +7,7 @@ run:
 
 * ``gloo``: the process group's own ``send``/``recv`` and ``wait()`` in the calling
   thread, nothing else (the floor for any runtime on gloo);
-* ``ours``: :class:`dualpipe.runtime.p2p.Transport` as a step uses it (tags, the
+* ``ours``: :class:`dualpipe.transport.Transport` as a step uses it (tags, the
   record kept for draining, completion learned by the thread that needs the message,
   sends collected once a later message from the peer arrived);
 

@@ -11,7 +11,7 @@ import torch
 from dualpipe.errors import PipelineError
 from dualpipe.runtime.executor import Executor, StepData
 from dualpipe.runtime.kernels import DEFAULT_KERNELS
-from dualpipe.runtime.microbatch import split_batch
+from dualpipe.runtime.microbatch import scatter_microbatches
 from dualpipe.schedules.generators import generate
 from dualpipe.transport.local import LocalNetwork, LocalTransport
 
@@ -40,8 +40,8 @@ def _step(name: str, ranks: int, chunks: int, kind: str, training: bool,
     def rank_fn(rank: int, transport: LocalTransport):
         starts, ends = layout.streams_starting_on(rank), layout.streams_ending_on(rank)
         step = StepData(
-            inputs=split_batch(data[starts[0]][0], per_stream, 0, "inputs") if starts else None,
-            labels=split_batch((data[ends[0]][1],), per_stream, 0, "labels") if ends else None,
+            inputs=scatter_microbatches(data[starts[0]][0], per_stream, 0, "inputs") if starts else None,
+            labels=scatter_microbatches((data[ends[0]][1],), per_stream, 0, "labels") if ends else None,
             criterion=criterion,
             return_outputs=True,
             training=training,

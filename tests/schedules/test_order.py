@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from dualpipe.schedules.comm import plan_communication
 from dualpipe.schedules.generators import generate
+from dualpipe.schedules.messages import derive_messages
 from dualpipe.schedules.order import message_order
 
 
@@ -16,7 +16,7 @@ from dualpipe.schedules.order import message_order
                                                 ("zbv", 4, 6), ("1f1b", 4, 5)])
 def test_a_message_comes_after_what_its_sender_needed(name: str, ranks: int,
                                                       chunks: int) -> None:
-    plans = plan_communication(generate(name, ranks, chunks))
+    plans = derive_messages(generate(name, ranks, chunks))
     order = message_order(plans)
     sent = {m for plan in plans for msgs in plan.sends for m in msgs}
     assert set(order) == sent and sorted(order.values()) == list(range(len(sent)))
@@ -33,7 +33,7 @@ def test_a_message_comes_after_what_its_sender_needed(name: str, ranks: int,
 
 
 def test_a_step_that_cannot_finish_is_refused() -> None:
-    plans = plan_communication(generate("1f1b", 2, 2))
+    plans = derive_messages(generate("1f1b", 2, 2))
     # rank 0's first forward now also waits for rank 1's first input gradient, which
     # rank 1 sends only after that forward's activation arrived
     grad = next(m for msgs in plans[1].sends for m in msgs if m.grad)

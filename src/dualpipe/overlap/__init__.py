@@ -2,8 +2,8 @@
 pairs that hide one micro-batch's communication under the other's computation."""
 
 from ..runtime.record import PartEvent
+from .asynccomm import AsyncComm, CommCall, InFlight
 from .collectives import AllGather, AllReduce, AllToAll, ReduceScatter, exchange_counts
-from .comm import AsyncComm, CommCall, Pending
 from .engine import (
     BackwardTask,
     ForwardTask,
@@ -13,8 +13,8 @@ from .engine import (
     run_forward,
     run_pair,
 )
+from .parted import PartedStage
 from .plugin import OverlapExtension, is_parted
-from .stage import PartedStage
 
 __all__ = [
     "AllGather",
@@ -27,6 +27,7 @@ __all__ = [
     "OverlapExtension",
     "PartEvent",
     "PartedStage",
+    "InFlight",
     "Pending",
     "ReduceScatter",
     "Waiter",
@@ -37,3 +38,6 @@ __all__ = [
     "run_forward",
     "run_pair",
 ]
+
+Pending = InFlight
+"""Earlier name of :class:`InFlight` (kept for code written against it)."""

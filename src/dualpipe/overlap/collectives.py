@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import AsyncComm, Pending
+from .asynccomm import AsyncComm, InFlight
 
 __all__ = ["AllToAll", "AllReduce", "AllGather", "ReduceScatter", "exchange_counts"]
 
@@ -52,7 +52,7 @@ class AllToAll(AsyncComm):
         self.group = group
 
     def _run(self, x: Tensor, in_splits: list[int] | None,
-             out_splits: list[int] | None) -> Pending:
+             out_splits: list[int] | None) -> InFlight:
         x = x.contiguous()
         if (in_splits is None) != (out_splits is None):
             raise ValueError("AllToAll: give both in_splits and out_splits, or neither")
@@ -64,16 +64,16 @@ class AllToAll(AsyncComm):
         out = x.new_empty((rows, *x.shape[1:]))
         work = dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group,
                                       async_op=True)
-        return _on_device(Pending([work], lambda: (out,)), x)
+        return _on_device(InFlight([work], lambda: (out,)), x)
 
-    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         (x,) = inputs
         ins = _splits(ctx.get("in_splits"), "in_splits")
         outs = _splits(ctx.get("out_splits"), "out_splits")
         ctx["in_splits"], ctx["out_splits"] = ins, outs
         return self._run(x, ins, outs)
 
-    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         (g,) = grads
         return self._run(g, ctx["out_splits"], ctx["in_splits"])
 
@@ -93,19 +93,19 @@ class AllReduce(AsyncComm):
         self.group = group
         self.backward = backward
 
-    def _sum(self, x: Tensor) -> Pending:
+    def _sum(self, x: Tensor) -> InFlight:
         out = x.clone(memory_format=torch.contiguous_format)
         work = dist.all_reduce(out, group=self.group, async_op=True)
-        return _on_device(Pending([work], lambda: (out,)), x)
+        return _on_device(InFlight([work], lambda: (out,)), x)
 
-    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         (x,) = inputs
         return self._sum(x)
 
-    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         (g,) = grads
         if self.backward == "identity":
-            return Pending([], lambda: (g,))
+            return InFlight([], lambda: (g,))
         return self._sum(g)
 
 
@@ -125,18 +125,18 @@ class AllGather(AsyncComm):
         self.group = group
         self.backward = backward
 
-    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         (x,) = inputs
         return _gather(x.contiguous(), self.group)
 
-    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         (g,) = grads
         if self.backward == "reduce_scatter":
             return _scatter_sum(g.contiguous(), self.group)
         size = dist.get_world_size(self.group)
         rank = dist.get_rank(self.group)
         rows = g.shape[0] // size
-        return Pending([], lambda: (g[rank * rows:(rank + 1) * rows],))
+        return InFlight([], lambda: (g[rank * rows:(rank + 1) * rows],))
 
 
 class ReduceScatter(AsyncComm):
@@ -149,23 +149,23 @@ class ReduceScatter(AsyncComm):
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
 
-    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         (x,) = inputs
         return _scatter_sum(x.contiguous(), self.group)
 
-    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         (g,) = grads
         return _gather(g.contiguous(), self.group)
 
 
-def _gather(x: Tensor, group: dist.ProcessGroup | None) -> Pending:
+def _gather(x: Tensor, group: dist.ProcessGroup | None) -> InFlight:
     size = dist.get_world_size(group)
     out = x.new_empty((size * x.shape[0], *x.shape[1:]))
     work = _ALL_GATHER(out, x, group=group, async_op=True)
-    return _on_device(Pending([work], lambda: (out,)), x)
+    return _on_device(InFlight([work], lambda: (out,)), x)
 
 
-def _scatter_sum(x: Tensor, group: dist.ProcessGroup | None) -> Pending:
+def _scatter_sum(x: Tensor, group: dist.ProcessGroup | None) -> InFlight:
     size = dist.get_world_size(group)
     if x.shape[0] % size:
         raise ValueError(f"reduce-scatter: {x.shape[0]} rows do not split over {size} ranks")
@@ -173,15 +173,15 @@ def _scatter_sum(x: Tensor, group: dist.ProcessGroup | None) -> Pending:
     if dist.get_backend(group) != "gloo":
         out = x.new_empty((rows, *x.shape[1:]))
         work = _REDUCE_SCATTER(out, x, group=group, async_op=True)
-        return _on_device(Pending([work], lambda: (out,)), x)
+        return _on_device(InFlight([work], lambda: (out,)), x)
     # gloo's reduce-scatter never reports completion before wait(): an all-to-all of the
     # blocks, summed in rank order on arrival, instead
     blocks = x.new_empty((size, rows, *x.shape[1:]))
     work = dist.all_to_all_single(blocks, x, group=group, async_op=True)
-    return Pending([work], lambda: (blocks.sum(0),))
+    return InFlight([work], lambda: (blocks.sum(0),))
 
 
-def _on_device(pending: Pending, x: Tensor) -> Pending:
+def _on_device(pending: InFlight, x: Tensor) -> InFlight:
     """On an accelerator, waiting only orders the streams: never worth polling."""
     if x.device.type != "cpu":
         pending.device_side = True

@@ -16,8 +16,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from ..autograd import WeightGradWork, backward_full, backward_input
 from ..errors import StepTimeout
 from ..runtime.record import PartEvent
-from .comm import AsyncComm, Pending
-from .stage import PartedStage, reply, split_yield
+from .asynccomm import AsyncComm, InFlight
+from .parted import PartedStage, reply, split_yield
 
 __all__ = [
     "PartEvent",
@@ -50,7 +50,7 @@ class Waiter:
         if self.events is not None:
             self.events.append(PartEvent(label, kind, start, end))
 
-    def wait(self, pending: Pending, what: str,
+    def wait(self, pending: InFlight, what: str,
              filler: Callable[[], bool] | None = None) -> tuple[Tensor, ...]:
         """The result of ``pending``; while it is not ready, run ``filler`` (which returns
         whether it did something) or sleep briefly."""
@@ -72,7 +72,7 @@ class Waiter:
         return pending.wait()
 
 
-def _completed(pending: Pending) -> float:
+def _completed(pending: InFlight) -> float:
     """When ``pending`` completed (its handles' report, else now: when it was seen)."""
     done = pending.completed_at
     return done if done is not None else time.perf_counter()
@@ -153,7 +153,7 @@ class ForwardTask:
         self._stage = stage
         self._started = False
         self._leaves = _tensors(self.inputs)
-        self._pending: Pending | None = None
+        self._pending: InFlight | None = None
         self._yielded: Any = None
         self._carried: tuple[Any, ...] = ()
         self._launched = 0.0
@@ -256,7 +256,7 @@ class BackwardTask:
         last = record.segments[-1]
         last.outs = [_root_place(r, last.leaves) for r in roots]
         self._grads: list[Tensor | None] = list(grads)
-        self._pending: Pending | None = None
+        self._pending: InFlight | None = None
         self._carried_grads: list[Tensor | None] = []
         self._launched = 0.0
 

@@ -14,7 +14,7 @@ from ..runtime.plan import ActionPlan
 from ..runtime.run import StepRun
 from ..schedules.actions import Op
 from .engine import BackwardTask, ForwardTask, Waiter, run_pair
-from .stage import PartedStage
+from .parted import PartedStage
 
 __all__ = ["is_parted", "OverlapExtension"]
 

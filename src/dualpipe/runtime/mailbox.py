@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..schedules.comm import Message
+from ..schedules.messages import Message
 from ..transport.base import BaseTransport
 from ..transport.pending import Pending
 from ..transport.protocol import STAMP_SEQ, Stamp

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["split_batch", "concat_chunks"]
+__all__ = ["scatter_microbatches", "concat_chunks"]
 
 
-def split_batch(
+def scatter_microbatches(
     tensors: Sequence[torch.Tensor | None], num_chunks: int, batch_dim: int, what: str
 ) -> list[tuple[torch.Tensor | None, ...]]:
     """Split every tensor into ``num_chunks`` equal slices along ``batch_dim``; a ``None``

@@ -34,7 +34,7 @@ from .declared import Declared, declared
 from .executor import Executor, StepData, StepRecord
 from .extension import Extension, PipelineInfo, extensions_for
 from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
-from .microbatch import concat_chunks, split_batch
+from .microbatch import concat_chunks, scatter_microbatches
 from .mirrored import MirroredStages
 from .timeline import MeasuredTimeline, gather_timeline
 
@@ -429,8 +429,8 @@ class Pipeline(nn.Module):
         if end is None and any(t is not None for t in labels):
             raise ValueError(f"rank {self.rank} takes no labels in {self.schedule_name}")
         data = StepData(
-            inputs=split_batch(inputs, chunks, self.batch_dim, "inputs") if has_inputs else None,
-            labels=split_batch(labels, chunks, self.batch_dim, "labels")
+            inputs=scatter_microbatches(inputs, chunks, self.batch_dim, "inputs") if has_inputs else None,
+            labels=scatter_microbatches(labels, chunks, self.batch_dim, "labels")
             if end is not None
             else None,
             criterion=(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..schedules.actions import Action, Op, Overlap
-from ..schedules.comm import Message, RankPlan, plan_communication
+from ..schedules.messages import Message, RankMessages, derive_messages
 from ..schedules.order import message_order
 from ..schedules.schedule import Schedule
 
@@ -207,7 +207,7 @@ def build_plans(
     ranks: Sequence[int] | None = None,
 ) -> list[ExecutionPlan]:
     """The execution plans of ``ranks`` (default: every rank) of ``schedule``."""
-    plans = plan_communication(schedule, not training, headers)
+    plans = derive_messages(schedule, not training, headers)
     order = message_order(plans)
     pairs = sorted({(m.src, m.dst) for plan in plans for msgs in plan.sends for m in msgs})
     return [_build(schedule, plans, order, pairs, rank, training, headers, lookahead)
@@ -215,7 +215,7 @@ def build_plans(
 
 
 def _build(
-    schedule: Schedule, plans: list[RankPlan], order: dict[Message, int],
+    schedule: Schedule, plans: list[RankMessages], order: dict[Message, int],
     pairs: list[tuple[int, int]], rank: int, training: bool, headers: bool, lookahead: int,
 ) -> ExecutionPlan:
     comm = plans[rank]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PipelineError
-from ..schedules.comm import Message
+from ..schedules.messages import Message
 from ..transport.wire import HEADER_LEN, TensorMeta
 from .declared import Declared
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .comm import Message, RankPlan
+from .messages import Message, RankMessages
 
 __all__ = ["message_order"]
 
 
-def _steps(plan: RankPlan) -> list[list[int]]:
+def _steps(plan: RankMessages) -> list[list[int]]:
     """The rank's action indices grouped into steps (an overlapped pair is one step)."""
     steps: list[list[int]] = []
     for i in range(len(plan.actions)):
@@ -33,8 +33,8 @@ def _steps(plan: RankPlan) -> list[list[int]]:
     return steps
 
 
-def message_order(plans: Sequence[RankPlan]) -> dict[Message, int]:
-    """Every message of the step (from :func:`~dualpipe.schedules.comm.plan_communication`)
+def message_order(plans: Sequence[RankMessages]) -> dict[Message, int]:
+    """Every message of the step (from :func:`~dualpipe.schedules.messages.derive_messages`)
     numbered in one order that follows the step's dependencies.
 
     Raises:

@@ -1,7 +1,7 @@
 """Communication parts: an asynchronous operation with its backward, and a call of one.
 
 A :class:`AsyncComm` launches its work without waiting (``async_op=True``) and hands back
-a :class:`Pending`; the engine waits on it only when the next part needs the result.
+a :class:`InFlight`; the engine waits on it only when the next part needs the result.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["AsyncComm", "CommCall", "Pending"]
+__all__ = ["AsyncComm", "CommCall", "InFlight"]
 
 
-class Pending:
+class InFlight:
     """Work in flight: the handles to wait on and how to produce the result from them.
 
     Args:
@@ -85,11 +85,11 @@ class AsyncComm(ABC):
     """
 
     @abstractmethod
-    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
-        """Start the operation on ``inputs`` (detached); the Pending gives its outputs."""
+    def launch(self, inputs: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
+        """Start the operation on ``inputs`` (detached); the InFlight gives its outputs."""
 
     @abstractmethod
-    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> Pending:
+    def launch_backward(self, grads: tuple[Tensor, ...], ctx: dict[str, Any]) -> InFlight:
         """Start the backward: from the outputs' gradients (zeros where none reached) to
         the inputs' gradients, one per input."""
 

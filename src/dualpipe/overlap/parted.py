@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .comm import CommCall, run_synchronously
+from .asynccomm import CommCall, run_synchronously
 
 __all__ = ["PartedStage", "split_yield", "reply"]
 

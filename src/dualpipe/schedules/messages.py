@@ -27,7 +27,7 @@ from .actions import Action, Op, step_actions
 from .dependency import dependency
 from .schedule import Schedule
 
-__all__ = ["Message", "RankPlan", "plan_communication"]
+__all__ = ["Message", "RankMessages", "derive_messages"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class Message:
 
 
 @dataclass
-class RankPlan:
+class RankMessages:
     """Everything one rank needs to run its list.
 
     Attributes:
@@ -95,9 +95,9 @@ def _flatten(
     return actions, pair_of
 
 
-def plan_communication(
+def derive_messages(
     schedule: Schedule, forward_only: bool = False, headers: bool = True
-) -> list[RankPlan]:
+) -> list[RankMessages]:
     """Derive every rank's sends and receives from ``schedule``.
 
     With ``forward_only`` (inference), backward and weight actions are dropped and
@@ -108,7 +108,7 @@ def plan_communication(
     plans = []
     for rank in range(schedule.num_ranks):
         actions, pair_of = _flatten(schedule, rank, forward_only)
-        plans.append(RankPlan(rank, actions, pair_of))
+        plans.append(RankMessages(rank, actions, pair_of))
 
     # who consumes each result on another rank: the dependency rule, read from the consumer
     Key = tuple[bool, int, int, int]  # (gradient?, stream, position, chunk) of a result
