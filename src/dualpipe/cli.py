@@ -26,9 +26,9 @@ from typing import Any, NoReturn
 
 from .errors import ScheduleError, UsageError
 from .partcosts import PartCosts, pair_intervals, parse_parts
-from .schedules.registry import SCHEDULES, generate, layout_for
+from .schedules import io as schedule_io
+from .schedules.registry import SCHEDULES, generate
 from .schedules.schedule import Schedule
-from .schedules.torch_format import from_torch_csv, to_torch_csv
 from .simulation import Costs, SimResult, seed_bubble, simulate
 
 __all__ = ["main", "build_parser"]
@@ -183,12 +183,8 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         raise UsageError(f"--format {args.format} needs -o FILE")
     schedule = _schedule(args)
     costs = _costs(args)
-    if args.format == "text":
-        text = schedule.to_text()
-    elif args.format == "json":
-        text = schedule.to_json()
-    elif args.format == "torch":
-        text = to_torch_csv(schedule).replace("\r\n", "\n")
+    if args.format in schedule_io.FORMATS:
+        text = schedule_io.dumps(schedule, args.format)
     else:
         result = simulate(schedule, costs)
         if args.format == "png":
@@ -261,31 +257,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _load_schedule(args: argparse.Namespace) -> Schedule:
-    try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    if args.file.endswith(".csv"):  # PyTorch's schedule CSV: the layout comes from the rows
-        layout = layout_for(args.layout, args.ranks) if args.layout and args.ranks else None
-        return from_torch_csv(text, layout, name=Path(args.file).stem)
-    if text.lstrip().startswith("{"):
-        try:
-            return Schedule.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{args.file}: not valid JSON: {exc}") from None
-        except (KeyError, TypeError) as exc:
-            raise UsageError(
-                f"{args.file}: not a schedule JSON ({exc!r} missing or wrong)"
-            ) from None
-    if not args.layout:
-        raise UsageError("a text schedule needs --layout NAME (dualpipe, dualpipev, 1f1b, ...)")
-    name = args.layout.lower()
-    if name not in SCHEDULES:
-        raise UsageError(f"unknown layout {args.layout!r}; choose one of {', '.join(SCHEDULES)}")
-    ranks = args.ranks
-    if ranks is None:
-        ranks = sum(1 for line in text.splitlines() if line.strip())
-    return Schedule.from_text(text, layout_for(name, ranks), name=name)
+    return schedule_io.load(args.file, args.layout, args.ranks)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

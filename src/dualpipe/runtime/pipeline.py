@@ -429,7 +429,8 @@ class Pipeline(nn.Module):
         if end is None and any(t is not None for t in labels):
             raise ValueError(f"rank {self.rank} takes no labels in {self.schedule_name}")
         data = StepData(
-            inputs=scatter_microbatches(inputs, chunks, self.batch_dim, "inputs") if has_inputs else None,
+            inputs=(scatter_microbatches(inputs, chunks, self.batch_dim, "inputs")
+                    if has_inputs else None),
             labels=scatter_microbatches(labels, chunks, self.batch_dim, "labels")
             if end is not None
             else None,
