@@ -40,8 +40,10 @@ def _step(name: str, ranks: int, chunks: int, kind: str, training: bool,
     def rank_fn(rank: int, transport: LocalTransport):
         starts, ends = layout.streams_starting_on(rank), layout.streams_ending_on(rank)
         step = StepData(
-            inputs=scatter_microbatches(data[starts[0]][0], per_stream, 0, "inputs") if starts else None,
-            labels=scatter_microbatches((data[ends[0]][1],), per_stream, 0, "labels") if ends else None,
+            inputs=(scatter_microbatches(data[starts[0]][0], per_stream, 0, "inputs")
+                    if starts else None),
+            labels=(scatter_microbatches((data[ends[0]][1],), per_stream, 0, "labels")
+                    if ends else None),
             criterion=criterion,
             return_outputs=True,
             training=training,
