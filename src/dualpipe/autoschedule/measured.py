@@ -6,14 +6,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
+from ..measured import MeasuredTimeline, measured_costs
 from ..schedules.schedule import Schedule
 from ..simulation import Costs, TimedStep
 from .refine import compile_schedule
-
-if TYPE_CHECKING:  # the runtime needs torch; this module does not
-    from ..runtime.timeline import MeasuredTimeline
 
 __all__ = ["costs_from_timeline", "message_latency"]
 
@@ -51,10 +48,8 @@ def message_latency(schedule: Schedule, rows: Sequence[Sequence[TimedStep]]) -> 
 
 def costs_from_timeline(timeline: MeasuredTimeline) -> Costs:
     """Search costs from a measured step: the runtime's median F, B, W and F&B times
-    (:func:`dualpipe.runtime.timeline.measured_costs`) with ``comm`` set to the
+    (:func:`dualpipe.measured.measured_costs`) with ``comm`` set to the
     :func:`message_latency` seen in that step (ms)."""
-    from ..runtime.timeline import measured_costs
-
     return replace(
         measured_costs(timeline), comm=message_latency(timeline.schedule, timeline.steps)
     )
