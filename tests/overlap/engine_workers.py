@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dualpipe.overlap import ForwardTask, PartEvent, Waiter, run_backward, run_forward, run_pair
 
-from .models import DIM, MoEStage, expert_owner
+from .parted_models import DIM, MoEStage, expert_owner
 
 TOKENS = 6
 

@@ -15,7 +15,7 @@ from dualpipe.schedules.actions import Op, Overlap
 from dualpipe.schedules.registry import generate, layout_for
 
 from ..runtime.overlap_workers import OriginalHook
-from .models import DIM, MoEStage, expert_owner
+from .parted_models import DIM, MoEStage, expert_owner
 
 TOKENS = 4  # per micro-batch and expert-parallel rank
 

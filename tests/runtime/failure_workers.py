@@ -44,19 +44,19 @@ def stage_failure(rank: int, world: int) -> tuple[str, float]:
     return "no error", time.monotonic() - t0
 
 
-def bad_arguments(rank: int, world: int) -> list[str]:
+def bad_arguments(rank: int, world: int) -> dict[str, str]:
     """Each bad argument raises a clear error on the rank that got it, before any
-    communication; returns the messages."""
+    communication; returns the messages by case."""
     torch.manual_seed(0)
-    messages: list[str] = []
+    messages: dict[str, str] = {}
 
-    def expect(exc_type: type[Exception], fn) -> None:  # noqa: ANN001
+    def expect(case: str, exc_type: type[Exception], fn) -> None:  # noqa: ANN001
         try:
             fn()
         except exc_type as exc:
-            messages.append(str(exc))
+            messages[case] = str(exc)
         else:
-            raise AssertionError(f"expected {exc_type.__name__}")
+            raise AssertionError(f"{case}: expected {exc_type.__name__}")
 
     x, y = torch.randn(8, 8), torch.randn(8, 8)
 
@@ -65,27 +65,28 @@ def bad_arguments(rank: int, world: int) -> list[str]:
         return DualPipeV([MLPStage(), MLPStage()], timeout=20.0)
 
     if rank == 0:
-        expect(
-            ScheduleError, lambda: pipe().step(x, num_chunks=0, criterion=criterion, labels=(y,))
-        )
-        expect(
-            ValueError,
-            lambda: pipe().step(x[:7], num_chunks=4, criterion=criterion, labels=(y[:7],)),
-        )
-        expect(ValueError, lambda: pipe().step(num_chunks=4, criterion=criterion, labels=(y,)))
-        expect(ValueError, lambda: pipe().step(x, num_chunks=4, labels=(y,)))
-        expect(
-            ValueError, lambda: pipe().step(x, num_chunks=4, criterion=criterion, labels=("y",))
-        )
-        expect(ValueError, lambda: DualPipeV([MLPStage(), nn.Linear(8, 8, device="meta")]))
-        expect(ValueError, lambda: DualPipeV([MLPStage()]))
-        expect(ScheduleError, lambda: Pipeline([MLPStage()], "zigzag"))
+        expect("zero chunks", ScheduleError,
+               lambda: pipe().step(x, num_chunks=0, criterion=criterion, labels=(y,)))
+        expect("uneven batch", ValueError,
+               lambda: pipe().step(x[:7], num_chunks=4, criterion=criterion, labels=(y[:7],)))
+        expect("no inputs", ValueError,
+               lambda: pipe().step(num_chunks=4, criterion=criterion, labels=(y,)))
+        expect("no criterion", ValueError, lambda: pipe().step(x, num_chunks=4, labels=(y,)))
+        expect("label not a tensor", ValueError,
+               lambda: pipe().step(x, num_chunks=4, criterion=criterion, labels=("y",)))
+        expect("two devices", ValueError,
+               lambda: DualPipeV([MLPStage(), nn.Linear(8, 8, device="meta")]))
+        expect("one module", ValueError, lambda: DualPipeV([MLPStage()]))
+        expect("unknown schedule", ScheduleError, lambda: Pipeline([MLPStage()], "zigzag"))
     else:
-        expect(ScheduleError, lambda: pipe().step(num_chunks=0, criterion=criterion))
-        expect(ValueError, lambda: pipe().step(num_chunks=4, criterion=criterion, labels=(y,)))
-        expect(ValueError, lambda: pipe().step(x, num_chunks=4, criterion=criterion))
-        for _ in range(2):  # rank 0's next two cases fail on rank 0 only: we must hear of it
-            expect(PipelineError, lambda: pipe().step(num_chunks=4, criterion=criterion))
+        expect("zero chunks", ScheduleError, lambda: pipe().step(num_chunks=0, criterion=criterion))
+        expect("labels elsewhere", ValueError,
+               lambda: pipe().step(num_chunks=4, criterion=criterion, labels=(y,)))
+        expect("inputs elsewhere", ValueError,
+               lambda: pipe().step(x, num_chunks=4, criterion=criterion))
+        # rank 0's next two cases fail on rank 0 only: we must hear of it
+        for case in ("told of rank 0's no inputs", "told of rank 0's no criterion"):
+            expect(case, PipelineError, lambda: pipe().step(num_chunks=4, criterion=criterion))
     return messages
 
 

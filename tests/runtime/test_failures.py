@@ -17,17 +17,18 @@ def test_failing_stage_stops_every_rank_quickly() -> None:
 
 def test_bad_arguments_raise_clear_errors() -> None:
     rank0, rank1 = run_distributed(bad_arguments, 2, timeout=120)
-    assert "chunks must be a positive integer, got 0" in rank0[0]
-    assert "does not split into 4 equal micro-batches" in rank0[1]
-    assert "needs the inputs" in rank0[2]
-    assert "needs a criterion" in rank0[3]
-    assert "labels[0] must be a tensor, got str" in rank0[4]
-    assert "one device" in rank0[5]
-    assert "needs 2 module(s) per rank, got 1" in rank0[6]
-    assert "unknown schedule 'zigzag'" in rank0[7]
-    assert "takes no labels" in rank1[1]
-    assert "takes no inputs" in rank1[2]
-    assert all("rank 0: invalid step arguments" in m for m in rank1[3:]), rank1[3:]
+    assert "chunks must be a positive integer, got 0" in rank0["zero chunks"]
+    assert "does not split into 4 equal micro-batches" in rank0["uneven batch"]
+    assert "needs the inputs" in rank0["no inputs"]
+    assert "needs a criterion" in rank0["no criterion"]
+    assert "labels[0] must be a tensor, got str" in rank0["label not a tensor"]
+    assert "one device" in rank0["two devices"]
+    assert "needs 2 module(s) per rank, got 1" in rank0["one module"]
+    assert "unknown schedule 'zigzag'" in rank0["unknown schedule"]
+    assert "takes no labels" in rank1["labels elsewhere"]
+    assert "takes no inputs" in rank1["inputs elsewhere"]
+    told = [rank1["told of rank 0's no inputs"], rank1["told of rank 0's no criterion"]]
+    assert all("rank 0: invalid step arguments" in m for m in told), told
 
 
 def test_dualpipe_refuses_odd_rank_count() -> None:

@@ -13,9 +13,8 @@ from torch import nn
 
 from dualpipe.errors import PipelineError
 from dualpipe.runtime.pipeline import DualPipeV, Pipeline
-
-from .failure_workers import Exploding
-from .models import MLPStage, criterion
+from tests.runtime.failure_workers import Exploding
+from tests.runtime.models import MLPStage, criterion
 
 
 class Slow(MLPStage):

@@ -6,7 +6,7 @@ import pytest
 
 from dualpipe.testing import run_distributed
 
-from .p2p_workers import check_delivered_tensors_released
+from .process_group_workers import check_delivered_tensors_released
 
 
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])

@@ -6,7 +6,7 @@ import pytest
 
 from dualpipe.testing import run_distributed
 
-from .overlap_workers import overlapped
+from .kernels_workers import overlapped
 
 
 @pytest.mark.parametrize("schedule,world,chunks", [("dualpipev", 2, 8), ("dualpipe", 2, 8)])
