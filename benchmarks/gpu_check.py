@@ -569,26 +569,44 @@ def overlap(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) 
     return union(a) + union(b) - union([*a, *b])
 
 
+def zoom_window(rows: Sequence[tuple[str, str, float, float, bool]]
+                ) -> tuple[float, float] | None:
+    """A window around the communication event that overlaps computation the most (None
+    without communication)."""
+    comm = [(a, b) for _, _, a, b, is_comm in rows if is_comm]
+    compute = [(a, b) for _, _, a, b, is_comm in rows if not is_comm]
+    if not comm:
+        return None
+    a, b = max(comm, key=lambda span: overlap([span], compute))
+    pad = 2 * (b - a) + 0.02
+    return max(0.0, a - pad), b + pad
+
+
 def render_rows(rows: Sequence[tuple[str, str, float, float, bool]], path: str,
                 title: str) -> None:
     """Draw profiler rows: one line per stream/thread, communication orange, computation
-    blue."""
+    blue; the whole step above, a zoom on one communication below."""
     from matplotlib.figure import Figure
 
     names = sorted({r[0] for r in rows})
     end = max(r[3] for r in rows) or 1.0
-    fig = Figure(figsize=(14.0, 1.0 + 0.6 * len(names)))
-    ax = fig.add_subplot(1, 1, 1)
-    for y, name in enumerate(names):
-        for row, _, a, b, is_comm in rows:
-            if row == name:
-                ax.barh(y, max(b - a, end * 1e-4), left=a, height=0.7,
-                        color="#F0963C" if is_comm else "#4A8FD0")
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names)
-    ax.set_xlim(0, end)
+    window = zoom_window(rows)
+    panels = [(0.0, end)] + ([window] if window is not None else [])
+    fig = Figure(figsize=(14.0, len(panels) * (1.0 + 0.6 * len(names))))
+    for k, (lo, hi) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, k + 1)
+        for y, name in enumerate(names):
+            for is_comm, color in ((False, "#4A8FD0"), (True, "#F0963C")):
+                spans = [(a, max(b - a, (hi - lo) * 1e-4)) for row, _, a, b, c in rows
+                         if row == name and c == is_comm and b >= lo and a <= hi]
+                if spans:
+                    ax.broken_barh(spans, (y - 0.35, 0.7), facecolors=color)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names)
+        ax.set_xlim(lo, hi)
+        ax.set_title(title if k == 0 else "zoom: the communication that overlaps computation "
+                     "the most", fontsize=9)
     ax.set_xlabel("time (ms)  -  orange: communication, blue: computation")
-    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
