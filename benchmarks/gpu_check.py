@@ -484,9 +484,8 @@ def profiled_step(report: Report, pipe: Pipeline, device: torch.device, ids: Ten
     communication ran while computation did."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
+    # on CUDA only the device's activity (kernels, copies): a short trace to read back
+    activities = [ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]
     try:
         with profile(activities=activities) as prof:
             pipe.step(ids, num_chunks=chunks, criterion=lm_loss, labels=(targets,))
