@@ -669,27 +669,36 @@ def check_memory(report: Report, device: torch.device, sizes: Sizes) -> None:
                     "base_bytes": base,
                     "after_bytes": torch.cuda.memory_allocated(device),
                 })
+    data["unit_bytes"], data["chunks"] = unit, chunks
+    memory_rows(report, data, cuda)
+    report.data["memory"] = data
+
+
+def memory_rows(report: Report, data: dict[str, Any], cuda: bool) -> None:
+    """The memory section's rows from its measurements (``data["steps"]``: per step the
+    allocator's peak over the step's start, the start, and what stayed allocated)."""
     mib = 2**20
+    predicted = data["predicted_bytes"]
     report.add("memory", "simulated peak activations (DualPipeV, 1 rank)", None,
-               f"{peak_units} stage-micro-batches x {unit / mib:.2f} MiB = "
-               f"{predicted / mib:.1f} MiB ({chunks} micro-batches)")
+               f"{data['peak_activations']} stage-micro-batches x "
+               f"{data['unit_bytes'] / mib:.2f} MiB = {predicted / mib:.1f} MiB "
+               f"({data['chunks']} micro-batches)")
     if not cuda:
         report.add("memory", "allocator peak per step", None,
                    "CUDA only (torch.cuda.max_memory_allocated)")
-    else:
-        steps = data["steps"]
-        peaks = ", ".join(f"{s['peak_bytes'] / mib:.1f}" for s in steps)
-        last = steps[-1]["peak_bytes"]
-        report.add("memory", "allocator peak per step vs simulated", None,
-                   f"steps {peaks} MiB; last / simulated = {last / predicted:.2f}")
-        # after the first step (which allocates .grad), a step must leave what it found
-        later = [s["after_bytes"] for s in steps[1:]]
-        grew = max(later) - min(later) if later else 0
-        report.add("memory", "no growth from step to step", grew <= mib,
-                   f"allocated after steps 2..{len(steps)} varies by {grew / mib:.2f} MiB",
-                   "1 MiB")
-        data["ratio_last_to_simulated"] = last / predicted
-    report.data["memory"] = data
+        return
+    steps = data["steps"]
+    peaks = ", ".join(f"{s['peak_bytes'] / mib:.1f}" for s in steps)
+    last = steps[-1]["peak_bytes"]
+    data["ratio_last_to_simulated"] = last / predicted if predicted else None
+    report.add("memory", "allocator peak per step vs simulated", None,
+               f"steps {peaks} MiB; last / simulated = "
+               f"{data['ratio_last_to_simulated'] or float('nan'):.2f}")
+    # after the first step (which allocates .grad), a step must leave what it found
+    later = [s["after_bytes"] for s in steps[1:]]
+    grew = max(later) - min(later) if later else 0
+    report.add("memory", "no growth from step to step", grew <= mib,
+               f"allocated after steps 2..{len(steps)} varies by {grew / mib:.2f} MiB", "1 MiB")
 
 
 # -------------------------------------------------------------------------- 4. costs

@@ -117,3 +117,25 @@ def test_cuda_trace_rows_per_stream_and_overlap() -> None:
     assert gc.overlap(comm, compute) == pytest.approx(0.3)
     lo, hi = gc.zoom_window(rows)
     assert lo == 0.0 and hi > 0.7
+
+
+def test_memory_rows_on_cuda_numbers() -> None:
+    """The CUDA branch of the memory report, on numbers shaped like the allocator's: the
+    ratio to the simulator and the step-to-step growth check (which must fail on a leak)."""
+    gc = _load()
+    mib = 2**20
+    data = {"peak_activations": 9, "unit_bytes": 10 * mib, "predicted_bytes": 90 * mib,
+            "chunks": 8, "steps": [
+                {"peak_bytes": 130 * mib, "base_bytes": 50 * mib, "after_bytes": 70 * mib},
+                {"peak_bytes": 120 * mib, "base_bytes": 70 * mib, "after_bytes": 70 * mib},
+                {"peak_bytes": 117 * mib, "base_bytes": 70 * mib, "after_bytes": 70 * mib},
+            ]}
+    report = gc.Report(device="test", dry_run=False)
+    gc.memory_rows(report, data, True)
+    assert data["ratio_last_to_simulated"] == pytest.approx(1.3)
+    growth = [c for c in report.checks if c.name == "no growth from step to step"]
+    assert len(growth) == 1 and growth[0].ok is True
+    data["steps"][2]["after_bytes"] = 75 * mib  # a step that kept 5 MiB
+    leaky = gc.Report(device="test", dry_run=False)
+    gc.memory_rows(leaky, data, True)
+    assert [c.ok for c in leaky.checks if c.name == "no growth from step to step"] == [False]
