@@ -866,9 +866,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"gpu_check: {name}, torch {torch.__version__}, {backend} group of 1 process"
           f"{', quick' if args.quick else ''}", flush=True)
     try:
-        with section(report, "exactness: GPT on one rank vs the plain model"):
-            for schedule in ("dualpipev", "zbv"):
-                for precision in ("fp32", "bf16"):
+        for schedule in ("dualpipev", "zbv"):
+            for precision in ("fp32", "bf16"):
+                with section(report, f"exactness: GPT, {schedule} on one rank, {precision}"):
                     extras = schedule == "dualpipev" and precision == "fp32"
                     check_gpt(report, device, sizes, schedule, precision, extras)
         with section(report, "exactness: split backward per layer kind"):
