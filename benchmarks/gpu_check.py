@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dualpipe import Costs, Pipeline, generate, simulate
+from dualpipe.autograd import backward_full, backward_input
 from dualpipe.autoschedule import search
 from dualpipe.demo.model import (
     GPT,
@@ -60,8 +61,7 @@ from dualpipe.demo.model import (
 )
 from dualpipe.demo.moe import MoEConfig, MoEFFN, MoEStage, moe_stages, to_intervals
 from dualpipe.demo.task import lm_loss
-from dualpipe.overlap import Pending as CommPending
-from dualpipe.runtime.split_backward import backward_full, backward_input
+from dualpipe.overlap import InFlight
 from dualpipe.schedules.actions import Overlap
 from dualpipe.testing import free_port
 from dualpipe.viz import compare_table, format_compare_table
@@ -233,13 +233,13 @@ def count_issued(pipe: Pipeline) -> list[int]:
     """Count the point-to-point operations the pipeline's transport posts (one element
     list, incremented per send or receive)."""
     count = [0]
-    issue = pipe.transport._issue
+    issue = pipe.transport.issue
 
     def counted(tensors: list[Tensor], peer: int, tag: int, send: bool) -> Any:
         count[0] += len(tensors)
         return issue(tensors, peer, tag, send)
 
-    patch(pipe.transport, "_issue", counted)
+    patch(pipe.transport, "issue", counted)
     return count
 
 
@@ -375,15 +375,15 @@ def check_split(report: Report, device: torch.device, dim: int) -> None:
 
 
 # ------------------------------------------------------------------ 2. device paths
-def instrument_all_to_alls(stages: Sequence[MoEStage]) -> list[CommPending]:
-    """Collect the Pending of every all-to-all the stages launch (forward and backward)."""
-    seen: list[CommPending] = []
+def instrument_all_to_alls(stages: Sequence[MoEStage]) -> list[InFlight]:
+    """Collect the InFlight of every all-to-all the stages launch (forward and backward)."""
+    seen: list[InFlight] = []
     for op in {id(m.a2a): m.a2a for s in stages for m in s.modules()
                if isinstance(m, MoEFFN)}.values():
         run = op._run
 
-        def recorded(x: Tensor, ins: Any, outs: Any, _run: Any = run) -> CommPending:
-            pending: CommPending = _run(x, ins, outs)
+        def recorded(x: Tensor, ins: Any, outs: Any, _run: Any = run) -> InFlight:
+            pending: InFlight = _run(x, ins, outs)
             seen.append(pending)
             return pending
 
