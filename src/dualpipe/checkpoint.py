@@ -1,14 +1,4 @@
-"""Checkpoints that understand the pipeline: model and optimizer state keyed by what a
-parameter *is* in the model, not by where it runs, saved and loaded with
-``torch.distributed.checkpoint`` (DCP) — so a checkpoint loads into another number of
-pipeline ranks, another schedule, or one process.
-
-Keys: a stage made by :func:`dualpipe.split.split_model` (a
-:class:`~dualpipe.split.StageModule`) names its parameters by global layer index,
-``layers.<i>.<name>``; any other stage module by global stage index,
-``stages.<k>.<name>`` (loadable into any pipeline with the same stages). DualPipe's two
-copies of a stage have the same keys, so DCP writes them once and loads both.
-"""
+"""Checkpoints that understand the pipeline."""
 
 from __future__ import annotations
 

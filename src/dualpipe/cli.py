@@ -1,20 +1,4 @@
-"""Command line: ``dualpipe`` / ``python -m dualpipe``.
-
-Subcommands::
-
-    dualpipe schedule NAME --ranks N --chunks C [--format text|png|trace|json] [-o FILE]
-    dualpipe simulate NAME --ranks N --chunks C [--f F --b B --w W --fb FB --comm X] [--json]
-    dualpipe compare --stages PP --chunks C [cost flags]
-    dualpipe pair --part-f F0,C0,F1,... --part-b B0,C0,B1,... --part-w W0,W1,... [-o FILE]
-    dualpipe validate FILE [--layout NAME --ranks N]   (JSON, text, or PyTorch's CSV)
-    dualpipe autoschedule --ranks N --chunks C [cost flags] [--limit A] [--max-deferred D]
-                          [--layout v|dualpipe] [--json] [-o FILE]
-    dualpipe demo [ARGS...]
-
-Bad arguments give one line ``dualpipe: error: ...`` on stderr and exit status 2;
-a schedule that ``validate`` finds unsound gives exit status 1. This module
-imports neither torch nor matplotlib at import time.
-"""
+"""Command line: ``dualpipe`` / ``python -m dualpipe``."""
 
 from __future__ import annotations
 

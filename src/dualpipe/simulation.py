@@ -1,24 +1,4 @@
-"""Cost-model simulator: when would each step of a schedule run?
-
-Semantics (one source of truth for the pictures, the comparison table and the
-runtime's "simulated" figures):
-
-* every rank starts at 0 and runs its steps strictly in order;
-* a step starts when its rank is free and its inputs have arrived: what
-  :func:`~dualpipe.schedules.dependency.dependency` names (a forward needs the
-  previous stage's forward of the same micro-batch, a backward the next stage's
-  backward, the last stage's backward its own forward), plus ``comm`` when that
-  action ran on another rank;
-* an overlapped pair waits for both parts' inputs, takes ``fb``, and both
-  results exist at its end; a ``W`` needs nothing more;
-* durations: F ``f``, B ``b``, I ``b - w``, W ``w``, pair ``fb`` (``fb - w`` when
-  its backward is input-only); with per-part costs (``Costs(parts=...)``) a pair's
-  time is its parts interleaved on a compute and a communication resource
-  (:mod:`dualpipe.partcosts`).
-
-Per rank it reports busy time, bubble (makespan - busy) and peak activations
-(micro-batches whose forward has started and whose backward has not finished).
-"""
+"""Cost-model simulator: when would each step of a schedule run?."""
 
 from __future__ import annotations
 

@@ -1,20 +1,4 @@
-"""Run a function on several local processes joined by gloo on 127.0.0.1.
-
-Used by the test suite, the demo and the benchmarks, and handy for testing your
-own stages::
-
-    from dualpipe.testing import run_distributed
-
-    def work(rank: int, world_size: int) -> float:
-        ...  # torch.distributed is initialised here
-        return 1.0
-
-    results = run_distributed(work, world_size=4, timeout=60)
-
-Everything is bounded: the process group has ``timeout`` seconds per operation,
-and the whole run is killed after ``timeout`` seconds with an error naming the
-ranks that had not finished.
-"""
+"""Run a function on several local processes joined by gloo on 127.0.0.1."""
 
 from __future__ import annotations
 

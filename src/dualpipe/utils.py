@@ -1,31 +1,4 @@
-"""The original DualPipe's helpers for hand-written autograd code: :class:`WeightGradStore`
-(defer a custom Function's weight-gradient work to the ``W`` actions) and :func:`run_backward`.
-
-Example, a linear layer that defers its weight gradient like the original's examples::
-
-    class LinearFunc(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight):
-            ctx.save_for_backward(x, weight)
-            return x @ weight.T
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            x, weight = ctx.saved_tensors
-
-            def grad_weight() -> None:
-                g = grad_out.flatten(0, -2).T @ x.flatten(0, -2)
-                weight.grad = g if weight.grad is None else weight.grad + g
-
-            if WeightGradStore.enabled:
-                WeightGradStore.put(grad_weight)  # runs later, in the matching W action
-            else:
-                grad_weight()
-            return grad_out @ weight, None
-
-Stages made of ordinary autograd operations need none of this: the runtime splits their
-backward automatically (see :mod:`dualpipe.autograd`).
-"""
+"""The original DualPipe's helpers for hand-written autograd code."""
 
 from __future__ import annotations
 

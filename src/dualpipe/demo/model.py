@@ -1,16 +1,4 @@
-"""A small GPT-style language model and its split into pipeline stages.
-
-The model is token + position embedding, ``n_layer`` pre-norm transformer blocks
-(causal self-attention and an MLP, each in a residual branch), a final LayerNorm
-and a linear head producing next-token logits::
-
-    ids [B, T] -> Embed -> Block x n_layer -> Head -> logits [B, T, vocab]
-
-:func:`gpt_stages` cuts that chain into ``num_stages`` consecutive pieces (stage 0
-starts with the embedding, the last stage ends with the head) built from the very
-modules of a :class:`GPT`, so running the stages one after another computes exactly
-what the full model computes, bit for bit.
-"""
+"""A small GPT-style language model and its split into pipeline stages."""
 
 from __future__ import annotations
 

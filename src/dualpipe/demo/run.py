@@ -1,11 +1,4 @@
-"""``python -m dualpipe demo``: train a small GPT with a pipeline on local CPU processes.
-
-Spawns ``--ranks`` processes joined by gloo on 127.0.0.1, trains the demo model
-(:mod:`dualpipe.demo.model`) on the copy task (:mod:`dualpipe.demo.task`) with the
-chosen schedule, checks the first step's gradients against the same model on one
-process, and writes ``loss.png``, ``timeline.png``, ``timeline.json`` and
-``summary.json`` into ``--out``.
-"""
+"""``python -m dualpipe demo``: train a small GPT with a pipeline on local CPU processes."""
 
 from __future__ import annotations
 

@@ -1,21 +1,4 @@
-"""A synthetic next-token task that needs no download: copy a random prefix.
-
-Every sequence is ``k`` random symbols, a separator, then the same ``k`` symbols
-again (``T = 2k + 1`` tokens)::
-
-    7 3 9 4 12 | SEP | 7 3 9 4 12
-
-The model reads the sequence left to right and predicts each next token. The
-first ``k`` symbols are pure noise, so only the predictions made from the
-separator onwards (the copy) count in the loss; the other targets are
-:data:`IGNORE`. Solving it needs attention to look ``k + 1`` positions back: the
-loss sits near ``ln(num_symbols)`` until the model finds that (an induction-style
-jump), then falls close to zero, which a small GPT does within a few hundred
-steps on a CPU.
-
-Batches are a pure function of ``(seed, step)``, so every rank can make the very
-same batch without communicating.
-"""
+"""A synthetic next-token task that needs no download: copy a random prefix."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""The dispatch table (:class:`Kernels`): how each kind of step — ``F``, ``B``, ``I``,
-``W`` and an overlapped pair — runs on a rank.
-
-An **action kernel** is ``kernel(run, a) -> None``: ``run`` is the step's
-:class:`~dualpipe.runtime.run.StepRun` (the primitives: ``run.module(a)``,
-``run.forward_inputs(a)``, ``run.finish_forward(...)``, ``run.output_grads(a)``,
-``run.pop_saved(a)``, ``run.finish_backward(...)``, ``run.deferred``...), ``a`` the
-:class:`~dualpipe.runtime.plan.ActionPlan` (where inputs come from, outputs go). A **pair
-kernel** is ``pair(kernels, run, fwd, bwd)``; it gets the whole table, so running the
-two halves one after the other uses whatever the table runs for them. When a kernel is
-called, every message it needs has arrived; it only computes (sends are posted by the
-``finish_*`` primitives). Plug-ins change entries (:meth:`Kernels.replace`) through
-:class:`~dualpipe.runtime.extension.Extension.kernels`.
-"""
+"""The dispatch table (:class:`Kernels`): how each kind of step — ``F``, ``B``, ``I``, ``W``
+and an overlapped pair — runs on a rank."""
 
 from __future__ import annotations
 

@@ -1,15 +1,5 @@
 """User-facing pipelines: :class:`DualPipe`, :class:`DualPipeV` and the generic
-:class:`Pipeline` that runs any named schedule (``1f1b``, ``zb1p``, ``gpipe``...).
-
-Drop-in for the original DualPipe API::
-
-    model = DualPipe((stage_a, stage_b), batch_dim=0, process_group=None, rank_mapping=None)
-    loss, outputs = model.step(*inputs, num_chunks=20, criterion=criterion, labels=(label,))
-
-Beyond it: any device and backend, no declared shapes, automatic weight-gradient
-split, mirrored-stage gradients summed for you, bounded failure detection, and a
-measured timeline on request.
-"""
+:class:`Pipeline` that runs any named schedule (``1f1b``, ``zb1p``, ``gpipe``...)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""One rank's execution plan, derived once from a schedule: for every action, where
-its inputs come from, where its outputs go, and which receives are posted before it.
-
-The executor and its handlers read only this plan; nothing rediscovers routes from
-the layout while a step runs. The plan also fixes the order in which the rank issues
-its sends and receives (:attr:`ExecutionPlan.ops`): the step's stamps first, then
-every message in the global order of :func:`~dualpipe.schedules.order.message_order`,
-which all ranks share (why that order cannot deadlock NCCL: ``docs/runtime.md``).
-"""
+"""One rank's execution plan, derived once from a schedule: for every action, where its
+inputs come from, where its outputs go, and which receives are posted before it."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""Measured timelines: gather every rank's recorded step onto one time axis (collective).
-
-The executor records, when asked, the start and end of every step it runs and
-of every wait on a receive (``StepRecord``). :func:`gather_timeline` collects
-them on one rank as the same :class:`~dualpipe.simulation.TimedStep` rows the
-simulator produces (plus :class:`~dualpipe.viz.TimedWait` rows), in
-milliseconds from the earliest rank's start, so the simulated and the measured
-step are drawn by the same renderers.
-"""
+"""Measured timelines: gather every rank's recorded step onto one time axis (collective)."""
 
 from __future__ import annotations
 

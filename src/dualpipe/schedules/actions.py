@@ -1,19 +1,4 @@
-"""Schedule actions: the printable, parseable records every rank executes.
-
-A schedule is, for every rank, an ordered list of *steps*. A step is either a
-single :class:`Action` or an :class:`Overlap` (a forward paired with a
-backward so that one can hide the other's communication).
-
-Tokens (how steps print and parse)::
-
-    F{p}.{m}          forward of phase p, micro-batch m
-    B{p}.{m}          full backward (input and weight gradients)
-    I{p}.{m}          input-only backward (weight gradient deferred)
-    W{p}.{m}          deferred weight gradient of that micro-batch
-    F{p}.{m}+B{q}.{n} overlapped pair (the backward part may be ``B`` or ``I``)
-
-This module imports nothing from torch.
-"""
+"""Schedule actions: the printable, parseable records every rank executes."""
 
 from __future__ import annotations
 

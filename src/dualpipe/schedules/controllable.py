@@ -1,32 +1,5 @@
-"""V-Half and V-Min: the controllable-memory V schedules of Qi et al., "Pipeline
-Parallelism with Controllable Memory" (arXiv 2405.15362), on DualPipeV's layout.
-
-The paper builds a schedule by repeating one *building block*, the passes of a
-single micro-batch on every rank, every ``T = 6`` time slots (one slot per F, I
-and W of one stage; each rank runs F(0), F(1), I(1), I(0), W(1), W(0) per
-micro-batch). A block that repeats without two passes of one rank sharing a slot
-gives a steady state with no bubble, and the time a stage's activations live in
-the block (its *lifespan*) fixes the peak memory: about ``lifespan / T``
-micro-batches. The V shape balances lifespans across ranks (rank r holds the
-first and the last stage), and the offsets between dependent passes set them:
-
-* **V-Min**: every pass starts one slot after the pass it needs (forward down
-  the V, the turn, forward up, the first backward, backward down, the turn,
-  backward up): lifespans sum to about ``4N`` slots per rank, so about ``2N/3``
-  stage activations per rank: 1/3 of ZBV's ``2N``.
-* **V-Half**: forwards and backwards *down* the V leave two slots per hop, and
-  the backward turn two: lifespans sum to about ``6N``, about ``N`` activations
-  per rank: 1/2 of ZBV's.
-
-Where the four compute passes of a rank would share a slot modulo ``T`` (V-Min
-when ``N`` is a multiple of 3, V-Half when ``N`` is even), the backward half of
-the block starts ``g`` slots later, ``g`` the smallest gap that removes every
-clash. Weight passes fill each rank's two free slots of the period, oldest
-input-only backward first. Each rank runs its passes in slot order; the runtime
-and simulator then start every pass as early as its inputs allow (the paper's
-"squeezing"). The paper's optional re-ordering of the warm-up and cool-down is
-not done here: those phases keep the block's spacing.
-"""
+"""V-Half and V-Min: the controllable-memory V schedules of Qi et al., "Pipeline Parallelism
+with Controllable Memory" (arXiv 2405.15362), on DualPipeV's layout."""
 
 from __future__ import annotations
 

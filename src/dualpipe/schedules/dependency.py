@@ -1,15 +1,4 @@
-"""The dependency rule, written once: which result each action needs.
-
-* a forward needs the previous stage's forward of the same micro-batch (its
-  output), none at the first stage (the inputs);
-* a backward (``B`` or ``I``) needs the next stage's backward of the same
-  micro-batch (its input gradient); at the last stage it needs its own forward
-  (the loss);
-* a ``W`` needs its own ``I`` (the deferred weight-gradient work).
-
-The validator, the simulator, the communication plan and the runtime all read
-this rule through :func:`dependency`.
-"""
+"""The dependency rule, written once: which result each action needs."""
 
 from __future__ import annotations
 

@@ -1,15 +1,4 @@
-"""Schedule generators: DualPipe, DualPipeV and the baselines (GPipe, 1F1B, ZB1P).
-
-Each generator returns a :class:`~dualpipe.schedules.schedule.Schedule` whose
-per-rank lists follow the step tables of ``docs/schedules.md`` to the letter.
-DualPipe on 4 ranks, 10 micro-batches (``C = 5`` per direction), printed as tokens::
-
-    rank 0: F0.0 F0.1 F0.2 F1.0 F0.3 F1.1 F0.4+B1.0 ...
-
-Micro-batch ids count per phase: the k-th forward of a phase takes id k and
-the k-th backward of that phase takes id k; ``W`` names the micro-batch whose
-deferred weight gradient it runs (FIFO over the rank's input-only backwards).
-"""
+"""Schedule generators: DualPipe, DualPipeV and the baselines (GPipe, 1F1B, ZB1P)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
 """Interleaved 1F1B (Megatron's virtual stages), in the order PyTorch's
-``ScheduleInterleaved1F1B`` runs it.
-
-Layout: :func:`~dualpipe.schedules.layout.interleaved_layout` (rank r holds stages
-``r, r+N, ...``; phase k is stage ``r + kN``). ``M`` micro-batches go in rounds of
-``R = M // max(1, M // N)`` (``M`` must be a multiple of the number of rounds).
-Rank r runs ``w = min((v-1)R + 2(N-1-r), vM)`` warm-up forwards, then ``vM - w``
-times a forward and a full backward, then ``w`` backwards. The k-th forward of the
-rank runs phase ``(k // R) mod v``; the k-th backward phase ``v-1 - (k // R) mod v``;
-micro-batch ids count per phase.
-"""
+``ScheduleInterleaved1F1B`` runs it."""
 
 from __future__ import annotations
 

@@ -1,18 +1,4 @@
-"""Where stages live: which rank and phase computes each stage of each path.
-
-A micro-batch belongs to a *stream*: the ordered path of ``(rank, phase)``
-positions it flows through, one per model stage. DualPipe has two streams (down
-and up), DualPipeV and the single-direction baselines one.
-
-Every ``(rank, phase)`` belongs to exactly one position of one stream, so a
-token like ``F1.3`` on rank ``r`` names one micro-batch of one stream at one
-stage. All communication (who sends what to whom) is derived from here.
-
-Example, DualPipe on 4 ranks (``S_k`` = model stage k)::
-
-    stream 0 (down):  S0@r0.p0 -> S1@r1.p0 -> S2@r2.p1 -> S3@r3.p1
-    stream 1 (up):    S0@r3.p0 -> S1@r2.p0 -> S2@r1.p1 -> S3@r0.p1
-"""
+"""Where stages live: which rank and phase computes each stage of each path."""
 
 from __future__ import annotations
 

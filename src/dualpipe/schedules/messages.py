@@ -1,22 +1,4 @@
-"""Communication derived from a schedule: who sends what to whom, and when.
-
-Nothing here is written per schedule. Every action receives what
-:func:`~dualpipe.schedules.dependency.dependency` says it needs, from the rank
-that produces it: so each forward sends its outputs to the rank of the next
-position on its path and each backward (B or I) sends its input gradients to
-the rank of the previous position. Where both positions are on
-the same rank (the turn of DualPipeV's V) the hand-off is local; at path ends
-nothing is sent.
-
-The first activation of every boundary in a step is preceded by a small
-*header* message that describes the tensors (shapes, dtypes, requires-grad), so
-no shapes need to be declared. Gradients never need a header: their receiver
-sent the matching activations.
-
-Messages between a pair of ranks are numbered in the sender's order; the
-receiver posts its receives in that same order (NCCL matches point-to-point
-operations by order, gloo by tag: the number serves as both).
-"""
+"""Communication derived from a schedule: who sends what to whom, and when."""
 
 from __future__ import annotations
 

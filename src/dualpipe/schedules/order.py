@@ -1,17 +1,4 @@
-"""One global order of a step's messages that every rank issues its operations in.
-
-NCCL runs the point-to-point operations between two ranks in the order each rank
-issued them, and an operation cannot finish before its counterpart has been issued.
-If every rank issues its sends and receives in the order of one list shared by all
-ranks, and that list follows the step's dependencies, no operation ever waits behind
-one that cannot start: ``docs/runtime.md`` ("Issue order") gives the argument.
-
-:func:`message_order` builds the list by running the step in unit-time rounds: in
-each round every rank whose next step has all its inputs runs it, and the messages
-sent in a round come after those of earlier rounds (within a round: by sending rank,
-then in the sender's order). A message therefore always comes after every message its
-sender needed before sending it.
-"""
+"""One global order of a step's messages that every rank issues its operations in."""
 
 from __future__ import annotations
 

@@ -1,20 +1,5 @@
 """PyTorch's pipelining action format: export and import, so a schedule made by either
-library runs on the other.
-
-PyTorch (``torch.distributed.pipelining``) writes one action as
-``{stage}{F|I|W|B}{micro-batch}`` with the *model stage index* (``0F7``, ``1I3``,
-``2W0``) and an overlapped pair as ``({forward};{backward})OVERLAP_F_B``; a schedule
-is one row per rank, saved as CSV (``_dump_csv``: one ``csv.writer`` row per rank,
-an idle slot as an empty cell). Ours names a rank's *phase* instead of the stage, so
-the translation goes through the layout: ``stage = layout.stage(rank, phase)``.
-
-Import skips empty cells and the communication and sharding actions PyTorch adds
-when it lowers a schedule (``SEND_F``, ``RECV_B``, ``UNSHARD``, ``REDUCE_GRAD``...):
-our communication is derived from the compute order. Without a layout, import
-builds one from where each stage appears (:func:`layout_from_stage_ranks`). The
-format can only name single-stream schedules whose stages each live on one rank:
-DualPipe (every stage on two ranks) cannot be exported.
-"""
+library runs on the other."""
 
 from __future__ import annotations
 

@@ -1,38 +1,4 @@
-"""Prove a schedule sound before anything runs it.
-
-:func:`problems` lists everything wrong with a :class:`Schedule`;
-:func:`validate` raises :class:`ScheduleError` when that list is not empty.
-The checks (messages come grouped by check in the order a, b, c, e, d: the
-deadlock report last, since a missing or misplaced action often explains it):
-
-(a) **well-formed**: every action's ``(rank, phase)`` exists in the layout and
-    its micro-batch id lies in ``range(chunks_per_stream)``;
-(b) **complete**: for every stream, stage position and micro-batch, the forward
-    runs exactly once and its backward (``B`` or ``I``) exactly once, both on the
-    ``(rank, phase)`` the layout gives that position (a token's rank and phase
-    *name* the position), the forward first;
-(c) **weights**: every ``I`` is followed later on the same rank by exactly one
-    ``W`` of the same phase and micro-batch; a ``W`` with no earlier ``I`` (none
-    at all, only a later one, or a full ``B``), or a second ``W``, is an error,
-    and nothing may stay deferred at the end (a ``W`` names the micro-batch it
-    completes, so it need not be the oldest deferred one);
-(d) **order / deadlock-freedom**: every action needs what
-    :func:`~dualpipe.schedules.dependency.dependency` names (a forward the
-    previous position's forward of its micro-batch, a backward the next
-    position's backward; a hand-off inside one rank is a same-rank dependency).
-    Each rank runs its steps in order, a send is posted (non-blocking) right
-    after the action that produces the tensor, and a step starts once every
-    input of its actions has arrived. With non-blocking sends the schedule can
-    deadlock exactly when this dependency graph plus program order has a cycle,
-    so the check replays the ranks and reports, for every rank that can never
-    finish, the step it is blocked at and what it waits for;
-(e) **pairs**: an overlapped pair whose forward and backward are the same
-    micro-batch at the same position cannot overlap anything (the backward
-    needs the forward's result) and is an error.
-
-Messages are single lines that name the rank, the step index (0-based, in the
-rank's list of steps) and the token.
-"""
+"""Prove a schedule sound before anything runs it."""
 
 from __future__ import annotations
 

@@ -1,22 +1,5 @@
-"""ZBV: the zero-bubble V schedule, in the order PyTorch's ``ScheduleZBVZeroBubble`` runs it.
-
-Layout: DualPipeV's V (rank r holds stages r and 2N-1-r). With ``m = max(M, 2N-1)``
-micro-batches, rank r of N runs:
-
-1. ``2(N-r)-1`` forwards of phase 0;
-2. ``r`` times: F(1), F(0);
-3. ``N-r`` times: F(1), I(1), W(1);
-4. while phase 1 has fewer forwards than phase 0, or phase 0 fewer than ``m``:
-   F(0) (while phase 0 has fewer than ``m``), I(0), W(0), F(1), I(1), W(1);
-5. ``r`` times: I(0), I(1);
-6. ``N-r`` times: I(0), then the W of the oldest deferred phase-0 micro-batch;
-7. the remaining W's of phase 1, then those of phase 0 (oldest first).
-
-Micro-batch ids count per phase as in every generator here. With fewer than
-``2N-1`` micro-batches the actions of the surplus ones are dropped (as PyTorch
-does). With F = I = W the steady state has no bubble, and each rank holds at
-most ``2N`` stage activations.
-"""
+"""ZBV: the zero-bubble V schedule, in the order PyTorch's ``ScheduleZBVZeroBubble`` runs
+it."""
 
 from __future__ import annotations
 

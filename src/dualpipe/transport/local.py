@@ -1,12 +1,5 @@
-"""An in-process transport: every rank of a pipeline in one process (one thread per
-rank), messages handed over in memory. For unit tests of the executor.
-
-    network = LocalNetwork(num_ranks=2)
-    results = network.run(lambda rank, transport: executor_for(rank, transport).run(...))
-
-With ``in_order`` it also plays NCCL: it records the order in which every rank
-issues its operations and runs them the way NCCL does, strictly in that order.
-"""
+"""An in-process transport: every rank of a pipeline in one process (one thread per rank),
+messages handed over in memory. For unit tests of the executor."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""The message protocol: which pipeline and step a message belongs to, the agreement
-checks made at construction and at the start of every step.
-
-* **Identity.** A pipeline is named by its group (name and global ranks) and its
-  number among the pipelines built on that group, agreed on at construction through the
-  store (:func:`handshake`), never by a per-process counter.
-* **Tags.** A message's tag packs the pipeline number, the step counter and the
-  message number (:func:`wire_tag`), so a message of another pipeline or another step
-  can never be consumed.
-* **Stamps.** The first message of every step from one rank to another is a small
-  stamp (:class:`Stamp`): step counter, ``num_chunks``, training or inference and
-  whether shapes are static. The receiver checks it before posting anything else from
-  that sender, so ranks that disagree fail with an error naming the field.
-"""
+"""The message protocol: which pipeline and step a message belongs to, the agreement checks
+made at construction and at the start of every step."""
 
 from __future__ import annotations
 

@@ -1,14 +1,4 @@
-"""Pictures of schedules: terminal text, PNG, Chrome/Perfetto traces, the seed's table.
-
-Every renderer takes a *timeline* (one row per rank of
-:class:`~dualpipe.simulation.TimedStep`, times in any unit, milliseconds in
-practice) and the :class:`~dualpipe.schedules.Schedule` it came from, so the
-same functions draw simulated timelines (``simulate(...).timeline``) and
-timelines measured by the runtime. Measured timelines may also carry
-:class:`TimedWait` rows: time a rank spent blocked on receiving.
-
-Nothing here imports torch; matplotlib is imported only by :func:`render_png`.
-"""
+"""Pictures of schedules: terminal text, PNG, Chrome/Perfetto traces, the seed's table."""
 
 from __future__ import annotations
 

@@ -1,15 +1,4 @@
-"""PNG rendering of a timeline, in the spirit of the DualPipe paper's figure.
-
-One row per rank, one box per action at its time, coloured by kind (forward,
-backward, backward for input, backward for weights) in two shades, one per
-direction (DualPipe's down and up streams; DualPipeV's two legs of the V). The
-micro-batch id is written inside each box wide enough for it. The two halves of
-an overlapped pair share a thick black border. Waits (measured timelines) are
-thin grey bars.
-
-matplotlib is imported inside :func:`render_png` only, through its
-object-oriented API (no pyplot, no global backend change).
-"""
+"""PNG rendering of a timeline, in the spirit of the DualPipe paper's figure."""
 
 from __future__ import annotations
 

@@ -1,22 +1,4 @@
-"""The seed's comparison table, measured by simulation, with every other schedule as rows.
-
-For ``PP`` pipeline stages and the same total number of micro-batches, every
-method is generated and simulated under the same costs, on as many ranks as it
-needs to hold ``PP`` stages (its layout says how many stages a rank holds):
-
-* 1F1B and ZB1P: ``PP`` ranks, one stage each;
-* DualPipe: ``PP`` ranks, two stages each (``S_r`` and ``S_{PP-1-r}``), half of
-  the micro-batches in each direction;
-* DualPipeV, ZBV, V-Half, V-Min and interleaved 1F1B: ``PP/2`` ranks, two stages each.
-
-Bubble is the simulated idle time (makespan minus busy time), maximum over
-ranks, next to the seed formula's value where the seed gives one. Parameters
-per device are in units of one stage's parameters (``1/PP`` of the model);
-activations per device are the simulated peak number of (micro-batch, stage)
-forward results a device holds whose backward has not run, in units of one
-stage's activations for one micro-batch. All methods cut the model into the
-same ``PP`` stages, so these units are the same for every row.
-"""
+"""The seed's comparison table, measured by simulation, with every other schedule as rows."""
 
 from __future__ import annotations
 

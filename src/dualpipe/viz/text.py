@@ -1,17 +1,4 @@
-"""Terminal rendering of a timeline: one line per rank, time scaled to a width.
-
-Each action is a run of characters that starts with its kind and micro-batch
-(``F3`` = forward of micro-batch 3) and continues with ``-`` for as long as it
-runs; an overlapped pair starts with both halves (``F4+b0``) and continues with
-``=``. Upper case is the first direction (DualPipe's down stream, DualPipeV's
-phase 0), lower case the second. Idle time is blank, time spent waiting to
-receive (measured timelines) is ``~``::
-
-    rank 0 |F0F1F2f0F3f1F4+b0=f2+B0=F5+b1=...
-
-:func:`render_tokens` gives a compact view: the tokens in time order with the
-idle gaps between them.
-"""
+"""Terminal rendering of a timeline: one line per rank, time scaled to a width."""
 
 from __future__ import annotations
 

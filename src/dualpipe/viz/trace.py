@@ -1,13 +1,4 @@
-"""Chrome / Perfetto trace-event JSON of a timeline.
-
-Open the file in ``chrome://tracing`` or https://ui.perfetto.dev. Each rank is a
-process (``rank R``) with a ``compute`` thread holding one complete event
-(``"ph": "X"``) per action, and, when waits are given, a ``recv wait`` thread.
-An overlapped pair is an enclosing ``F0.4+B1.0`` event (category ``pair``) with
-its forward and backward as two adjacent events nested inside it, each taking
-half of the pair's time. Times are converted to microseconds (the format's unit)
-with ``us_per_unit`` (1000 for timelines in milliseconds).
-"""
+"""Chrome / Perfetto trace-event JSON of a timeline."""
 
 from __future__ import annotations
 
