@@ -219,7 +219,7 @@ class Pipeline(nn.Module):
             self.executor.declared = declaration
         self.sync_mirrored_grads = sync_mirrored_grads
         self._schedules: dict[int, Schedule] = {}
-        self._steps = 0
+        self._step_number = 0
         self.last_record: StepRecord | None = None
         self.identity = self._handshake(
             group_rank,
@@ -350,18 +350,18 @@ class Pipeline(nn.Module):
         """
         if self.closed:
             raise PipelineError("this pipeline is closed")
-        self._steps += 1
+        self._step_number += 1
         try:
             schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
         except (ValueError, ScheduleError) as exc:
             # tell the other ranks at once instead of letting them wait for a timeout
-            self.executor.refuse(self._steps, exc, "invalid step arguments")
+            self.executor.refuse(self._step_number, exc, "invalid step arguments")
             raise
         mirrored = self.mirrored if data.training and self.sync_mirrored_grads else None
         if mirrored is not None:
             mirrored.set_aside()  # sum this step's gradients only, then accumulate
         try:
-            result = self.executor.run(schedule, data, self._steps, record=record)
+            result = self.executor.run(schedule, data, self._step_number, record=record)
             self.last_record = self.executor.last_record
             if mirrored is not None:
                 try:

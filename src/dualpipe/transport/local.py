@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 
 @dataclass
-class _Op:
+class _Issued:
     """One operation issued in in-order mode."""
 
     rank: int
@@ -65,7 +65,7 @@ class LocalNetwork:
         self._lock = threading.Lock()
         self._sends: dict[tuple[int, int, int], tuple[list[torch.Tensor], Pending]] = {}
         self._recvs: dict[tuple[int, int, int], tuple[list[torch.Tensor], Pending]] = {}
-        self._queues: dict[tuple[int, int], deque[_Op]] = {}
+        self._queues: dict[tuple[int, int], deque[_Issued]] = {}
         self.issued: list[list[tuple[int, bool, int]]] = [[] for _ in range(num_ranks)]
         self.violations: list[str] = []
         self.error: str | None = None
@@ -76,7 +76,7 @@ class LocalNetwork:
     def _queue_key(self, rank: int, peer: int) -> tuple[int, int]:
         return (rank, peer) if self.in_order == "peer" else (rank, -1)
 
-    def _enqueue(self, op: _Op) -> None:
+    def _enqueue(self, op: _Issued) -> None:
         with self._lock:
             self.issued[op.rank].append((op.peer, op.send, op.tag))
             self._queues.setdefault(self._queue_key(op.rank, op.peer), deque()).append(op)
@@ -84,10 +84,10 @@ class LocalNetwork:
         for a, b in done:
             self._deliver(a, b)
 
-    def _progress(self) -> list[tuple[_Op, _Op]]:
+    def _progress(self) -> list[tuple[_Issued, _Issued]]:
         """Pair the queue heads that face each other (under the lock); returns the pairs
         to deliver (outside it)."""
-        done: list[tuple[_Op, _Op]] = []
+        done: list[tuple[_Issued, _Issued]] = []
         moved = True
         while moved:
             moved = False
@@ -115,7 +115,7 @@ class LocalNetwork:
                 done.append((head, peer_head) if head.send else (peer_head, head))
         return done
 
-    def _deliver(self, send: _Op, recv: _Op) -> None:
+    def _deliver(self, send: _Issued, recv: _Issued) -> None:
         self._copy(send.tensors, recv.tensors, (send.rank, recv.rank, send.tag),
                    send.pending, recv.pending)
 
@@ -132,7 +132,7 @@ class LocalNetwork:
                pending: Pending) -> None:
         if self.in_order is not None:
             rank, peer = (key[0], key[1]) if send else (key[1], key[0])
-            self._enqueue(_Op(rank, peer, send, key[2], tensors, pending))
+            self._enqueue(_Issued(rank, peer, send, key[2], tensors, pending))
             return
         with self._lock:
             mine, theirs = (self._sends, self._recvs) if send else (self._recvs, self._sends)
