@@ -39,3 +39,71 @@ def check_delivered_tensors_released(rank: int, world: int, large: bool) -> list
                 checks.append(torch.equal(buf, torch.full((1000,), float(step + k))))
     transport.close()
     return checks
+
+
+class _CountingStore:
+    """Wraps the process group's store and counts the requests made through it."""
+
+    def __init__(self, store) -> None:  # noqa: ANN001
+        self.store, self.requests = store, 0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        attr = getattr(self.store, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.requests += 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+def polling_costs_no_store_request(rank: int, world: int) -> tuple[int, float]:
+    """Rank 0 polls ``check_error`` in a tight loop (as the overlap engine's waiter
+    does) while rank 1 posts a failure after 0.5 s. Returns (store requests made by
+    the polls on rank 0, seconds from the failure to rank 0 noticing it); rank 1
+    returns (0, 0)."""
+    import time
+
+    import torch.distributed as dist
+
+    from dualpipe.errors import RemoteFailure
+
+    transport = Transport(None, [0, 1], rank, torch.device("cpu"), timeout=30.0)
+    transport.key = "dualpipe/poll-test"
+    transport.begin_step(1)
+    # one message each way starts the failure watch (it starts with the first message)
+    if rank == 0:
+        transport.send([torch.ones(4)], 1, 0)
+        transport.wait(transport.recv([torch.zeros(4)], 1, 1), "a message")
+    else:
+        buf = torch.zeros(4)
+        transport.wait(transport.recv([buf], 0, 0), "a message")
+        transport.send([buf], 0, 1)
+    transport.drain_sends("sends")
+    dist.barrier()
+    if rank == 1:
+        time.sleep(0.5)
+        transport.store.set("dualpipe/poll-test/posted-at", str(time.time()))
+        transport.post_error("rank 1 failed on purpose")
+        dist.barrier()
+        transport.close()
+        return 0, 0.0
+    counting = _CountingStore(transport.store)
+    polls = 0
+    try:
+        while True:
+            transport.store = counting  # the polls' requests are counted ...
+            transport.check_error()
+            transport.store = counting.store  # ... the watch thread's are not
+            polls += 1
+            time.sleep(2e-5)
+    except RemoteFailure:
+        noticed = time.time()
+    transport.store = counting.store
+    posted = float(transport.store.get("dualpipe/poll-test/posted-at"))
+    dist.barrier()
+    transport.close()
+    assert polls > 100, polls
+    return counting.requests, noticed - posted
