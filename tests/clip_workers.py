@@ -138,7 +138,76 @@ def dtensor_stages(rank: int, world: int) -> dict[str, object]:
         [q for s in ref for q in s.parameters() if q.grad is not None], 0.5)
     out["data_group_norm"] = (with_group.item(), expect.item())
     out["data_group_worst"] = _worst(mine, ref)
+
+    # a NaN in the shard of stage 0 held by x-rank 1 (the last row of a Shard(0) weight)
+    _fill(ref, seed=4)
+    grad = ref[0][0].weight.grad
+    assert grad is not None
+    grad[-1, 0] = math.nan
+    _copy_grads(mine, ref)
+    out["nan_shard_norm"] = grad_norm(pipe, math.inf).item()
     pipe.close()
     dist.barrier()
     return out
 
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN."""
+    return bool(torch.equal(torch.isnan(a), torch.isnan(b))
+                and torch.equal(a.nan_to_num(), b.nan_to_num()))
+
+
+def nonfinite(rank: int, world: int) -> dict[str, object]:
+    """2 processes, DualPipeV over 4 plain stages: a NaN or inf gradient on either rank
+    gives the norm torch gives on one process (NaN propagates through the max-norm too),
+    on every rank; ``error_if_nonfinite=True`` raises on every rank and scales nothing;
+    without it the gradients are scaled as torch scales them."""
+    from dualpipe.clip import clip_grad_norm_, grad_norm
+
+    ref = _reference()
+    stages = _reference()
+    ids = (rank, STAGES - 1 - rank)
+    pipe = Pipeline([stages[k] for k in ids], "dualpipev", timeout=60)
+    mine = [(k, stages[k]) for k in ids]
+    out: dict[str, object] = {}
+    # (name, norm type, stage whose first weight gets the bad value, the value)
+    cases = [
+        ("nan on rank 1, max-norm", math.inf, 1, math.nan),
+        ("nan on rank 0, max-norm", math.inf, 0, math.nan),
+        ("inf on rank 1, max-norm", math.inf, 2, math.inf),
+        ("nan on rank 1, 2-norm", 2.0, 2, math.nan),
+        ("inf on rank 1, 2-norm", 2.0, 1, math.inf),
+    ]
+    for seed, (name, norm_type, stage, value) in enumerate(cases, start=10):
+        _fill(ref, seed)
+        grad = ref[stage][0].weight.grad
+        assert grad is not None
+        grad[1, 2] = value
+        expect = torch.nn.utils.get_total_norm(
+            [q.grad for s in ref for q in s.parameters()], norm_type)
+        _copy_grads(mine, ref)
+        got = grad_norm(pipe, norm_type)
+        raised = ""
+        before = [p.grad.clone() for _, s in mine for p in s.parameters() if p.grad is not None]
+        try:
+            clip_grad_norm_(pipe, 0.5, norm_type, error_if_nonfinite=True)
+        except RuntimeError as exc:
+            raised = str(exc)
+        after = [p.grad for _, s in mine for p in s.parameters() if p.grad is not None]
+        untouched = all(_same(a, b) for a, b in zip(before, after, strict=True))
+        clipped = clip_grad_norm_(pipe, 0.5, norm_type)
+        torch.nn.utils.clip_grad_norm_([q for s in ref for q in s.parameters()], 0.5,
+                                       norm_type)
+        scaled_as_torch = all(
+            _same(p.grad, q.grad)
+            for k, s in mine for p, q in zip(s.parameters(), ref[k].parameters(), strict=True)
+            if p.grad is not None and q.grad is not None
+        )
+        out[name] = {
+            "norm": got.item(), "expect": expect.item(), "same": _same(got, expect),
+            "clipped_same": _same(clipped, expect), "raised": raised,
+            "untouched": untouched, "scaled_as_torch": scaled_as_torch,
+        }
+    pipe.close()
+    return out

@@ -35,10 +35,16 @@ def _is_dtensor(g: torch.Tensor) -> bool:
 
 
 def _reduce(value: torch.Tensor, infinite: bool, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """All-reduce a float64 scalar over ``group``: the sum, or (``infinite``) the maximum."""
-    op = dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM
-    dist.all_reduce(value, op=op, group=group)
-    return value
+    """All-reduce a float64 scalar over ``group``: the sum, or (``infinite``) the maximum
+    with NaN kept — gloo's MAX, like Python's ``max``, drops a NaN; torch's norm
+    propagates it, and so does this."""
+    if not infinite:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        return value
+    nan = torch.isnan(value)
+    both = torch.stack([torch.where(nan, torch.zeros_like(value), value), nan.to(value.dtype)])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    return torch.where(both[1] > 0, torch.full_like(value, math.nan), both[0])
 
 
 def _part(g: torch.Tensor, p: float, acc: torch.Tensor) -> torch.Tensor:
@@ -96,7 +102,7 @@ def grad_norm(
     tensor parallelism, or both) by its placements — its shards summed over the mesh
     dimensions it is sharded along (a collective over those), its replicas once. Every
     rank of a DTensor's mesh must hold a gradient for it, or none (as FSDP2 and tensor
-    parallelism leave them).
+    parallelism leave them). NaN and inf propagate as in ``torch.nn.utils.clip_grad_norm_``.
 
     ``data_group`` concerns plain (non-DTensor) gradients only: pass it if each rank of
     that group holds a *different* part of them (sharded data parallelism by hand);
