@@ -325,8 +325,10 @@ class Pipeline(nn.Module):
 
         Returns ``(loss, outputs)``: where a stream ends, ``loss`` holds the
         per-micro-batch losses (shape ``[C]``) and, with ``return_outputs``, ``outputs``
-        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum (or,
-        with ``loss_reduction="mean"``, the mean) of the per-micro-batch losses.
+        the last stage's outputs concatenated along ``batch_dim`` (a 0-dim output, such as
+        an auxiliary loss, stacked per micro-batch: shape ``[C]``); ``None`` elsewhere.
+        Gradients equal those of the sum (or, with ``loss_reduction="mean"``, the mean) of
+        the per-micro-batch losses.
         ``record=True`` keeps a measured timeline in :attr:`last_record` (see
         :meth:`gather_timeline`). ``broadcast_loss=True`` (collective) returns every
         micro-batch's loss of the step (all streams, stream 0's first, as float32) on every
