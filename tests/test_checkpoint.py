@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dualpipe.testing import run_distributed
 
-from .training_workers import checkpoint_run
+from .training_workers import checkpoint_run, wrapped_checkpoint_run
 
 
 def _merged(results: list[dict[str, object]], key: str) -> dict:
@@ -39,3 +39,18 @@ def test_save_with_4_ranks_load_with_2_and_back(tmp_path: Path) -> None:
     assert saved_a == loaded_b
     assert _merged(b, "saved") == _merged(c, "loaded")
     assert c[0]["loaded"] == c[3]["loaded"]  # ranks 0 and 3 hold the same two stages
+
+
+def test_wrapped_stages_save_layer_keys_and_load_at_another_size(tmp_path: Path) -> None:
+    """Stages wrapped by checkpoint_wrapper (whole, or layer by layer) and a compiled layer
+    are saved under the plain layer keys on 2 ranks and load into 1 plain rank exactly."""
+    path = str(tmp_path / "wrapped")
+    saved = run_distributed(wrapped_checkpoint_run, 2, path, True, timeout=180)
+    (loaded,) = run_distributed(wrapped_checkpoint_run, 1, path, False, timeout=180)
+    keys = [k for r in saved for k in r["keys"]]  # type: ignore[attr-defined]
+    assert len(keys) == 8 * 6 and sorted(keys) == loaded["keys"], keys
+    assert all(k.startswith("layers.") for k in keys), keys
+    assert not any("_checkpoint_wrapped_module" in k or "_orig_mod" in k for k in keys), keys
+    assert _merged(saved, "params") == loaded["params"]
+    assert _merged(saved, "optim") == loaded["optim"]
+    assert len(loaded["optim"]) == 3 * 8 * 6  # type: ignore[arg-type]

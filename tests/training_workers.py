@@ -343,3 +343,54 @@ def check_compile_checkpointing_autocast(rank: int, world: int) -> list[str]:
         _compare_step(pipe, mine, ref, chunks, 33, exact_loss=True, rtol=2e-2, atol=2e-3)
     report.append("bf16 autocast: losses exact, gradients to bf16 rounding")
     return report
+
+
+def wrapped_checkpoint_run(rank: int, world: int, path: str, save: bool) -> dict[str, object]:
+    """Save (``save``) or load a DCP checkpoint of the test model on ``world`` DualPipeV
+    ranks. Saving, the stages are wrapped: this rank's first stage whole by
+    ``checkpoint_wrapper``, in its second the first layer by ``checkpoint_wrapper`` and the
+    second layer by ``torch.compile``; loading, they are plain. Returns the model keys, the
+    parameters by layer and the optimizer state (under the checkpoint's keys) after one
+    step and the save, or right after the load."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from dualpipe import checkpoint
+
+    layers = build_layers(seed=11 if save else 99)
+    mine = split_model(layers, "dualpipev")
+    modules: list[nn.Module] = list(mine)
+    if save:
+        first, second = mine
+        second[0] = checkpoint_wrapper(second[0])
+        second[1] = torch.compile(second[1], backend="eager")
+        modules = [checkpoint_wrapper(first), second]
+    pipe = Pipeline(modules, "dualpipev", timeout=60)
+    optimizer = torch.optim.AdamW(unique(mine), lr=1e-2)
+    if save:
+        chunks = 2 * world
+        (x,), y = make_batch("mlp", 2 * chunks, seed=5)
+        inputs, labels = my_share(pipe, x, y)
+        pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+        optimizer.step()
+        optimizer.zero_grad()
+        checkpoint.save(path, pipe, optimizer)
+    else:
+        checkpoint.load(path, pipe, optimizer)
+    state = checkpoint.optimizer_state_dict(pipe, optimizer)
+    return {
+        "keys": sorted(checkpoint.stage_state_dict(pipe)),
+        "optim": {k: v.reshape(-1).tolist() for k, v in state.items()
+                  if isinstance(v, torch.Tensor)},
+        "params": {f"{i}.{name}": p.detach().reshape(-1).tolist()
+                   for stage in mine for i, layer in zip(stage.layer_ids, stage, strict=True)
+                   for name, p in _inner(layer).named_parameters()},
+    }
+
+
+def _inner(layer: nn.Module) -> nn.Module:
+    """The layer behind checkpoint_wrapper / torch.compile."""
+    for attr in ("_checkpoint_wrapped_module", "_orig_mod"):
+        inner = getattr(layer, attr, None)
+        if isinstance(inner, nn.Module):
+            return _inner(inner)
+    return layer

@@ -40,17 +40,55 @@ def _dcp(action: str, path: str | os.PathLike[str], fn: Callable[[], Any]) -> No
         raise CheckpointError(f"{action} checkpoint {os.fspath(path)!r} failed: {reasons}") from exc
 
 
+_WRAPPERS = ("_orig_mod", "_checkpoint_wrapped_module")
+"""Attributes under which wrappers keep the wrapped module: ``torch.compile``'s
+``OptimizedModule`` and ``checkpoint_wrapper``'s ``CheckpointWrapper``. Their names appear
+in parameter names (and ``_orig_mod`` in state-dict keys) but say nothing about the model,
+so checkpoint keys leave them out, as DCP's own state-dict helpers do."""
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
-    """The module behind ``torch.compile`` (whose state dict keys get ``_orig_mod.``)."""
-    inner = getattr(module, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else module
+    """The module behind any number of wrappers (``torch.compile``, ``checkpoint_wrapper``)."""
+    while True:
+        inner = next(
+            (m for m in (getattr(module, a, None) for a in _WRAPPERS) if isinstance(m, nn.Module)),
+            None,
+        )
+        if inner is None:
+            return module
+        module = inner
+
+
+def _plain_key(key: str) -> str:
+    """``key`` without the wrappers' path segments (``layers.3._orig_mod.w`` ->
+    ``layers.3.w``)."""
+    return ".".join(part for part in key.split(".") if part not in _WRAPPERS)
+
+
+def _key_map(view: nn.Module) -> dict[str, str]:
+    """Checkpoint key -> key of ``view.state_dict()`` (which keeps the wrappers' segments
+    of wrapped modules inside a stage)."""
+    out: dict[str, str] = {}
+    for key in view.state_dict():
+        plain = _plain_key(key)
+        if plain in out:
+            raise CheckpointError(
+                f"two state-dict entries, {out[plain]!r} and {key!r}, have the checkpoint key "
+                f"{plain!r} once the wrappers' names are left out"
+            )
+        out[plain] = key
+    return out
 
 
 def model_view(pipe: Pipeline) -> nn.Module:
     """A module holding this rank's stages under rank-independent names: ``layers.<i>``
     for the layers of :class:`~dualpipe.split.StageModule` stages, ``stages.<k>`` for
-    other stage modules. Its ``named_parameters()`` and ``state_dict()`` use the
-    checkpoint's keys; it shares the pipeline's parameters (nothing is copied)."""
+    other stage modules; a stage wrapped by ``torch.compile`` or ``checkpoint_wrapper``
+    is held unwrapped. Its ``named_parameters()`` and ``state_dict()`` use the
+    checkpoint's keys, except for wrappers *inside* a stage (a compiled or
+    checkpoint-wrapped layer), whose path segments (``_orig_mod``,
+    ``_checkpoint_wrapped_module``) :func:`stage_state_dict` leaves out. It shares the
+    pipeline's parameters (nothing is copied)."""
     view = nn.Module()
     layers = nn.ModuleDict()
     stages = nn.ModuleDict()
@@ -69,18 +107,23 @@ def model_view(pipe: Pipeline) -> nn.Module:
 
 
 def stage_state_dict(pipe: Pipeline) -> dict[str, Any]:
-    """This rank's model state (parameters and buffers) under the checkpoint's keys."""
-    return model_view(pipe).state_dict()
+    """This rank's model state (parameters and buffers) under the checkpoint's keys: by
+    layer or stage, without the path segments of wrappers (``torch.compile``'s
+    ``_orig_mod``, ``checkpoint_wrapper``'s ``_checkpoint_wrapped_module``), so a
+    checkpoint does not depend on how the stages were wrapped."""
+    state = model_view(pipe).state_dict()
+    return {_plain_key(k): v for k, v in state.items()}
 
 
 def load_stage_state_dict(pipe: Pipeline, state: dict[str, Any], strict: bool = True) -> None:
     """Load what :func:`stage_state_dict` produced (on any pipeline holding those layers or
-    stages; with ``strict=False`` keys of other ranks' stages are ignored)."""
+    stages, wrapped or not; with ``strict=False`` keys of other ranks' stages are
+    ignored)."""
     view = model_view(pipe)
+    keys = _key_map(view)
     if not strict:
-        mine = view.state_dict()
-        state = {k: v for k, v in state.items() if k in mine}
-    view.load_state_dict(state, strict=True)
+        state = {k: v for k, v in state.items() if k in keys}
+    view.load_state_dict({keys.get(k, k): v for k, v in state.items()}, strict=True)
 
 
 def _options() -> Any:

@@ -240,8 +240,9 @@ def split_model(
     Tied weights: a parameter shared by two layers stays shared when both land on one rank.
     DualPipeV puts the first and the last stage on rank 0 (DualPipe on ranks 0 and N-1,
     each holding both), so an embedding tied to the output head just works there (autograd
-    sums both uses). With single-direction schedules the two uses land on different ranks
-    and the tie must be kept by hand (sum the two gradients between the ranks).
+    sums both uses; DualPipe's mirrored gradient sum counts the shared parameter once).
+    With single-direction schedules the two uses land on different ranks and the tie must
+    be kept by hand (sum the two gradients between the ranks).
 
     Args:
         layers: the model as consecutive layers.

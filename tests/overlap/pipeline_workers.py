@@ -14,7 +14,7 @@ from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.schedules.actions import Op, Overlap
 from dualpipe.schedules.registry import generate, layout_for
 
-from ..runtime.overlap_workers import OriginalHook
+from ..runtime.kernels_workers import OriginalHook
 from .parted_models import DIM, MoEStage, expert_owner
 
 TOKENS = 4  # per micro-batch and expert-parallel rank

@@ -126,3 +126,30 @@ def mirrored(rank: int, world: int) -> list[bool]:
     peer = gathered[world - 1 - rank]
     results.append(torch.equal(grads[:n_a], peer[n_a:]) and torch.equal(grads[n_a:], peer[:n_a]))
     return results
+
+
+def ddp_refused(rank: int, world: int) -> list[str]:
+    """Stages wrapped by DistributedDataParallel (the stage itself, or a submodule) or by
+    the DDP-based composable replicate are refused at construction on every rank; FSDP2's
+    fully_shard is accepted."""
+    from torch.distributed._composable.replicate import replicate
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    messages = []
+    candidates = [
+        lambda: [DistributedDataParallel(MLPStage()), MLPStage()],
+        lambda: [MLPStage(), nn.Sequential(MLPStage(), DistributedDataParallel(MLPStage()))],
+        lambda: [replicate(MLPStage()), MLPStage()],
+    ]
+    for build in candidates:
+        try:
+            DualPipeV(build(), timeout=20.0)
+            messages.append("accepted")
+        except ValueError as exc:
+            messages.append(str(exc))
+    pipe = DualPipeV([fully_shard(MLPStage()), MLPStage()], timeout=20.0)
+    pipe.close()
+    messages.append("fully_shard accepted")
+    return messages

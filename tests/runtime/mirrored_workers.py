@@ -200,4 +200,87 @@ def all_cases(rank: int, world: int) -> dict[str, object]:
     out["changed"] = requires_grad_changed(rank, world)
     out["errors"] = construction_errors(rank, world)
     out["keys"], out["old_checkpoint_loads"] = state_dict_keys(rank, world)
+    out["tied"] = tied_embedding_head(rank, world)
     return out
+
+
+VOCAB = 11
+
+
+class TiedEmbedding(nn.Module):
+    """Stage 0 of a tied model: token ids -> mean embedding -> MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.mlp = MLPStage()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.emb(ids).mean(dim=1))
+
+
+class TiedHead(nn.Module):
+    """The last stage: MLP -> logits through the embedding's weight (tied)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.mlp = MLPStage()
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mlp(x))
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, target)
+
+
+def tied_embedding_head(rank: int, world: int) -> dict[str, object]:
+    """DualPipe with the embedding of stage 0 tied to the head of the last stage (both on
+    each rank): every gradient equals one process (relative norm <= 1e-5), the tied weight
+    once, and both ranks' copies hold the same gradient and, after AdamW steps, the same
+    weights."""
+    torch.manual_seed(0)
+    first = TiedEmbedding()
+    stages: list[nn.Module] = [first, TiedHead(first.emb)]
+    ref = copy.deepcopy(stages)  # keeps the tie
+    pair = copy.deepcopy(stages)
+    mods = [pair[rank], pair[1 - rank]]
+    emb, head = (mods[0], mods[1]) if rank == 0 else (mods[1], mods[0])
+    assert emb.emb.weight is head.head.weight  # tied on this rank too
+    pipe = DualPipe(mods, timeout=30.0)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (8, 3), generator=g)
+    target = torch.randint(0, VOCAB, (8,), generator=g)
+    half = slice(0, 4) if rank == 0 else slice(4, 8)
+    other = slice(4, 8) if rank == 0 else slice(0, 4)
+    pipe.step(ids[half], num_chunks=CHUNKS, criterion=_cross_entropy, labels=(target[other],))
+    for xs, ys in zip(ids.tensor_split(CHUNKS), target.tensor_split(CHUNKS), strict=True):
+        _cross_entropy(ref[1](ref[0](xs)), ys).backward()
+    worst = 0.0
+    for i, k in enumerate((rank, 1 - rank)):
+        for (name, p), q in zip(mods[i].named_parameters(), ref[k].parameters(), strict=True):
+            assert p.grad is not None and q.grad is not None, name
+            rel = ((p.grad - q.grad).norm() / q.grad.norm()).item()
+            worst = max(worst, rel)
+    tied = emb.emb.weight
+    expect = ref[0].emb.weight.grad
+    assert expect is not None and tied.grad is not None
+    tied_rel = ((tied.grad - expect).norm() / expect.norm()).item()
+    grads = [torch.empty_like(tied.grad) for _ in range(world)]
+    torch.distributed.all_gather(grads, tied.grad.contiguous())
+    opt = torch.optim.AdamW(pipe.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(2):
+        opt.step()
+        opt.zero_grad()
+        pipe.step(ids[half], num_chunks=CHUNKS, criterion=_cross_entropy,
+                  labels=(target[other],))
+    weights = [torch.empty_like(tied) for _ in range(world)]
+    torch.distributed.all_gather(weights, tied.detach().contiguous())
+    return {
+        "worst": worst,
+        "tied_rel": tied_rel,
+        "grads_equal": torch.equal(grads[0], grads[1]),
+        "weights_equal": torch.equal(weights[0], weights[1]),
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dualpipe.testing import run_distributed
 
-from .failure_workers import bad_arguments, mirrored, odd_dualpipe, stage_failure
+from .failure_workers import bad_arguments, ddp_refused, mirrored, odd_dualpipe, stage_failure
 
 
 def test_failing_stage_stops_every_rank_quickly() -> None:
@@ -39,3 +39,14 @@ def test_dualpipe_refuses_odd_rank_count() -> None:
 def test_mirrored_copies_checked_synced_and_summed() -> None:
     for refused, synced, summed in run_distributed(mirrored, 2, timeout=60):
         assert refused and synced and summed
+
+
+def test_ddp_wrapped_stages_are_refused() -> None:
+    for messages in run_distributed(ddp_refused, 2, timeout=60):
+        stage, nested, composable, fsdp = messages
+        assert stage.startswith("modules[0] is wrapped by DDP (DistributedDataParallel)"), stage
+        assert nested.startswith("modules[1] (its submodule '1') is wrapped by DDP"), nested
+        assert composable.startswith("modules[0] is wrapped by DDP (DDPMLPStage)"), composable
+        for m in (stage, nested, composable):
+            assert "fully_shard" in m and "GradientSync" in m, m
+        assert fsdp == "fully_shard accepted"

@@ -51,3 +51,12 @@ def test_state_dict_keys_match_the_original(results: list[dict[str, object]]) ->
         assert isinstance(keys, list) and keys
         assert all(k.startswith(("module.0.", "module.1.")) for k in keys), keys
         assert r["old_checkpoint_loads"]
+
+
+def test_tied_embedding_and_head_counted_once(results: list[dict[str, object]]) -> None:
+    for r in results:
+        tied = r["tied"]
+        assert isinstance(tied, dict)
+        assert tied["worst"] <= 1e-5, tied  # every gradient, relative to one process
+        assert tied["tied_rel"] <= 1e-5, tied
+        assert tied["grads_equal"] and tied["weights_equal"], tied

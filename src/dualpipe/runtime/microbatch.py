@@ -43,7 +43,28 @@ def scatter_microbatches(
 def concat_chunks(
     chunks: Sequence[Sequence[torch.Tensor]], batch_dim: int
 ) -> tuple[torch.Tensor, ...]:
-    """Concatenate per-micro-batch outputs back along ``batch_dim``."""
+    """Put per-micro-batch outputs back together: each output concatenated along
+    ``batch_dim``, except 0-dim outputs (a scalar per micro-batch, such as an auxiliary loss
+    travelling with the activations), which are stacked into shape ``[C]``, one value per
+    micro-batch in order.
+
+    Raises ``ValueError`` naming the output when one has dimensions but none at
+    ``batch_dim``.
+    """
     if not chunks:
         return ()
-    return tuple(torch.cat([c[i] for c in chunks], dim=batch_dim) for i in range(len(chunks[0])))
+    out = []
+    for i in range(len(chunks[0])):
+        pieces = [c[i] for c in chunks]
+        dims = pieces[0].dim()
+        if dims == 0:
+            out.append(torch.stack(pieces))
+            continue
+        if dims <= batch_dim:
+            raise ValueError(
+                f"output {i} has {dims} dim(s), so it cannot be concatenated along "
+                f"batch_dim={batch_dim}; return_outputs needs outputs with that dimension "
+                "(or 0-dim ones, which are stacked per micro-batch)"
+            )
+        out.append(torch.cat(pieces, dim=batch_dim))
+    return tuple(out)

@@ -26,7 +26,10 @@ class MirroredStages:
     """The parameters this rank shares with its partner rank ``N-1-rank``.
 
     Both ranks list their parameters in the same order (the stage with the lower id
-    first), so every exchanged tensor lines up element by element.
+    first), so every exchanged tensor lines up element by element. A parameter shared by
+    the two stages (an embedding tied to the output head: stages 0 and N-1 are both on
+    ranks 0 and N-1) is listed once, under its first name, so its partner's gradient is
+    added once.
 
     Args:
         modules: this rank's two modules.
@@ -49,8 +52,12 @@ class MirroredStages:
         order = sorted(range(len(modules)), key=lambda i: stage_ids[i])
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
+        seen: set[int] = set()
         for i in order:
             for name, p in modules[i].named_parameters():
+                if id(p) in seen:  # tied to a parameter listed before: counted once
+                    continue
+                seen.add(id(p))
                 self.names.append(f"module.{i}.{name} (stage {stage_ids[i]})")
                 self.params.append(p)
         # which parameters the last exchange carried gradients for (agreed by both copies)

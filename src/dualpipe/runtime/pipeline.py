@@ -55,6 +55,40 @@ def _stage_modules(modules: nn.Module | Iterable[nn.Module], expected: int) -> l
     return stages
 
 
+def _ddp_classes() -> tuple[type, ...]:
+    """The module classes of DDP: ``DistributedDataParallel`` and the DDP-based composable
+    ``torch.distributed._composable.replicate`` (not FSDP2's ``replicate``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    classes: list[type] = [DistributedDataParallel]
+    try:
+        from torch.distributed._composable.replicate import DDP as ComposableDDP
+    except ImportError:  # pragma: no cover - a torch without it
+        pass
+    else:
+        classes.append(ComposableDDP)
+    return tuple(classes)
+
+
+def _refuse_ddp(stages: Sequence[nn.Module]) -> None:
+    """Raise ``ValueError`` if a stage is, or contains, a DDP module: DDP reduces gradients
+    in each backward and expects each forward to be followed by its backward, but a
+    schedule runs several forwards of a stage before their backwards, so its gradients
+    would be silently wrong."""
+    ddp = _ddp_classes()
+    for i, stage in enumerate(stages):
+        for name, sub in stage.named_modules():
+            if isinstance(sub, ddp):
+                where = f"modules[{i}]" + (f" (its submodule {name!r})" if name else "")
+                raise ValueError(
+                    f"{where} is wrapped by DDP ({type(sub).__name__}), which cannot run "
+                    "several forwards of a stage before their backwards, as a pipeline "
+                    "schedule does: its gradients would be wrong. Pass the stages unwrapped "
+                    "and get data parallelism from FSDP2 (torch.distributed.fsdp.fully_shard, "
+                    "or FSDP2's replicate) or dualpipe.data_parallel.GradientSync"
+                )
+
+
 def _pipeline_to_group(rank_mapping: Sequence[int] | None, size: int) -> list[int]:
     """Invert the original's ``rank_mapping`` (group rank -> pipeline rank): the group
     rank of each pipeline rank."""
@@ -101,7 +135,9 @@ class Pipeline(nn.Module):
             for the V schedules ``dualpipev``/``zbv``/``v-half``/``v-min`` — stages r and
             2N-1-r — and for ``interleaved-1f1b`` — r and r+N. They are kept as
             :attr:`module` (an ``nn.ModuleList``), so state-dict keys are ``module.0.*``,
-            ``module.1.*`` as in the original.
+            ``module.1.*`` as in the original. Stages wrapped by DDP
+            (``DistributedDataParallel`` or the DDP-based composable ``replicate``) are
+            refused: use FSDP2 or :class:`~dualpipe.data_parallel.GradientSync`.
         schedule: a registered schedule name (see ``dualpipe.schedules.schedule_names()``),
             or a :class:`~dualpipe.schedules.Schedule` of your own (for example parsed
             with ``Schedule.from_text`` or ``from_torch_csv``): it is validated first, and
@@ -191,6 +227,7 @@ class Pipeline(nn.Module):
                 f"schedule {self.schedule_name} needs {expected} module(s) per rank, "
                 f"got {len(stages)}"
             )
+        _refuse_ddp(stages)
         # the original's attribute name, so state_dict keys are ``module.0.*``, ``module.1.*``
         self.module = nn.ModuleList(stages)
         self.register_load_state_dict_pre_hook(_accept_module_list_keys)
@@ -341,8 +378,10 @@ class Pipeline(nn.Module):
 
         Returns ``(loss, outputs)``: where a stream ends, ``loss`` holds the
         per-micro-batch losses (shape ``[C]``) and, with ``return_outputs``, ``outputs``
-        the concatenated outputs; ``None`` elsewhere. Gradients equal those of the sum (or,
-        with ``loss_reduction="mean"``, the mean) of the per-micro-batch losses.
+        the last stage's outputs concatenated along ``batch_dim`` (a 0-dim output, such as
+        an auxiliary loss, stacked per micro-batch: shape ``[C]``); ``None`` elsewhere.
+        Gradients equal those of the sum (or, with ``loss_reduction="mean"``, the mean) of
+        the per-micro-batch losses.
         ``record=True`` keeps a measured timeline in :attr:`last_record` (see
         :meth:`gather_timeline`). ``broadcast_loss=True`` (collective) returns every
         micro-batch's loss of the step (all streams, stream 0's first, as float32) on every

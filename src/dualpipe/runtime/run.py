@@ -3,6 +3,7 @@ actions from."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +30,15 @@ class DeferredWork(Protocol):
 
     def run(self) -> None:
         """Do the work (once)."""
+
+
+_NO_GRAD_LOSS = (
+    "the loss of micro-batch {chunk} does not require grad (it has no grad_fn), so no "
+    "gradient can reach the model; one process would fail in loss.backward() too. The "
+    "criterion or a stage cut the graph (.detach(), .item(), torch.no_grad()), or "
+    "reentrant activation checkpointing wraps stages whose inputs need no gradient (token "
+    "ids): use use_reentrant=False there"
+)
 
 
 @dataclass
@@ -122,6 +132,7 @@ class StepRun:
         self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self.label: Action | Overlap | None = None
         self.extras: dict[str, Any] = {}
+        self.warned: set[int] = set()  # modules warned about in this step
 
     # ------------------------------------------------------------ running
     def receive(self, step: PlannedStep) -> None:
@@ -203,10 +214,14 @@ class StepRun:
                 self.outputs[chunk] = tuple(t.detach() for t in outputs)
             if training:
                 assert loss is not None
+                if not loss.requires_grad:
+                    raise PipelineError(_NO_GRAD_LOSS.format(chunk=chunk))
                 self.saved[(a.action.phase, chunk)] = ([loss], leaves)
             return
         if training:
             roots: list[Any] = [t for t in outputs if t.requires_grad]
+            if not roots:
+                self._check_output_grad(a)
             if not self.keep_outputs:
                 # keep only the outputs' places in the graph: a sent activation is freed as
                 # soon as its send completes, not at its backward
@@ -221,6 +236,28 @@ class StepRun:
             metas = [TensorMeta(m.shape, m.dtype, False) for m in metas]
         self.shapes.note_sent((a.stream, a.position), metas, chunk)
         self.send(a, list(outputs), metas)
+
+    def _check_output_grad(self, a: ActionPlan) -> None:
+        """Warn (once per stage and step) when forward ``a``'s outputs carry no gradient
+        although its stage has parameters that require grad: those parameters can get no
+        gradient from this micro-batch. Not an error: one process computes exactly the
+        same (torch leaves them without gradient too), and detaching a stage's output is a
+        legitimate way to stop gradients; freezing the parameters silences the warning."""
+        if a.module in self.warned:
+            return
+        self.warned.add(a.module)
+        if any(p.requires_grad for p in self.modules[a.module].parameters()):
+            stage = self.plan.schedule.layout.rank_stages[self.plan.rank][a.module]
+            warnings.warn(
+                f"dualpipe: the outputs of stage {stage} (rank {self.plan.rank}, "
+                f"{a.action}) carry no gradient although it has parameters that require "
+                "grad, so they get none (as on one process). Reentrant activation "
+                "checkpointing around a stage whose inputs need no gradient (token ids) "
+                "does this: use use_reentrant=False there; or, if intended, freeze them "
+                "(requires_grad_(False)).",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def output_grads(self, a: ActionPlan) -> list[torch.Tensor | None]:
         """Gradients of backward ``a``'s stage outputs (``[None]`` for a loss)."""
