@@ -60,6 +60,7 @@ from dualpipe.demo.model import (
     split_gpt,
 )
 from dualpipe.demo.moe import MoEConfig, MoEFFN, MoEStage, moe_stages, to_intervals
+from dualpipe.demo.moe_train import union_length as union
 from dualpipe.demo.task import lm_loss
 from dualpipe.overlap import InFlight
 from dualpipe.schedules.actions import Overlap
@@ -551,16 +552,6 @@ def trace_rows(events: list[dict[str, Any]], device_trace: bool
         origin = min(r[2] for r in rows)
         rows = [(r, n, a - origin, b - origin, c) for r, n, a, b, c in rows]
     return rows
-
-
-def union(spans: Sequence[tuple[float, float]]) -> float:
-    """Total length of the union of ``spans``."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
 
 
 def overlap(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -186,8 +187,8 @@ def _measure(pipe: Pipeline, result: MoERankResult) -> None:
     if rec is None:
         return
     parts = rec.parts
-    result.comm_ms = _union([(e.start, e.end) for e in parts if e.kind == "comm"]) * 1e3
-    result.waited_ms = _union([(e.start, e.end) for e in parts if e.kind == "wait"]) * 1e3
+    result.comm_ms = union_length([(e.start, e.end) for e in parts if e.kind == "comm"]) * 1e3
+    result.waited_ms = union_length([(e.start, e.end) for e in parts if e.kind == "wait"]) * 1e3
     pairs = [(t0, t1) for step, t0, t1 in rec.steps if isinstance(step, Overlap)]
     inside = [[e for e in parts if t0 <= e.start and e.end <= t1] for t0, t1 in pairs]
     interleaved = [(w, ev) for w, ev in zip(pairs, inside, strict=True)
@@ -198,7 +199,7 @@ def _measure(pipe: Pipeline, result: MoERankResult) -> None:
         result.pair = to_intervals(events, t0)
 
 
-def _union(spans: list[tuple[float, float]]) -> float:
+def union_length(spans: Sequence[tuple[float, float]]) -> float:
     """Total length of the union of ``spans``."""
     total, end = 0.0, float("-inf")
     for a, b in sorted(spans):
