@@ -64,12 +64,9 @@ class Executor:
         self.static_shapes = static_shapes
         self.declared: Declared | None = None  # the user's declared shapes/dtype, checked
         self.lookahead = lookahead
-        self.extensions = list(extensions)
-        if kernels is None:
-            kernels = DEFAULT_KERNELS
-            for ext in self.extensions:
-                kernels = ext.kernels(kernels)
-        self.kernels = kernels
+        self.extensions: list[Extension] = []
+        self.kernels = kernels if kernels is not None else DEFAULT_KERNELS
+        self.extend(extensions)
         self._plans: dict[tuple[Schedule, bool, bool], ExecutionPlan] = {}
         self._known: dict[tuple[Schedule, bool], BoundaryShapes] = {}
         # the original's overlapped_forward_backward receives output tensors, so stages
@@ -79,6 +76,13 @@ class Executor:
         )
         self.last_plan: ExecutionPlan | None = None
         self.last_record: StepRecord | None = None
+
+    def extend(self, extensions: Sequence[Extension]) -> None:
+        """Add plug-ins: their kernels go into the table, their hooks run from the next
+        step on."""
+        for ext in extensions:
+            self.kernels = ext.kernels(self.kernels)
+            self.extensions.append(ext)
 
     def plan(self, schedule: Schedule, training: bool, headers: bool) -> ExecutionPlan:
         """This rank's (cached) execution plan of ``schedule``."""
@@ -98,8 +102,18 @@ class Executor:
         try:
             return self._run(schedule, data, step, record)
         except BaseException as exc:
+            for ext in self.extensions:
+                try:
+                    ext.step_failed()
+                except Exception:  # noqa: BLE001, S110 - the step failed already
+                    pass
             self.abandon(exc)
             raise
+
+    def report(self, message: str) -> None:
+        """Tell the other ranks that this pipeline failed here (outside a step, e.g. a
+        plug-in refused it at construction): their next step fails with ``message``."""
+        self.transport.post_error(message)
 
     def refuse(self, step: int, exc: BaseException, what: str) -> None:
         """Step ``step`` cannot start on this rank (``exc``; ``what`` says why, e.g.
@@ -128,13 +142,19 @@ class Executor:
         for ext in self.extensions:
             self._guard(run, f"{ext.name}: before the step",
                         partial(ext.before_step, data.training))
-        for step in plan.steps:
+        steps = plan.steps
+        for i, step in enumerate(steps):
             # 1. post what is due and wait for the step's inputs before its clock starts
             #    (a timeout or a disagreeing stamp is reported like a failing action)
             self._guard(run, step.label, partial(run.receive, step))
-            # 2. compute
+            # 2. compute (plug-ins' work around it, e.g. gathering parameters, included)
             t0 = time.perf_counter()
+            for ext in self.extensions:
+                self._guard(run, step.label, partial(ext.before_action, step))
             self._guard(run, step.label, partial(self.kernels.run, run, step))
+            following = steps[i + 1] if i + 1 < len(steps) else None
+            for ext in self.extensions:
+                self._guard(run, step.label, partial(ext.after_action, step, following))
             if trace is not None:
                 trace.steps.append((step.label, t0, time.perf_counter()))
             # 3. plug-ins' work after a module's last gradient work (e.g. reduce-scatter)

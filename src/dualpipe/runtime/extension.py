@@ -13,6 +13,7 @@ from torch import nn
 
 from ..schedules.layout import Layout
 from .kernels import Kernels
+from .plan import PlannedStep
 
 __all__ = ["PipelineInfo", "Extension", "ExtensionFactory", "register_extension",
            "registered_extensions", "extensions_for", "BUNDLED"]
@@ -31,6 +32,7 @@ class PipelineInfo:
         group: the pipeline's process group (None: the default group).
         device: where the modules live.
         split_backward: whether input-only backwards defer their weight work.
+        pipeline: the pipeline module itself (an ``nn.Module``; read-only use).
     """
 
     rank: int
@@ -42,6 +44,7 @@ class PipelineInfo:
     group: dist.ProcessGroup | None
     device: torch.device
     split_backward: bool
+    pipeline: nn.Module
 
 
 class Extension:
@@ -61,12 +64,23 @@ class Extension:
     def before_step(self, training: bool) -> None:
         """At the start of each step, before any message of it."""
 
+    def before_action(self, step: PlannedStep) -> None:
+        """Before each step of the rank's list runs (its inputs have arrived)."""
+
+    def after_action(self, step: PlannedStep, following: PlannedStep | None) -> None:
+        """After each step of the rank's list ran; ``following`` is the next one (None
+        after the last), e.g. to prefetch what it needs."""
+
     def after_stage_backward(self, module: int) -> None:
         """Right after the step's last gradient work (``B`` or ``W``) of the rank's module
         ``module`` (an index into :attr:`PipelineInfo.modules`)."""
 
     def after_step(self, training: bool) -> None:
         """After every action of the step ran and every send was delivered."""
+
+    def step_failed(self) -> None:
+        """Instead of :meth:`after_step` when the step failed: restore state, without
+        communication (the pipeline has failed; other ranks may be gone)."""
 
     def close(self) -> None:
         """Release what the plug-in holds (with the pipeline)."""

@@ -238,19 +238,8 @@ class Pipeline(nn.Module):
         declaration = declared()
         if static_shapes is None:
             static_shapes = declaration.shapes is not None
-        info = PipelineInfo(
-            self.rank, size, self.schedule_name, self.layout, tuple(stages),
-            tuple(self.layout.rank_stages[self.rank]), process_group, self.device,
-            split_backward,
-        )
-        try:
-            self.extensions = extensions_for(info, extensions)
-        except BaseException:
-            self.transport.close()
-            raise
         self.executor = Executor(
-            self.rank, stages, self.transport, split_backward, static_shapes=static_shapes,
-            extensions=self.extensions,
+            self.rank, stages, self.transport, split_backward, static_shapes=static_shapes
         )
         if declaration != Declared():
             self.executor.declared = declaration
@@ -272,6 +261,7 @@ class Pipeline(nn.Module):
                 "loss_reduction": loss_reduction,
             },
         )
+        self.extensions: list[Extension] = []
         self._finalizer = weakref.finalize(self, _release, self.transport, self.extensions)
         # DualPipe's layout holds every stage on two ranks (r and N-1-r)
         self.mirrored: MirroredStages | None = None
@@ -281,6 +271,20 @@ class Pipeline(nn.Module):
                 self.transport,
             )
             self.mirrored.check(mirrored_weights)
+        # plug-ins: those the registered factories give, then the user's own
+        info = PipelineInfo(
+            self.rank, size, self.schedule_name, self.layout, tuple(stages),
+            tuple(self.layout.rank_stages[self.rank]), process_group, self.device,
+            split_backward, self,
+        )
+        try:
+            self.extensions.extend(extensions_for(info, extensions))
+        except Exception as exc:
+            # tell the other ranks at once: their first step fails instead of waiting
+            self.executor.report(f"rank {self.rank}: pipeline refused: {exc}")
+            self.close()
+            raise
+        self.executor.extend(self.extensions)
 
     def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
         """Agree with the other ranks on who this pipeline is and on its configuration."""
