@@ -14,9 +14,11 @@ from functools import partial
 
 from torch import nn
 
+from ..schedules.actions import Op
 from ..schedules.schedule import Schedule
 from .declared import Declared
 from .errors import RemoteFailure
+from .extension import Extension
 from .handlers import DEFAULT_HANDLERS, Handler
 from .p2p import BaseTransport
 from .plan import LOOKAHEAD, ExecutionPlan, build_plan
@@ -25,10 +27,25 @@ from .record import StepRecord
 from .run import ActionFailure, StepData, StepResult, StepRun
 from .shapes import BoundaryShapes
 
-__all__ = ["StepData", "StepResult", "Executor", "StepRecord", "DRAIN_SECONDS"]
+__all__ = ["StepData", "StepResult", "Executor", "StepRecord", "DRAIN_SECONDS",
+           "last_backward_steps"]
 
 DRAIN_SECONDS = 30.0
 """At most this long, after a failure, for the ranks to complete the step's open messages."""
+
+
+def last_backward_steps(plan: ExecutionPlan) -> dict[int, list[int]]:
+    """[extension hooks] For each step of ``plan`` (by position) the modules whose last
+    backward or weight-gradient action (``B``, ``I`` or ``W``) of the step it runs."""
+    last: dict[int, int] = {}
+    for i, step in enumerate(plan.steps):
+        for a in step.actions:
+            if a.action.op is not Op.FORWARD:
+                last[a.module] = i
+    out: dict[int, list[int]] = {}
+    for module, i in sorted(last.items()):
+        out.setdefault(i, []).append(module)
+    return out
 
 
 class Executor:
@@ -73,6 +90,8 @@ class Executor:
         )
         self.last_plan: ExecutionPlan | None = None
         self.last_record: StepRecord | None = None
+        # [extension hooks] set by the pipeline (see runtime/extension.py)
+        self.extensions: list[Extension] = []
 
     def plan(self, schedule: Schedule, training: bool, headers: bool) -> ExecutionPlan:
         """This rank's (cached) execution plan of ``schedule``."""
@@ -111,12 +130,17 @@ class Executor:
         run = StepRun(plan, data, self.modules, self.transport, shapes, self.handlers,
                       self.split, self.keep_outputs, stamp, trace)
         self.last_plan, self.last_record = plan, trace
-        for step in plan.steps:
+        # [extension hooks] which modules finish their backward work at which step
+        finishing = last_backward_steps(plan) if self.extensions and data.training else {}
+        for i, step in enumerate(plan.steps):
             # post what is due and wait for the step's inputs before its timed compute
             # (a timeout or a disagreeing stamp is reported like a failing action)
             run.guard(step.label, partial(run.receive, step))
             t0 = time.perf_counter()
             run.guard(step.label, partial(self.handlers[step.kind], run, step))
+            for module in finishing.get(i, ()):  # [extension hooks]
+                for ext in self.extensions:
+                    run.guard(step.label, partial(ext.after_stage_backward, module))
             if trace is not None:
                 trace.steps.append((step.label, t0, time.perf_counter()))
         run.mailbox.close()

@@ -29,6 +29,7 @@ from ..schedules.validate import validate
 from .declared import Declared, declared
 from .errors import PipelineError, RemoteFailure
 from .executor import Executor, StepData, StepRecord
+from .extension import Extension, extension_factories
 from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
 from .microbatch import concat_chunks, split_batch
 from .mirrored import MirroredStages
@@ -228,6 +229,20 @@ class Pipeline(nn.Module):
                 self.transport,
             )
             self.mirrored.check(mirrored_weights)
+        # [extension hooks] plug-ins registered with runtime.extension.register_extension
+        self.extensions: list[Extension] = []
+        try:
+            for factory in extension_factories():
+                ext = factory(self)
+                if ext is not None:
+                    self.extensions.append(ext)
+                    ext.attach(self)
+        except Exception as exc:
+            # tell the other ranks at once (their first step fails instead of waiting)
+            self.transport.post_error(f"rank {self.rank}: pipeline refused: {exc}")
+            self.close()
+            raise
+        self.executor.extensions = self.extensions
 
     def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
         """Agree with the other ranks on who this pipeline is and on its configuration."""
@@ -247,6 +262,9 @@ class Pipeline(nn.Module):
         """Release what the pipeline holds: its threads and its reference to the
         process group (which stays yours to destroy). Idempotent; also done when the
         pipeline is garbage-collected, and at the end of a ``with`` block."""
+        for ext in getattr(self, "extensions", ()):  # [extension hooks]
+            if self._finalizer.alive:
+                ext.close()
         self._finalizer()
 
     @property
@@ -347,6 +365,13 @@ class Pipeline(nn.Module):
         if mirrored is not None:
             mirrored.set_aside()  # sum this step's gradients only, then accumulate
         try:
+            try:
+                for ext in self.extensions:  # [extension hooks]
+                    ext.before_step(data.training)
+            except Exception as exc:  # refused: tell the other ranks at once
+                self.transport.post_error(f"rank {self.rank}: {exc}")
+                self.executor.abandon(RemoteFailure(str(exc)))
+                raise
             result = self.executor.run(schedule, data, self._steps, record=record)
             self.last_record = self.executor.last_record
             if mirrored is not None:
@@ -355,7 +380,11 @@ class Pipeline(nn.Module):
                 except Exception as exc:
                     self.executor.abandon(exc)  # a failed pipeline stays failed
                     raise
+            for ext in self.extensions:  # [extension hooks]
+                ext.after_step(data.training)
         except BaseException:
+            for ext in self.extensions:  # [extension hooks]
+                ext.step_failed()
             if mirrored is not None:
                 mirrored.put_back()
             raise

@@ -1,0 +1,372 @@
+"""Pipeline stages wrapped in FSDP2 (``fully_shard``, HSDP) or FSDP2's ``replicate``: one
+gradient reduction per stage and step, after that stage's last backward or
+weight-gradient action, with the automatic weight-gradient split on.
+
+FSDP2 reduces a module's gradients in its *post-backward*, which it runs when the
+gradients of the module's inputs are ready, and at the end of every autograd engine call.
+A pipeline runs many backward calls per stage and step (one or more per micro-batch, and
+with the weight-gradient split the parameter gradients only arrive in the later ``W``
+actions), so left alone FSDP2 would reduce-scatter once per micro-batch, before the
+weight gradients exist. This extension takes the reduction over:
+
+* before a training step, every FSDP2 parameter group of the rank's stages stops reducing
+  (``reduce_grads``/``all_reduce_grads`` off) and, by default, keeps its parameters
+  unsharded (no reshard after forward or backward): each group all-gathers once, at the
+  step's first forward of its stage;
+* right after the action that finishes the stage's last ``B``/``I``/``W`` of the step
+  (the executor derives it from the rank's plan), the user's settings come back and
+  FSDP2's post-backward runs once for every group of the stage: one reduce-scatter
+  (``fully_shard``), one all-reduce (``replicate``), or both (HSDP) per group, over the
+  gradients of every micro-batch, then the parameters are resharded;
+* a stage whose FSDP2 modules were given ``reshard_after_forward=True`` *explicitly*
+  frees its parameters after every action instead (less memory, one all-gather per use):
+  FSDP2's own hooks all-gather for forwards and input backwards, and a ``W`` action
+  all-gathers its stage first.
+
+DualPipe's mirrored copies then sum their local gradient shards (both copies hold the
+same shard: checked at construction). Anything this cannot run exactly is refused at
+construction or at the first step with an error that says what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ..runtime.extension import Extension
+from ..schedules.actions import Op
+
+if TYPE_CHECKING:
+    from ..runtime.pipeline import Pipeline
+    from ..runtime.plan import PlannedStep
+    from ..runtime.run import StepRun
+
+__all__ = ["FSDPExtension", "extension_for", "stage_param_groups"]
+
+
+def _fsdp_api() -> Any:
+    """The FSDP2 module (``torch.distributed.fsdp``), or None if this torch lacks it."""
+    try:
+        import torch.distributed.fsdp as fsdp
+
+        return fsdp if hasattr(fsdp, "FSDPModule") else None
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def _state_of(module: nn.Module) -> Any:
+    """The FSDP2 state of ``module`` (``fully_shard`` or FSDP2's ``replicate``), or None."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    from torch.distributed._composable_state import _get_module_state
+
+    state = _get_module_state(module)
+    return state if isinstance(state, FSDPState) else None
+
+
+@dataclass
+class _GroupSettings:
+    """A parameter group's settings as the user left them (restored after the step)."""
+
+    reduce_grads: bool
+    all_reduce_grads: bool
+    reshard_after_backward: bool
+    post_forward_mesh_info: Any
+
+
+@dataclass
+class _Stage:
+    """One of the rank's stage modules and the FSDP2 states inside it.
+
+    Attributes:
+        index: position in ``pipeline.module``.
+        module: the stage module.
+        states: every FSDP2 state in the module's subtree, in ``modules()`` order.
+        owners: for each state, a module it manages (to call ``unshard``/``reshard``).
+        groups: every parameter group of those states, in order.
+        reshard: this step frees the parameters after every use (see module docstring).
+        saved: the user's settings of every group during a step.
+        saved_last: the user's ``is_last_backward`` of every state context.
+        reduced: the stage's reduction ran this step.
+    """
+
+    index: int
+    module: nn.Module
+    states: list[Any]
+    owners: list[nn.Module]
+    groups: list[Any]
+    reshard: bool = False
+    saved: list[_GroupSettings] = field(default_factory=list)
+    saved_last: list[tuple[Any, bool]] = field(default_factory=list)
+    reduced: bool = False
+
+
+def stage_param_groups(module: nn.Module) -> tuple[list[Any], list[nn.Module], list[Any]]:
+    """``(states, owners, groups)``: the FSDP2 states in ``module``'s subtree (each once, in
+    ``modules()`` order), one module each state manages, and their parameter groups."""
+    states: list[Any] = []
+    owners: list[nn.Module] = []
+    seen: set[int] = set()
+    for m in module.modules():
+        state = _state_of(m)
+        if state is None or id(state) in seen:
+            continue
+        seen.add(id(state))
+        states.append(state)
+        owners.append(m)
+    groups = [g for s in states for g in s._fsdp_param_groups]
+    return states, owners, groups
+
+
+def _is_sharded_group(group: Any) -> bool:
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo
+
+    return isinstance(group.mesh_info, FSDPMeshInfo)
+
+
+def _refuse(pipeline: Pipeline, stages: list[_Stage]) -> None:
+    """Raise for what the extension cannot run exactly (see the messages)."""
+    from ..overlap.stage import PartedStage
+
+    where = f"rank {pipeline.rank}"
+    local = {id(m): i for i, m in enumerate(pipeline.module)}
+    for stage in stages:
+        name = f"{where}, pipeline.module[{stage.index}]"
+        if isinstance(stage.module, PartedStage):
+            raise ValueError(
+                f"{name}: a stage written as parts (PartedStage) cannot be wrapped in FSDP2 "
+                "(its parts bypass the module's forward hooks that all-gather the "
+                "parameters); use an ordinary nn.Module stage with FSDP2"
+            )
+        inside = {id(m) for m in stage.module.modules()}
+        for group in stage.groups:
+            for m in group.modules:
+                if id(m) not in inside:
+                    other = local.get(id(m))
+                    raise ValueError(
+                        f"{name}: one FSDP2 parameter group spans more than one stage "
+                        f"(it also manages {type(m).__name__}"
+                        + (f", pipeline.module[{other}]" if other is not None else "")
+                        + "); call fully_shard/replicate on each stage (or on modules "
+                        "inside one stage) separately"
+                    )
+            if len(group.modules) > 1:
+                raise ValueError(
+                    f"{name}: fully_shard([module, ...]) groups are not supported in a "
+                    "pipeline stage; call fully_shard on each module (or on the stage)"
+                )
+        managed = {id(fp.sharded_param) for g in stage.groups for fp in g.fsdp_params}
+        loose = [n for n, p in stage.module.named_parameters()
+                 if p.requires_grad and id(p) not in managed]
+        if loose:
+            raise ValueError(
+                f"{name}: parameters {loose[:4]}{'...' if len(loose) > 4 else ''} require "
+                "grad but no FSDP2 module of the stage manages them, so nothing would reduce "
+                "their gradients over the data-parallel ranks; apply fully_shard/replicate to "
+                "the stage module itself (after its submodules), or freeze them"
+            )
+
+
+class FSDPExtension(Extension):
+    """Runs the FSDP2 (``fully_shard``/``replicate``) stages of one pipeline on one rank
+    (see the module docstring). Built by :func:`extension_for`."""
+
+    def __init__(self, stages: list[_Stage]) -> None:
+        self.stages = stages
+        self.by_index = {s.index: s for s in stages}
+        self.pipeline: Pipeline | None = None
+        self._training = False
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, pipeline: Pipeline) -> None:
+        """Check the stages and wrap the executor's handlers (for the resharding mode)."""
+        self.pipeline = pipeline
+        _refuse(pipeline, self.stages)
+        handlers = pipeline.executor.handlers
+        for kind, handler in list(handlers.items()):
+            handlers[kind] = _wrapped(handler, self)
+
+    def before_step(self, training: bool) -> None:
+        """Take over the reduction of every group (and keep parameters unsharded unless the
+        stage asked to reshard after forward)."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        fsdp = _fsdp_api()
+        if fsdp is not None and isinstance(pipeline, fsdp.FSDPModule):
+            raise ValueError(
+                "the pipeline itself is wrapped in fully_shard/replicate: wrap each stage "
+                "module instead (before building the pipeline)"
+            )
+        self._training = training
+        for stage in self.stages:
+            stage.reduced = False
+            stage.saved = [
+                _GroupSettings(g.reduce_grads, g.all_reduce_grads, g.reshard_after_backward,
+                               g.post_forward_mesh_info)
+                for g in stage.groups
+            ]
+            stage.reshard = self._wants_reshard(stage)
+            stage.saved_last = [(s._state_ctx, s._state_ctx.is_last_backward)
+                                for s in stage.states]
+            for g in stage.groups:
+                g.reduce_grads = False
+                g.all_reduce_grads = False
+                if not stage.reshard:
+                    g.reshard_after_backward = False
+                    g.post_forward_mesh_info = None
+            for s in stage.states:
+                s._state_ctx.is_last_backward = False
+
+    def after_stage_backward(self, stage_index: int) -> None:
+        """The stage's last backward work of the step ran: reduce its gradients once."""
+        stage = self.by_index.get(stage_index)
+        if stage is None or stage.reduced:
+            return
+        stage.reduced = True
+        self._restore(stage)
+        _reduce(stage)
+
+    def after_step(self, training: bool) -> None:
+        """Restore settings; reshard what inference left unsharded; check every stage
+        reduced in a training step."""
+        missing = [s.index for s in self.stages if training and not s.reduced]
+        for stage in self.stages:
+            if not stage.reduced:
+                self._restore(stage)
+                for g in stage.groups:
+                    g.reshard()
+        if missing:
+            raise RuntimeError(
+                f"the gradients of pipeline.module{missing} were never reduced (no backward "
+                "action of theirs ran in this step)"
+            )
+
+    def step_failed(self) -> None:
+        """Restore the user's settings and FSDP2's per-iteration state (no communication)."""
+        for stage in self.stages:
+            if not stage.reduced and stage.saved:
+                self._restore(stage)
+            stage.reduced = False
+            for state in stage.states:
+                if state._is_root:
+                    try:
+                        state._reset_iter_state()
+                    except Exception:  # noqa: BLE001 - best effort on a failed pipeline
+                        pass
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _wants_reshard(stage: _Stage) -> bool:
+        """Whether the user asked this stage to reshard after forward explicitly."""
+        wants = False
+        for state in stage.states:
+            for g in state._fsdp_param_groups:
+                if not _is_sharded_group(g) or g.post_forward_mesh_info is None:
+                    continue
+                if g._use_post_forward_mesh:
+                    raise ValueError(
+                        f"pipeline.module[{stage.index}]: reshard_after_forward=<int> "
+                        "(resharding to a smaller mesh) is not supported in a pipeline "
+                        "stage; pass reshard_after_forward=True (free after every use) or "
+                        "False/None (all-gather once per step)"
+                    )
+                if state._auto_reshard_after_forward is False:
+                    wants = True
+        return wants
+
+    @staticmethod
+    def _restore(stage: _Stage) -> None:
+        for g, saved in zip(stage.groups, stage.saved, strict=True):
+            g.reduce_grads = saved.reduce_grads
+            g.all_reduce_grads = saved.all_reduce_grads
+            g.reshard_after_backward = saved.reshard_after_backward
+            g.post_forward_mesh_info = saved.post_forward_mesh_info
+        for ctx, last in stage.saved_last:
+            ctx.is_last_backward = last
+        stage.saved = []
+        stage.saved_last = []
+
+    def _modules_of(self, step: PlannedStep) -> list[tuple[_Stage, Op]]:
+        out = []
+        for a in step.actions:
+            stage = self.by_index.get(a.module)
+            if stage is not None:
+                out.append((stage, a.action.op))
+        return out
+
+    def before_action(self, step: PlannedStep) -> None:
+        """Resharding stages: a ``W`` needs its stage's parameters (FSDP2's hooks do not
+        run for it); nothing reshards them until the action is over."""
+        if not self._training:
+            return
+        for stage, op in self._modules_of(step):
+            if stage.reshard and op is Op.WEIGHT:
+                for g in stage.groups:
+                    g.reshard_after_backward = False
+                for owner in stage.owners:
+                    owner.unshard()  # type: ignore[operator]
+
+    def after_action(self, step: PlannedStep) -> None:
+        """Resharding stages: free the parameters after every use."""
+        for stage, op in self._modules_of(step):
+            if stage.reshard and not stage.reduced:
+                if op is Op.WEIGHT:
+                    for g, saved in zip(stage.groups, stage.saved, strict=True):
+                        g.reshard_after_backward = saved.reshard_after_backward
+                for g in stage.groups:
+                    g.reshard()
+
+
+def _wrapped(handler: Callable[[StepRun, PlannedStep], None], ext: FSDPExtension
+             ) -> Callable[[StepRun, PlannedStep], None]:
+    """``handler`` with the extension's per-action work around it."""
+
+    def run(run: StepRun, step: PlannedStep) -> None:
+        ext.before_action(step)
+        handler(run, step)
+        ext.after_action(step)
+
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def _reduce(stage: _Stage) -> None:
+    """FSDP2's post-backward for every group of ``stage``, once: reduce-scatter (or
+    all-reduce) the accumulated unsharded gradients into the sharded ``.grad`` and
+    reshard, then FSDP2's end-of-backward bookkeeping (wait for the reductions)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    done: set[int] = set()
+    for state in stage.states:
+        if state._is_root:
+            # runs post_backward for every group of its tree that has not run it since the
+            # last engine call (all of them: each engine call's callback left them IDLE)
+            state._root_post_backward_final_callback()
+            done.update(id(s) for s in state._state_ctx.all_states)
+    for state in stage.states:
+        if id(state) in done:
+            continue
+        for g in reversed(state._fsdp_param_groups):  # never ran forward (lazily uninit)
+            if g._training_state != TrainingState.POST_BACKWARD:
+                g.post_backward()
+            g._training_state = TrainingState.IDLE
+            g.finalize_backward()
+
+
+def extension_for(pipeline: Pipeline) -> FSDPExtension | None:
+    """The FSDP2 extension of ``pipeline``, or None when none of its stages contains an
+    FSDP2 module (the factory registered with the runtime)."""
+    if _fsdp_api() is None:
+        return None
+    stages = []
+    for i, module in enumerate(pipeline.module):
+        states, owners, groups = stage_param_groups(module)
+        if states:
+            stages.append(_Stage(i, module, states, owners, groups))
+    if not stages:
+        return None
+    return FSDPExtension(stages)
+
