@@ -17,7 +17,7 @@ from torch import nn
 from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.split import StageModule, split_model
 
-from .runtime.models import DIM, MLPStage, criterion, make_batch
+from .runtime.models import DIM, criterion, make_batch
 from .training_workers import build_layers, my_share
 
 COUNTED = ("all_gather_single", "reduce_scatter_single", "all_reduce",
@@ -59,17 +59,22 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def compare_grads(mine: list[StageModule], ref: list[nn.Module], what: str) -> float:
+def compare_grads(mine: list[StageModule], ref: list[nn.Module], what: str,
+                  check: bool = True) -> float:
     """Largest per-tensor relative error of the stages' gradients (DTensors gathered)
-    against the reference layers'; raises above 1e-5."""
+    against the reference layers'; raises above 1e-5 when ``check``."""
     worst = 0.0
     for stage in mine:
         for i, layer in zip(stage.layer_ids, stage, strict=True):
             for (name, p), q in zip(layer.named_parameters(), ref[i].parameters(), strict=True):
+                if p.grad is None and not check:
+                    worst = float("inf")  # never reduced into the sharded parameter
+                    continue
                 assert p.grad is not None and q.grad is not None, f"{what}: layer {i} {name}"
                 err = _rel_err(_full(p.grad), q.grad)
                 worst = max(worst, err)
-                assert err <= 1e-5, f"{what}: layer {i} {name}: relative error {err:.3g}"
+                assert not check or err <= 1e-5, (
+                    f"{what}: layer {i} {name}: relative error {err:.3g}")
     return worst
 
 
@@ -136,15 +141,24 @@ def _tensor_parallel(stage: nn.Module, mesh: Any) -> None:
 
 
 def run_composed(rank: int, world: int, schedules: list[str], how: str, dp: int, tp: int = 1,
-                 rep: int = 1, split: bool = True, steps: int = 2) -> list[dict[str, Any]]:
+                 rep: int = 1, split: bool = True, steps: int = 2, control: bool = False
+                 ) -> list[dict[str, Any]]:
     """For each schedule: build the model, cut it for ``world // (dp * tp * rep)`` pipeline
     ranks, wrap each stage (``how``), run ``steps`` training steps (gradients accumulate)
     and one inference step, and check the gradients against one process after every step.
     Returns per schedule the collectives per step counted on this rank's data-parallel
-    group, the number of FSDP2 parameter groups here and the worst relative error."""
+    group, the number of FSDP2 parameter groups here and the worst relative error.
+    ``control``: run without the extension (unregistered; parameters kept unsharded after
+    backward so the ``W`` actions can run) and check nothing: the errors show what the
+    test would catch."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    from dualpipe.integrations import fsdp_extension
     from dualpipe.integrations.fsdp import stage_param_groups
+    from dualpipe.runtime.extension import unregister_extension
+
+    if control:
+        unregister_extension(fsdp_extension)
 
     pp = world // (dp * tp * rep)
     if rep > 1:
@@ -167,6 +181,8 @@ def run_composed(rank: int, world: int, schedules: list[str], how: str, dp: int,
             if tp > 1:
                 _tensor_parallel(stage, mesh)
             _wrap(stage, how, mesh)
+            if control:  # (left alone, the W actions fail on the freed parameters instead)
+                stage.set_reshard_after_backward(False)  # type: ignore[operator]
         pipe = Pipeline(mine, schedule, process_group=pp_group, timeout=60,
                         loss_reduction="mean", split_backward=split)
         groups = sum(len(stage_param_groups(m)[2]) for m in mine)
@@ -181,7 +197,13 @@ def run_composed(rank: int, world: int, schedules: list[str], how: str, dp: int,
                 pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
             per_step.append(dict(counts))
             _reference(ref, xs, ys, chunks)
-            worst = max(worst, compare_grads(mine, ref, f"{schedule} {how} step {step}"))
+            worst = max(worst, compare_grads(mine, ref, f"{schedule} {how} step {step}",
+                                             check=not control))
+            if control:
+                break
+        if control:
+            out.append({"schedule": schedule, "worst": worst})
+            continue
         with torch.no_grad(), count_collectives() as counts:  # inference: no reduction
             (x,), y = make_batch("mlp", replicas * 2 * chunks, seed=99)
             inputs, _ = my_share(pipe, x.chunk(replicas)[replica], y)
@@ -242,12 +264,5 @@ def run_refusals(rank: int, world: int) -> list[str]:
     except ValueError as exc:
         assert "spans more than one stage" in str(exc), exc
         messages.append(str(exc))
-    # resharding to a smaller mesh
-    if world >= 8:
-        pass
     dist.barrier()
     return messages
-
-
-def _unused() -> MLPStage:  # keep the import for spawned processes that need the class
-    return MLPStage()
