@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import integrations  # registers the FSDP2 extension (imports no torch)
+from . import integrations as integrations  # registers the FSDP2 extension (no torch)
 from .schedules import Schedule, ScheduleError, generate
 from .simulation import Costs, SimResult, simulate
 

@@ -59,9 +59,8 @@ def _fsdp_api() -> Any:
 
 def _state_of(module: nn.Module) -> Any:
     """The FSDP2 state of ``module`` (``fully_shard`` or FSDP2's ``replicate``), or None."""
-    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-
     from torch.distributed._composable_state import _get_module_state
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
     state = _get_module_state(module)
     return state if isinstance(state, FSDPState) else None
