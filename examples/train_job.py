@@ -186,7 +186,8 @@ def main() -> None:
     batch = chunks * args.micro_batch  # per replica
     tokens_per_step = batch * args.dp * config.seq_len
     if dist.get_rank() == 0:
-        print(f"{args.schedule}: {args.dp} replica(s) x {pp} pipeline ranks, {chunks} "
+        print(f"{args.schedule}: {args.dp} replica(s) x {pp} pipeline ranks x {args.tp} "
+              f"tensor-parallel{' (FSDP2)' if args.fsdp else ''}, {chunks} "
               f"micro-batches of {args.micro_batch}; stages on rank 0: "
               f"{[(m.stage, list(m.layer_ids)) for m in mine]}", flush=True)
 
@@ -202,7 +203,10 @@ def main() -> None:
                               record=log, broadcast_loss=log)
         if sync is not None:
             sync()
-        norm = clip_grad_norm_(pipe, args.clip)
+        # [merge] dualpipe.clip does not take DTensor gradients yet (another branch adds
+        # it): with --fsdp/--tp the norm is not clipped here
+        dtensor_grads = args.fsdp or args.tp > 1
+        norm = clip_grad_norm_(pipe, args.clip) if not dtensor_grads else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         wall = time.perf_counter() - t0
@@ -213,7 +217,8 @@ def main() -> None:
             metrics = step_metrics(pipe, tokens=tokens_per_step)
             if dist.get_rank() == 0:
                 print(f"step {step + 1}/{args.steps}  loss {loss.item() / args.dp:.4f}  "
-                      f"grad norm {norm.item():.3f}  step {metrics.step_ms:.1f} ms "
+                      f"grad norm {f'{norm.item():.3f}' if norm is not None else 'n/a'}  "
+                      f"step {metrics.step_ms:.1f} ms "
                       f"(with sync/clip/optimizer {wall * 1000:.1f} ms)  "
                       f"bubble {100 * metrics.bubble:.1f}%  "
                       f"{metrics.tokens_per_s:,.0f} tokens/s", flush=True)

@@ -215,7 +215,8 @@ def run_composed(rank: int, world: int, schedules: list[str], how: str, dp: int,
         pipe.close()
         out.append({"schedule": schedule, "groups": groups, "steps": per_step,
                     "inference": inference, "worst": worst, "dp_ranks": dp_ranks,
-                    "rep_ranks": rep_ranks, "num_actions": _num_actions(pipe, chunks)})
+                    "rep_ranks": rep_ranks, "num_actions": _num_actions(pipe, chunks),
+                    "runs": (_runs(pipe, chunks, True), _runs(pipe, chunks, False))})
     dist.barrier()
     return out
 
@@ -233,6 +234,18 @@ def _num_actions(pipe: Pipeline, chunks: int) -> dict[int, int]:
     for a in plan.actions:
         counts[a.module] += 1
     return dict(counts)
+
+
+def _runs(pipe: Pipeline, chunks: int, training: bool) -> int:
+    """Maximal runs of consecutive steps of the rank's plan that use one module, summed
+    over the modules: what a stage that reshards between uses all-gathers per step."""
+    plan = pipe.executor.plan(pipe._schedule(chunks), training, True)
+    runs, before = 0, set()
+    for step in plan.steps:
+        now = {a.module for a in step.actions}
+        runs += len(now - before)
+        before = now
+    return runs
 
 
 def run_refusals(rank: int, world: int) -> list[str]:

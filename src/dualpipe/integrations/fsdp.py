@@ -19,9 +19,10 @@ weight gradients exist. This extension takes the reduction over:
   (``fully_shard``), one all-reduce (``replicate``), or both (HSDP) per group, over the
   gradients of every micro-batch, then the parameters are resharded;
 * a stage whose FSDP2 modules were given ``reshard_after_forward=True`` *explicitly*
-  frees its parameters after every action instead (less memory, one all-gather per use):
-  FSDP2's own hooks all-gather for forwards and input backwards, and a ``W`` action
-  all-gathers its stage first.
+  frees its parameters after every action instead, unless the next action of the rank
+  uses the same stage (less memory, one all-gather per use), and the all-gather of the
+  next action's stage is started before that action (FSDP2's hooks wait for it in
+  forwards and input backwards; a ``W`` waits for it before it runs).
 
 DualPipe's mirrored copies then sum their local gradient shards (both copies hold the
 same shard: checked at construction). Anything this cannot run exactly is refused at
@@ -210,12 +211,11 @@ class FSDPExtension(Extension):
             stage.reshard = self._wants_reshard(stage)
             stage.saved_last = [(s._state_ctx, s._state_ctx.is_last_backward)
                                 for s in stage.states]
-            for g in stage.groups:
+            for g in stage.groups:  # FSDP2 neither reduces nor reshards by itself
                 g.reduce_grads = False
                 g.all_reduce_grads = False
-                if not stage.reshard:
-                    g.reshard_after_backward = False
-                    g.post_forward_mesh_info = None
+                g.reshard_after_backward = False
+                g.post_forward_mesh_info = None
             for s in stage.states:
                 s._state_ctx.is_last_backward = False
 
@@ -298,25 +298,31 @@ class FSDPExtension(Extension):
 
     def before_action(self, step: PlannedStep) -> None:
         """Resharding stages: a ``W`` needs its stage's parameters (FSDP2's hooks do not
-        run for it); nothing reshards them until the action is over."""
+        run for it)."""
         if not self._training:
             return
         for stage, op in self._modules_of(step):
             if stage.reshard and op is Op.WEIGHT:
-                for g in stage.groups:
-                    g.reshard_after_backward = False
                 for owner in stage.owners:
-                    owner.unshard()  # type: ignore[operator]
+                    owner.unshard()  # type: ignore[operator]  # waits for a prefetch
 
-    def after_action(self, step: PlannedStep) -> None:
-        """Resharding stages: free the parameters after every use."""
-        for stage, op in self._modules_of(step):
-            if stage.reshard and not stage.reduced:
-                if op is Op.WEIGHT:
-                    for g, saved in zip(stage.groups, stage.saved, strict=True):
-                        g.reshard_after_backward = saved.reshard_after_backward
+    def after_action(self, step: PlannedStep, following: PlannedStep | None) -> None:
+        """Resharding stages: free the parameters after every use, unless the following
+        step uses the same stage; start the all-gather of the stages the following step
+        uses (waited for by FSDP2's hooks, or by :meth:`before_action` for a ``W``)."""
+        if not any(stage.reshard for stage in self.stages):
+            return
+        upcoming = {id(s) for s, _ in self._modules_of(following)} if following else set()
+        for stage, _ in self._modules_of(step):
+            if stage.reshard and not stage.reduced and id(stage) not in upcoming:
                 for g in stage.groups:
                     g.reshard()
+        if following is not None:
+            for stage, _ in self._modules_of(following):
+                if stage.reshard and not stage.reduced:
+                    for g in stage.groups:  # no-op if unsharded or already on its way
+                        g.lazy_init()
+                        g.unshard(async_op=True)
 
 
 def _wrapped(handler: Callable[[StepRun, PlannedStep], None], ext: FSDPExtension
@@ -326,10 +332,29 @@ def _wrapped(handler: Callable[[StepRun, PlannedStep], None], ext: FSDPExtension
     def run(run: StepRun, step: PlannedStep) -> None:
         ext.before_action(step)
         handler(run, step)
-        ext.after_action(step)
+        planned, following = _following(run, step)
+        if planned:  # (an action run inside a pair: the pair's step does it)
+            ext.after_action(step, following)
 
     run.__doc__ = handler.__doc__
     return run
+
+
+_POSITIONS: dict[int, tuple[Any, dict[int, int]]] = {}
+
+
+def _following(run: StepRun, step: PlannedStep) -> tuple[bool, PlannedStep | None]:
+    """Whether ``step`` is a step of ``run``'s plan (False for an action run inside a
+    pair), and the step after it (None after the last)."""
+    plan = run.plan
+    cached = _POSITIONS.get(id(plan))
+    if cached is None or cached[0] is not plan:
+        cached = (plan, {id(s): i for i, s in enumerate(plan.steps)})
+        _POSITIONS[id(plan)] = cached
+    i = cached[1].get(id(step))
+    if i is None:
+        return False, None
+    return True, (plan.steps[i + 1] if i + 1 < len(plan.steps) else None)
 
 
 def _reduce(stage: _Stage) -> None:
