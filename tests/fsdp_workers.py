@@ -279,3 +279,54 @@ def run_refusals(rank: int, world: int) -> list[str]:
         messages.append(str(exc))
     dist.barrier()
     return messages
+
+
+def run_failure_then_rebuild(rank: int, world: int) -> str:
+    """A stage that raises (on pipeline rank 1 of both replicas) fails the step on every
+    rank with the rank and action named; a new pipeline over the same FSDP2-wrapped stages
+    and group then trains exactly (FSDP2's state was reset, partial gradients dropped)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dualpipe.runtime.errors import PipelineError
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "pp"))
+    pp_group = mesh.get_group("pp")
+    replica = mesh.get_local_rank("dp")
+    layers = _layers(seed=5, n=8, tp=False)
+    ref = copy.deepcopy(layers)
+    mine = split_model(layers, "dualpipev", group=pp_group)
+    for stage in mine:
+        fully_shard(stage, mesh=mesh["dp"])
+    armed = [True]
+
+    def boom(module: nn.Module, args: Any) -> None:
+        if armed[0]:
+            raise RuntimeError("boom")
+
+    pipe_rank = dist.get_rank(pp_group)
+    handle = mine[1].register_forward_pre_hook(boom) if pipe_rank == 1 else None
+    pipe = Pipeline(mine, "dualpipev", process_group=pp_group, timeout=60,
+                    loss_reduction="mean")
+    chunks = 2 * pipe.num_ranks
+    (x,), y = make_batch("mlp", 2 * 2 * chunks, seed=10)
+    xs, ys = list(x.chunk(2)), list(y.chunk(2))
+    inputs, labels = my_share(pipe, xs[replica], ys[replica])
+    try:
+        pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+        raise AssertionError("the failing stage did not fail the step")
+    except PipelineError as exc:
+        message = str(exc)
+        assert "rank 1 failed in F1." in message and "boom" in message, message
+    pipe.close()
+    armed[0] = False
+    if handle is not None:
+        handle.remove()
+    pipe = Pipeline(mine, "dualpipev", process_group=pp_group, timeout=60,
+                    loss_reduction="mean")
+    pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+    _reference(ref, xs, ys, chunks)
+    compare_grads(mine, ref, "rebuilt after a failure")
+    pipe.close()
+    dist.barrier()
+    return message

@@ -12,7 +12,7 @@ import pytest
 
 from dualpipe.testing import run_distributed
 
-from .fsdp_workers import run_composed, run_refusals
+from .fsdp_workers import run_composed, run_failure_then_rebuild, run_refusals
 
 
 def _check_counts(reports: list[list[dict[str, Any]]], *, gather: str = "once",
@@ -110,6 +110,14 @@ def test_tensor_parallel_stages() -> None:
             assert r["groups"] == 0 and r["worst"] <= 1e-5, r
 
 
+def test_tensor_parallel_stages_remaining_schedules() -> None:
+    reports = run_distributed(run_composed, 4, ["v-half", "v-min", "interleaved-1f1b", "zb1p",
+                                                "gpipe"], "none", 1, 2, timeout=240)
+    for report in reports:
+        for r in report:
+            assert r["groups"] == 0 and r["worst"] <= 1e-5, r
+
+
 def test_three_d_fsdp_tp_pp() -> None:
     """2 FSDP x 2 pipeline x 2 tensor-parallel ranks, DualPipeV and DualPipe."""
     reports = run_distributed(run_composed, 8, ["dualpipev", "dualpipe"], "fsdp", 2, 2,
@@ -128,3 +136,8 @@ def test_control_without_the_extension_is_wrong() -> None:
 def test_refusals() -> None:
     messages = run_distributed(run_refusals, 4, timeout=120)
     assert all(len(m) == 2 for m in messages)
+
+
+def test_failure_then_rebuild() -> None:
+    messages = run_distributed(run_failure_then_rebuild, 4, timeout=180)
+    assert all("boom" in m for m in messages), messages

@@ -185,6 +185,8 @@ class FSDPExtension(Extension):
         """Check the stages and wrap the executor's handlers (for the resharding mode)."""
         self.pipeline = pipeline
         _refuse(pipeline, self.stages)
+        for stage in self.stages:
+            self._wants_reshard(stage)  # refuses reshard_after_forward=<int> now
         handlers = pipeline.executor.handlers
         for kind, handler in list(handlers.items()):
             handlers[kind] = _wrapped(handler, self)
@@ -244,7 +246,8 @@ class FSDPExtension(Extension):
             )
 
     def step_failed(self) -> None:
-        """Restore the user's settings and FSDP2's per-iteration state (no communication)."""
+        """Restore the user's settings and FSDP2's per-iteration state, and drop the
+        failed step's unreduced gradients (no communication)."""
         for stage in self.stages:
             if not stage.reduced and stage.saved:
                 self._restore(stage)
@@ -255,6 +258,12 @@ class FSDPExtension(Extension):
                         state._reset_iter_state()
                     except Exception:  # noqa: BLE001 - best effort on a failed pipeline
                         pass
+            for g in stage.groups:
+                for fp in g.fsdp_params:
+                    fp.unsharded_accumulated_grad = None
+                    if hasattr(fp, "_unsharded_param"):
+                        fp._unsharded_param.grad = None
+                g.reshard()
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
