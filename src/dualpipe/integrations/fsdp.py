@@ -31,6 +31,7 @@ construction or at the first step with an error that says what to do.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,10 @@ __all__ = ["FSDPExtension", "extension_for", "stage_param_groups"]
 
 
 def _fsdp_api() -> Any:
-    """The FSDP2 module (``torch.distributed.fsdp``), or None if this torch lacks it."""
+    """The FSDP2 module (``torch.distributed.fsdp``), or None if this torch lacks it or
+    nothing imported it yet (then no module can be wrapped in FSDP2)."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return None
     try:
         import torch.distributed.fsdp as fsdp
 
