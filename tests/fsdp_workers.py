@@ -113,7 +113,7 @@ def _wrap(stage: nn.Module, how: str, mesh: Any) -> None:
     from torch.distributed._composable.replicate_with_fsdp import replicate
     from torch.distributed.fsdp import fully_shard
 
-    if how == "fsdp":
+    if how in ("fsdp", "fsdp-nosync"):
         fully_shard(stage, mesh=mesh["dp"])
     elif how == "fsdp-nested":  # every layer its own group, then the stage
         for layer in stage:
@@ -193,10 +193,16 @@ def run_composed(rank: int, world: int, schedules: list[str], how: str, dp: int,
             (x,), y = make_batch("mlp", replicas * 2 * chunks, seed=10 + step)
             xs, ys = list(x.chunk(replicas)), list(y.chunk(replicas))
             inputs, labels = my_share(pipe, xs[replica], ys[replica])
+            if how == "fsdp-nosync":  # accumulate without communication until the last step
+                for stage in mine:
+                    stage.set_requires_gradient_sync(step == steps - 1)  # type: ignore[operator]
             with count_collectives() as counts:
                 pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
             per_step.append(dict(counts))
             _reference(ref, xs, ys, chunks)
+            if how == "fsdp-nosync" and step < steps - 1:
+                assert all(p.grad is None for m in mine for p in m.parameters())
+                continue
             worst = max(worst, compare_grads(mine, ref, f"{schedule} {how} step {step}",
                                              check=not control))
             if control:

@@ -87,6 +87,24 @@ def test_reshard_after_every_use() -> None:
                 assert training > r["groups"], r
 
 
+def test_user_gradient_accumulation_without_sync() -> None:
+    """The user's set_requires_gradient_sync(False) is honoured across pipeline steps: no
+    reduction (and no .grad) in the first step, one reduce-scatter of both steps'
+    gradients in the second."""
+    reports = run_distributed(run_composed, 4, ["dualpipev", "1f1b"], "fsdp-nosync", 2,
+                              timeout=240)
+    for report in reports:
+        for r in report:
+            first, second = r["steps"]
+            assert not any(k[0].startswith("reduce") for k in first), first
+            assert sum(v for k, v in second.items() if k[0].startswith("reduce")) == \
+                r["groups"], second
+            for counts in (first, second):
+                assert sum(v for k, v in counts.items() if k[0].startswith("all_gather")) \
+                    == r["groups"], counts
+            assert r["worst"] <= 1e-5, r
+
+
 def test_replicate_one_all_reduce() -> None:
     reports = run_distributed(run_composed, 4, ["dualpipev", "dualpipe", "1f1b"], "replicate",
                               2, timeout=240)
