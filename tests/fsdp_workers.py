@@ -283,6 +283,20 @@ def run_refusals(rank: int, world: int) -> list[str]:
     except ValueError as exc:
         assert "spans more than one stage" in str(exc), exc
         messages.append(str(exc))
+    # DualPipe's mirrored copies on ranks with different data-parallel coordinates hold
+    # different shards: summing them would be wrong
+    crossed = [dist.new_group([0, 3]), dist.new_group([1, 2])]
+    my_pp = crossed[0] if rank in (0, 3) else crossed[1]
+    layers = build_layers(seed=1)
+    mine = split_model(layers, "dualpipe", group=my_pp)
+    for stage in mine:
+        fully_shard(stage, mesh=mesh["dp"])
+    try:
+        Pipeline(mine, "dualpipe", process_group=my_pp, timeout=30)
+        raise AssertionError("mirrored copies holding different shards were accepted")
+    except ValueError as exc:
+        assert "hold different shards" in str(exc), exc
+        messages.append(str(exc))
     dist.barrier()
     return messages
 

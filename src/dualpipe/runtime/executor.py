@@ -138,11 +138,11 @@ class Executor:
             run.guard(step.label, partial(run.receive, step))
             t0 = time.perf_counter()
             run.guard(step.label, partial(self.handlers[step.kind], run, step))
-            for module in finishing.get(i, ()):  # [extension hooks]
-                for ext in self.extensions:
-                    run.guard(step.label, partial(ext.after_stage_backward, module))
             if trace is not None:
                 trace.steps.append((step.label, t0, time.perf_counter()))
+            for module in finishing.get(i, ()):  # [extension hooks] (not in the action's time)
+                for ext in self.extensions:
+                    run.guard(step.label, partial(ext.after_stage_backward, module))
         run.mailbox.close()
         self.transport.drain_sends(f"rank {self.rank}: completion of its sends")
         if self.static_shapes and known is None:
