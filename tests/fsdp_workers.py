@@ -283,6 +283,18 @@ def run_refusals(rank: int, world: int) -> list[str]:
     except ValueError as exc:
         assert "spans more than one stage" in str(exc), exc
         messages.append(str(exc))
+    # a weight tied between the rank's two stages, sharded twice: the tie would break
+    layers = build_layers(seed=1)
+    mine = split_model(layers, "dualpipev", group=pp_group)
+    mine[1][0].net[0].weight = mine[0][0].net[0].weight
+    for stage in mine:
+        fully_shard(stage, mesh=mesh["dp"])
+    try:
+        Pipeline(mine, "dualpipev", process_group=pp_group, timeout=30)
+        raise AssertionError("a weight tied across stages and sharded twice was accepted")
+    except ValueError as exc:
+        assert "breaks the tie" in str(exc), exc
+        messages.append(str(exc))
     # DualPipe's mirrored copies on ranks with different data-parallel coordinates hold
     # different shards: summing them would be wrong
     crossed = [dist.new_group([0, 3]), dist.new_group([1, 2])]

@@ -153,7 +153,7 @@ def test_control_without_the_extension_is_wrong() -> None:
 
 def test_refusals() -> None:
     messages = run_distributed(run_refusals, 4, timeout=120)
-    assert all(len(m) == 3 for m in messages)
+    assert all(len(m) == 4 for m in messages)
 
 
 def test_failure_then_rebuild() -> None:

@@ -172,6 +172,24 @@ def _refuse(pipeline: Pipeline, stages: list[_Stage]) -> None:
                 "their gradients over the data-parallel ranks; apply fully_shard/replicate to "
                 "the stage module itself (after its submodules), or freeze them"
             )
+    # a weight tied between two stages, sharded by two fully_shard calls: two copies now
+    owner: dict[int, tuple[int, str]] = {}
+    for stage in stages:
+        for g in stage.groups:
+            for fp in g.fsdp_params:
+                uid = getattr(fp, "_orig_param_uid", None)
+                name = getattr(fp, "_param_fqn", None) or fp._module_info.param_name
+                if uid is None:
+                    continue
+                if uid in owner and owner[uid][0] != stage.index:
+                    raise ValueError(
+                        f"{where}: a parameter shared by pipeline.module[{owner[uid][0]}] "
+                        f"({owner[uid][1]}) and pipeline.module[{stage.index}] ({name}) was "
+                        "sharded by two fully_shard/replicate calls, which breaks the tie (two "
+                        "independent copies); tied weights across stages are not supported "
+                        "with FSDP2 stages: untie them"
+                    )
+                owner.setdefault(uid, (stage.index, name))
 
 
 class FSDPExtension(Extension):
