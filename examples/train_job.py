@@ -13,6 +13,12 @@ Resume from the newest checkpoint in that folder (any pipeline size or schedule)
 
     torchrun --nproc-per-node 4 examples/train_job.py --dp 2 --schedule dualpipe
 
+The same replicas sharded with FSDP2 instead (``fully_shard`` on every stage), and with
+the blocks' MLPs tensor-parallel over 2 more processes per replica (8 in all)::
+
+    torchrun --nproc-per-node 4 examples/train_job.py --dp 2 --fsdp
+    torchrun --nproc-per-node 8 examples/train_job.py --dp 2 --fsdp --tp 2
+
 What it uses (see ``docs/guide.md``):
 
 * ``dualpipe.split.split_model`` cuts the model's layers (embedding, blocks, head) into
@@ -21,6 +27,10 @@ What it uses (see ``docs/guide.md``):
 * ``Pipeline(..., loss_reduction="mean")``: gradients of the batch's mean loss.
 * ``dualpipe.data_parallel.GradientSync`` (with ``--dp``): one all-reduce per bucket sums
   each stage's gradients over its replicas (and DualPipe's two copies) and averages.
+* ``--fsdp``: each stage (and each of its blocks) wrapped in FSDP2's ``fully_shard`` over
+  the replicas instead; the pipeline reduce-scatters each stage's gradients once per step.
+* ``--tp N``: the blocks' MLPs split over N processes with ``ColwiseParallel`` /
+  ``RowwiseParallel`` (the mesh becomes ``(dp, pp, tp)``).
 * ``dualpipe.clip.clip_grad_norm_``: the global gradient norm over every stage.
 * ``step(..., record=True, broadcast_loss=True)`` on logging steps, then
   ``dualpipe.metrics.step_metrics``: loss, step time, bubble and tokens/s on every rank.
@@ -57,6 +67,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--schedule", default="dualpipev",
                    choices=["dualpipev", "dualpipe", "1f1b", "zb1p", "gpipe"])
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard each stage over the replicas with FSDP2 (fully_shard)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the MLPs")
     p.add_argument("--chunks", type=int, default=None,
                    help="micro-batches per step (default: max(8, 2 x pipeline ranks))")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch")
@@ -82,6 +95,31 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.split("_")[1]), default=None)
 
 
+def parallelize_mlps(stages: list[Any], mesh: Any) -> None:
+    """``--tp``: every block's MLP column-wise then row-wise over the mesh's "tp" dim."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    for stage in stages:
+        for layer in stage:
+            if isinstance(getattr(layer, "mlp", None), torch.nn.Sequential):
+                parallelize_module(layer.mlp, mesh["tp"],
+                                   {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def shard_stages(stages: list[Any], mesh: Any) -> None:
+    """``--fsdp``: one FSDP2 group per layer, then the stage (every parameter in a group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for stage in stages:
+        for layer in stage:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(stage, mesh=mesh["dp"])
+
+
 def main() -> None:
     args = parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -93,11 +131,16 @@ def main() -> None:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     world = dist.get_world_size()
-    if world % args.dp:
-        raise SystemExit(f"--dp {args.dp} does not divide {world} processes")
-    pp = world // args.dp
+    if world % (args.dp * args.tp):
+        raise SystemExit(f"--dp {args.dp} x --tp {args.tp} does not divide {world} processes")
+    pp = world // (args.dp * args.tp)
     # the pipeline runs along the mesh's "pp" dimension, data parallelism along "dp"
-    mesh = init_device_mesh(device.type, (args.dp, pp), mesh_dim_names=("dp", "pp"))
+    # (and tensor parallelism along "tp")
+    if args.tp > 1:
+        mesh = init_device_mesh(device.type, (args.dp, pp, args.tp),
+                                mesh_dim_names=("dp", "pp", "tp"))
+    else:
+        mesh = init_device_mesh(device.type, (args.dp, pp), mesh_dim_names=("dp", "pp"))
     pp_group, dp_group = mesh.get_group("pp"), mesh.get_group("dp")
     replica = mesh.get_local_rank("dp")
     chunks = args.chunks if args.chunks is not None else max(8, 2 * pp)
@@ -117,9 +160,14 @@ def main() -> None:
     mine = [m.to(device) for m in split_model(layers, args.schedule, costs=costs,
                                               group=pp_group)]
     del layers
+    if args.tp > 1:
+        parallelize_mlps(mine, mesh)
+    if args.fsdp:
+        shard_stages(mine, mesh)
+    gradient_sync = args.dp > 1 and not args.fsdp
     pipe = Pipeline(mine, args.schedule, process_group=pp_group, loss_reduction="mean",
-                    sync_mirrored_grads=args.dp == 1)  # GradientSync sums the copies
-    sync = GradientSync(pipe) if args.dp > 1 else None
+                    sync_mirrored_grads=not gradient_sync)  # GradientSync sums the copies
+    sync = GradientSync(pipe) if gradient_sync else None
     optimizer = torch.optim.AdamW(unique_parameters(mine), lr=args.lr, weight_decay=0.01)
     # Dropout (none in this model) would need a different stream per stage and replica:
     torch.manual_seed(args.seed * 1_000_003 + replica * 1009 + mine[0].stage)
@@ -138,7 +186,8 @@ def main() -> None:
     batch = chunks * args.micro_batch  # per replica
     tokens_per_step = batch * args.dp * config.seq_len
     if dist.get_rank() == 0:
-        print(f"{args.schedule}: {args.dp} replica(s) x {pp} pipeline ranks, {chunks} "
+        print(f"{args.schedule}: {args.dp} replica(s) x {pp} pipeline ranks x {args.tp} "
+              f"tensor-parallel{' (FSDP2)' if args.fsdp else ''}, {chunks} "
               f"micro-batches of {args.micro_batch}; stages on rank 0: "
               f"{[(m.stage, list(m.layer_ids)) for m in mine]}", flush=True)
 
@@ -154,7 +203,10 @@ def main() -> None:
                               record=log, broadcast_loss=log)
         if sync is not None:
             sync()
-        norm = clip_grad_norm_(pipe, args.clip)
+        # [merge] dualpipe.clip does not take DTensor gradients yet (another branch adds
+        # it): with --fsdp/--tp the norm is not clipped here
+        dtensor_grads = args.fsdp or args.tp > 1
+        norm = clip_grad_norm_(pipe, args.clip) if not dtensor_grads else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         wall = time.perf_counter() - t0
@@ -165,7 +217,8 @@ def main() -> None:
             metrics = step_metrics(pipe, tokens=tokens_per_step)
             if dist.get_rank() == 0:
                 print(f"step {step + 1}/{args.steps}  loss {loss.item() / args.dp:.4f}  "
-                      f"grad norm {norm.item():.3f}  step {metrics.step_ms:.1f} ms "
+                      f"grad norm {f'{norm.item():.3f}' if norm is not None else 'n/a'}  "
+                      f"step {metrics.step_ms:.1f} ms "
                       f"(with sync/clip/optimizer {wall * 1000:.1f} ms)  "
                       f"bubble {100 * metrics.bubble:.1f}%  "
                       f"{metrics.tokens_per_s:,.0f} tokens/s", flush=True)

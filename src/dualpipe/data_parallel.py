@@ -46,8 +46,19 @@ class GradientSync:
         stages = local_stages(pipe)
         self.params = unique_parameters(m for _, m in stages)
         key = tuple(k for k, _ in stages)
-        everyone: list[tuple[int, tuple[int, ...]]] = [(0, ())] * dist.get_world_size()
-        dist.all_gather_object(everyone, (pipe.num_ranks, key))
+        # [fsdp] stages wrapped in FSDP2 reduce their own gradients: refused on every rank
+        wrapped = bool(getattr(pipe, "extensions", None)) and any(
+            type(e).__name__ == "FSDPExtension" for e in pipe.extensions)
+        gathered: list[tuple[int, tuple[int, ...], bool]] = [(0, (), False)] * \
+            dist.get_world_size()
+        dist.all_gather_object(gathered, (pipe.num_ranks, key, wrapped))
+        if any(w for _, _, w in gathered):
+            raise ValueError(
+                "the pipeline's stages are wrapped in FSDP2 (fully_shard/replicate), which "
+                "reduces their gradients over the data-parallel ranks itself; do not use "
+                "GradientSync on top (the gradients would be reduced twice)"
+            )
+        everyone = [(n, k) for n, k, _ in gathered]
         sizes = {n for n, _ in everyone}
         if len(sizes) != 1:
             raise ValueError(f"every process must run a pipeline of one size, got {sorted(sizes)}")

@@ -16,7 +16,7 @@ from .kernels import Kernels
 from .plan import PlannedStep
 
 __all__ = ["PipelineInfo", "Extension", "ExtensionFactory", "register_extension",
-           "registered_extensions", "extensions_for", "BUNDLED"]
+           "unregister_extension", "registered_extensions", "extensions_for", "BUNDLED"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ nothing to do there. It may raise to refuse a pipeline it cannot run exactly."""
 
 _FACTORIES: list[ExtensionFactory] = []
 
-BUNDLED = ("dualpipe.overlap",)
+BUNDLED = ("dualpipe.overlap", "dualpipe.integrations")
 """Plug-ins that ship with the library, loaded (and so registered) at the first pipeline:
 the runtime names them as data, the way package entry points would, and never imports
 them itself."""
@@ -106,6 +106,12 @@ def register_extension(factory: ExtensionFactory) -> ExtensionFactory:
     if factory not in _FACTORIES:
         _FACTORIES.append(factory)
     return factory
+
+
+def unregister_extension(factory: ExtensionFactory) -> None:
+    """Stop asking ``factory`` (no error if it was not registered)."""
+    if factory in _FACTORIES:
+        _FACTORIES.remove(factory)
 
 
 def registered_extensions() -> tuple[ExtensionFactory, ...]:

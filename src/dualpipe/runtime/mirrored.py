@@ -1,10 +1,16 @@
 """DualPipe's mirrored stages: every stage lives on two ranks (r and N-1-r); the two copies
-are checked at construction and their gradients summed after each training step."""
+are checked at construction and their gradients summed after each training step.
+
+Parameters that are DTensors (FSDP2, tensor parallelism) take part through their local
+shards: both copies must hold the same shard (same mesh shape, placements and mesh
+coordinate, checked at construction), and the sum of the local shards of their gradients
+is the local shard of the summed gradient."""
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +24,37 @@ __all__ = ["MirroredStages", "MIRRORED_WEIGHTS"]
 MIRRORED_WEIGHTS = ("check", "sync", "ignore")
 """What construction does with the copies' weights: compare them, copy the lower rank's
 to the higher rank, or leave them alone."""
+
+try:  # [dtensor] torch >= 2.5; older versions have no public DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None  # type: ignore[assignment,misc]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """[dtensor] The local shard of a DTensor (the tensor itself otherwise), detached."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t.to_local().detach()
+    return t.detach()
+
+
+def _shard_key(t: torch.Tensor) -> str:
+    """[dtensor] What must agree between two copies of a parameter for their local
+    shards to line up: mesh shape, placements, this rank's mesh coordinate, local shape."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        mesh = t.device_mesh
+        return (f"{tuple(mesh.shape)}|{tuple(str(p) for p in t.placements)}|"
+                f"{mesh.get_coordinate()}|{tuple(t.to_local().shape)}")
+    return "plain"
+
+
+def _like(p: torch.Tensor, local: torch.Tensor) -> Any:
+    """[dtensor] A gradient for ``p`` whose local part is ``local``."""
+    if _DTensor is not None and isinstance(p, _DTensor):
+        return _DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                   shape=p.shape, stride=p.stride())
+    return local
+
 
 _TAG = EXCHANGE_SEQ  # message number of the partner exchanges (after every planned message)
 
@@ -80,7 +117,7 @@ class MirroredStages:
         device = self.transport.device
         if not pieces:
             return torch.zeros(0, device=device)
-        return torch.cat([t.detach().reshape(-1).to(device) for t in pieces])
+        return torch.cat([_local(t).reshape(-1).to(device) for t in pieces])
 
     def _differ(self, what: str) -> ValueError:
         return ValueError(
@@ -97,7 +134,7 @@ class MirroredStages:
         if weights not in MIRRORED_WEIGHTS:
             raise ValueError(f"mirrored_weights must be one of {MIRRORED_WEIGHTS}, got {weights!r}")
         mode = MIRRORED_WEIGHTS.index(weights)
-        sizes = [len(self.params), sum(p.numel() for p in self.params), mode]
+        sizes = [len(self.params), sum(_local(p).numel() for p in self.params), mode]
         theirs = self._ints(sizes, "parameter counts")
         if theirs[:2] != sizes[:2]:
             raise self._differ(
@@ -113,10 +150,19 @@ class MirroredStages:
             return  # nothing to compare (both copies agree: no parameters)
         meta: list[int] = []
         for p in self.params:
-            meta += [p.numel(), zlib.crc32(str(p.dtype).encode()), int(p.requires_grad)]
+            meta += [_local(p).numel(), zlib.crc32(str(p.dtype).encode()), int(p.requires_grad),
+                     zlib.crc32(_shard_key(p).encode())]
         other = self._ints(meta, "parameter shapes")
         for k, name in enumerate(self.names):
-            mine_k, theirs_k = meta[3 * k : 3 * k + 3], other[3 * k : 3 * k + 3]
+            mine_k, theirs_k = meta[4 * k : 4 * k + 4], other[4 * k : 4 * k + 4]
+            if mine_k[3] != theirs_k[3]:
+                raise self._differ(
+                    f"hold different shards of parameter {name} ({_shard_key(self.params[k])} "
+                    "here: mesh shape, placements, mesh coordinate, local shape); the two "
+                    "ranks of a DualPipe pipeline must have the same data-parallel and "
+                    "tensor-parallel coordinates (build the pipeline group from one row of "
+                    "the device mesh)"
+                )
             if mine_k[:2] != theirs_k[:2]:
                 raise self._differ(f"differ in the size or dtype of parameter {name}")
             if mine_k[2] != theirs_k[2]:
@@ -144,7 +190,8 @@ class MirroredStages:
         pieces = self._cut(flat, list(range(len(self.params))))
         with torch.no_grad():
             for k, p in enumerate(self.params):
-                p.copy_(pieces[k].view_as(p))
+                local = _local(p)
+                local.copy_(pieces[k].view_as(local))
 
     # ------------------------------------------------------------------ gradients
     def _cut(self, flat: torch.Tensor, which: list[int]) -> dict[int, torch.Tensor]:
@@ -152,8 +199,9 @@ class MirroredStages:
         out: dict[int, torch.Tensor] = {}
         offset = 0
         for k in which:
-            out[k] = flat[offset : offset + self.params[k].numel()]
-            offset += self.params[k].numel()
+            numel = _local(self.params[k]).numel()
+            out[k] = flat[offset : offset + numel]
+            offset += numel
         return out
 
     def sum_grads(self) -> None:
@@ -177,9 +225,10 @@ class MirroredStages:
         for k in sent:
             grad = self.params[k].grad
             if has[k] and grad is not None:
-                pieces.append(grad.detach().reshape(-1).to(device, dtype))
+                pieces.append(_local(grad).reshape(-1).to(device, dtype))
             else:
-                pieces.append(torch.zeros(self.params[k].numel(), dtype=dtype, device=device))
+                pieces.append(torch.zeros(_local(self.params[k]).numel(), dtype=dtype,
+                                          device=device))
         other = self._swap(torch.cat(pieces), "gradients")
         their_wants = [bool(v) for v in other[:n].tolist()]
         their_has = [bool(v) for v in other[n : 2 * n].tolist()]
@@ -197,7 +246,7 @@ class MirroredStages:
             for k in late:
                 grad = self.params[k].grad
                 extra.append(grad if has[k] and grad is not None
-                             else torch.zeros_like(self.params[k]))
+                             else torch.zeros_like(_local(self.params[k])))
             got = self._swap(self._flat(extra), "gradients of unfrozen parameters")
             theirs.update(self._cut(got, late))
         self._carried = wants
@@ -207,15 +256,15 @@ class MirroredStages:
                 continue
             total = p.grad  # this step's part: mine + theirs (the same sum on both copies)
             if their_has[k]:
-                other_k = theirs[k].view_as(p)
+                other_k = theirs[k].view_as(_local(p))
                 if total is None:
-                    total = other_k.to(p.dtype).clone()
+                    total = _like(p, other_k.to(p.dtype).clone())
                 else:
-                    total.add_(other_k.to(total.dtype))
+                    _local(total).add_(other_k.to(total.dtype))
             before = stash.get(k)
             if before is not None:
                 if total is not None:
-                    before.add_(total)
+                    _local(before).add_(_local(total))
                 total = before
             p.grad = total
 

@@ -1,0 +1,385 @@
+"""Pipeline stages wrapped in FSDP2 (``fully_shard``, HSDP) or FSDP2's ``replicate``: one
+gradient reduction per stage and step, after that stage's last backward or
+weight-gradient action, with the automatic weight-gradient split on.
+
+FSDP2 reduces a module's gradients in its *post-backward*, which it runs when the
+gradients of the module's inputs are ready, and at the end of every autograd engine call.
+A pipeline runs many backward calls per stage and step (one or more per micro-batch, and
+with the weight-gradient split the parameter gradients only arrive in the later ``W``
+actions), so left alone FSDP2 would reduce-scatter once per micro-batch, before the
+weight gradients exist. This extension takes the reduction over:
+
+* before a training step, every FSDP2 parameter group of the rank's stages stops reducing
+  (``reduce_grads``/``all_reduce_grads`` off) and, by default, keeps its parameters
+  unsharded (no reshard after forward or backward): each group all-gathers once, at the
+  step's first forward of its stage;
+* right after the action that finishes the stage's last ``B``/``I``/``W`` of the step
+  (the executor derives it from the rank's plan), the user's settings come back and
+  FSDP2's post-backward runs once for every group of the stage: one reduce-scatter
+  (``fully_shard``), one all-reduce (``replicate``), or both (HSDP) per group, over the
+  gradients of every micro-batch, then the parameters are resharded;
+* a stage whose FSDP2 modules were given ``reshard_after_forward=True`` *explicitly*
+  frees its parameters after every action instead, unless the next action of the rank
+  uses the same stage (less memory, one all-gather per use), and the all-gather of the
+  next action's stage is started before that action (FSDP2's hooks wait for it in
+  forwards and input backwards; a ``W`` waits for it before it runs).
+
+DualPipe's mirrored copies then sum their local gradient shards (both copies hold the
+same shard: checked at construction). Anything this cannot run exactly is refused at
+construction or at the first step with an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..runtime.extension import Extension, PipelineInfo
+from ..runtime.plan import PlannedStep
+from ..schedules.actions import Op
+
+__all__ = ["FSDPExtension", "extension_for", "stage_param_groups"]
+
+
+def _fsdp_api() -> Any:
+    """The FSDP2 module (``torch.distributed.fsdp``), or None if this torch lacks it or
+    nothing imported it yet (then no module can be wrapped in FSDP2)."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return None
+    try:
+        import torch.distributed.fsdp as fsdp
+
+        return fsdp if hasattr(fsdp, "FSDPModule") else None
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def _state_of(module: nn.Module) -> Any:
+    """The FSDP2 state of ``module`` (``fully_shard`` or FSDP2's ``replicate``), or None."""
+    from torch.distributed._composable_state import _get_module_state
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    state = _get_module_state(module)
+    return state if isinstance(state, FSDPState) else None
+
+
+@dataclass
+class _GroupSettings:
+    """A parameter group's settings as the user left them (restored after the step)."""
+
+    reduce_grads: bool
+    all_reduce_grads: bool
+    reshard_after_backward: bool
+    post_forward_mesh_info: Any
+
+
+@dataclass
+class _Stage:
+    """One of the rank's stage modules and the FSDP2 states inside it.
+
+    Attributes:
+        index: position in ``pipeline.module``.
+        module: the stage module.
+        states: every FSDP2 state in the module's subtree, in ``modules()`` order.
+        owners: for each state, a module it manages (to call ``unshard``/``reshard``).
+        groups: every parameter group of those states, in order.
+        reshard: this step frees the parameters after every use (see module docstring).
+        saved: the user's settings of every group during a step.
+        saved_last: the user's ``is_last_backward`` of every state context.
+        reduced: the stage's reduction ran this step.
+    """
+
+    index: int
+    module: nn.Module
+    states: list[Any]
+    owners: list[nn.Module]
+    groups: list[Any]
+    reshard: bool = False
+    saved: list[_GroupSettings] = field(default_factory=list)
+    saved_last: list[tuple[Any, bool]] = field(default_factory=list)
+    reduced: bool = False
+
+
+def stage_param_groups(module: nn.Module) -> tuple[list[Any], list[nn.Module], list[Any]]:
+    """``(states, owners, groups)``: the FSDP2 states in ``module``'s subtree (each once, in
+    ``modules()`` order), one module each state manages, and their parameter groups."""
+    states: list[Any] = []
+    owners: list[nn.Module] = []
+    seen: set[int] = set()
+    for m in module.modules():
+        state = _state_of(m)
+        if state is None or id(state) in seen:
+            continue
+        seen.add(id(state))
+        states.append(state)
+        owners.append(m)
+    groups = [g for s in states for g in s._fsdp_param_groups]
+    return states, owners, groups
+
+
+def _is_sharded_group(group: Any) -> bool:
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo
+
+    return isinstance(group.mesh_info, FSDPMeshInfo)
+
+
+def _refuse(pipeline: PipelineInfo, stages: list[_Stage]) -> None:
+    """Raise for what the extension cannot run exactly (see the messages)."""
+    from ..overlap.parted import PartedStage
+
+    where = f"rank {pipeline.rank}"
+    local = {id(m): i for i, m in enumerate(pipeline.modules)}
+    for stage in stages:
+        name = f"{where}, pipeline.module[{stage.index}]"
+        if isinstance(stage.module, PartedStage):
+            raise ValueError(
+                f"{name}: a stage written as parts (PartedStage) cannot be wrapped in FSDP2 "
+                "(its parts bypass the module's forward hooks that all-gather the "
+                "parameters); use an ordinary nn.Module stage with FSDP2"
+            )
+        inside = {id(m) for m in stage.module.modules()}
+        for group in stage.groups:
+            for m in group.modules:
+                if id(m) not in inside:
+                    other = local.get(id(m))
+                    raise ValueError(
+                        f"{name}: one FSDP2 parameter group spans more than one stage "
+                        f"(it also manages {type(m).__name__}"
+                        + (f", pipeline.module[{other}]" if other is not None else "")
+                        + "); call fully_shard/replicate on each stage (or on modules "
+                        "inside one stage) separately"
+                    )
+            if len(group.modules) > 1:
+                raise ValueError(
+                    f"{name}: fully_shard([module, ...]) groups are not supported in a "
+                    "pipeline stage; call fully_shard on each module (or on the stage)"
+                )
+        managed = {id(fp.sharded_param) for g in stage.groups for fp in g.fsdp_params}
+        loose = [n for n, p in stage.module.named_parameters()
+                 if p.requires_grad and id(p) not in managed]
+        if loose:
+            raise ValueError(
+                f"{name}: parameters {loose[:4]}{'...' if len(loose) > 4 else ''} require "
+                "grad but no FSDP2 module of the stage manages them, so nothing would reduce "
+                "their gradients over the data-parallel ranks; apply fully_shard/replicate to "
+                "the stage module itself (after its submodules), or freeze them"
+            )
+    # a weight tied between two stages, sharded by two fully_shard calls: two copies now
+    owner: dict[int, tuple[int, str]] = {}
+    for stage in stages:
+        for g in stage.groups:
+            for fp in g.fsdp_params:
+                uid = getattr(fp, "_orig_param_uid", None)
+                name = getattr(fp, "_param_fqn", None) or fp._module_info.param_name
+                if uid is None:
+                    continue
+                if uid in owner and owner[uid][0] != stage.index:
+                    raise ValueError(
+                        f"{where}: a parameter shared by pipeline.module[{owner[uid][0]}] "
+                        f"({owner[uid][1]}) and pipeline.module[{stage.index}] ({name}) was "
+                        "sharded by two fully_shard/replicate calls, which breaks the tie (two "
+                        "independent copies); tied weights across stages are not supported "
+                        "with FSDP2 stages: untie them"
+                    )
+                owner.setdefault(uid, (stage.index, name))
+
+
+class FSDPExtension(Extension):
+    """Runs the FSDP2 (``fully_shard``/``replicate``) stages of one pipeline on one rank
+    (see the module docstring). Built by :func:`extension_for`."""
+
+    name = "fsdp2"
+
+    def __init__(self, pipeline: PipelineInfo, stages: list[_Stage]) -> None:
+        """Check the stages (raises for what cannot run exactly)."""
+        self.stages = stages
+        self.by_index = {s.index: s for s in stages}
+        self.pipeline = pipeline
+        self._training = False
+        _refuse(pipeline, self.stages)
+        for stage in self.stages:
+            self._wants_reshard(stage)  # refuses reshard_after_forward=<int> now
+
+    # ------------------------------------------------------------------ hooks
+
+    def before_step(self, training: bool) -> None:
+        """Take over the reduction of every group (and keep parameters unsharded unless the
+        stage asked to reshard after forward)."""
+        fsdp = _fsdp_api()
+        if fsdp is not None and isinstance(self.pipeline.pipeline, fsdp.FSDPModule):
+            raise ValueError(
+                "the pipeline itself is wrapped in fully_shard/replicate: wrap each stage "
+                "module instead (before building the pipeline)"
+            )
+        self._training = training
+        for stage in self.stages:
+            stage.reduced = False
+            stage.saved = [
+                _GroupSettings(g.reduce_grads, g.all_reduce_grads, g.reshard_after_backward,
+                               g.post_forward_mesh_info)
+                for g in stage.groups
+            ]
+            stage.reshard = self._wants_reshard(stage)
+            stage.saved_last = [(s._state_ctx, s._state_ctx.is_last_backward)
+                                for s in stage.states]
+            for g in stage.groups:  # FSDP2 neither reduces nor reshards by itself
+                g.reduce_grads = False
+                g.all_reduce_grads = False
+                g.reshard_after_backward = False
+                g.post_forward_mesh_info = None
+            for s in stage.states:
+                s._state_ctx.is_last_backward = False
+
+    def after_stage_backward(self, stage_index: int) -> None:
+        """The stage's last backward work of the step ran: reduce its gradients once."""
+        stage = self.by_index.get(stage_index)
+        if stage is None or stage.reduced:
+            return
+        stage.reduced = True
+        self._restore(stage)
+        _reduce(stage)
+
+    def after_step(self, training: bool) -> None:
+        """Restore settings; reshard what inference left unsharded; check every stage
+        reduced in a training step."""
+        missing = [s.index for s in self.stages if training and not s.reduced]
+        for stage in self.stages:
+            if not stage.reduced:
+                self._restore(stage)
+                for g in stage.groups:
+                    g.reshard()
+        if missing:
+            raise RuntimeError(
+                f"the gradients of pipeline.module{missing} were never reduced (no backward "
+                "action of theirs ran in this step)"
+            )
+
+    def step_failed(self) -> None:
+        """Restore the user's settings and FSDP2's per-iteration state, and drop the
+        failed step's unreduced gradients (no communication)."""
+        for stage in self.stages:
+            if not stage.reduced and stage.saved:
+                self._restore(stage)
+            stage.reduced = False
+            for state in stage.states:
+                if state._is_root:
+                    try:
+                        state._reset_iter_state()
+                    except Exception:  # noqa: BLE001 - best effort on a failed pipeline
+                        pass
+            for g in stage.groups:
+                for fp in g.fsdp_params:
+                    fp.unsharded_accumulated_grad = None
+                    if hasattr(fp, "_unsharded_param"):
+                        fp._unsharded_param.grad = None
+                g.reshard()
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _wants_reshard(stage: _Stage) -> bool:
+        """Whether the user asked this stage to reshard after forward explicitly."""
+        wants = False
+        for state in stage.states:
+            for g in state._fsdp_param_groups:
+                if not _is_sharded_group(g) or g.post_forward_mesh_info is None:
+                    continue
+                if g._use_post_forward_mesh:
+                    raise ValueError(
+                        f"pipeline.module[{stage.index}]: reshard_after_forward=<int> "
+                        "(resharding to a smaller mesh) is not supported in a pipeline "
+                        "stage; pass reshard_after_forward=True (free after every use) or "
+                        "False/None (all-gather once per step)"
+                    )
+                if state._auto_reshard_after_forward is False:
+                    wants = True
+        return wants
+
+    @staticmethod
+    def _restore(stage: _Stage) -> None:
+        for g, saved in zip(stage.groups, stage.saved, strict=True):
+            g.reduce_grads = saved.reduce_grads
+            g.all_reduce_grads = saved.all_reduce_grads
+            g.reshard_after_backward = saved.reshard_after_backward
+            g.post_forward_mesh_info = saved.post_forward_mesh_info
+        for ctx, last in stage.saved_last:
+            ctx.is_last_backward = last
+        stage.saved = []
+        stage.saved_last = []
+
+    def _modules_of(self, step: PlannedStep) -> list[tuple[_Stage, Op]]:
+        out = []
+        for a in step.actions:
+            stage = self.by_index.get(a.module)
+            if stage is not None:
+                out.append((stage, a.action.op))
+        return out
+
+    def before_action(self, step: PlannedStep) -> None:
+        """Resharding stages: a ``W`` needs its stage's parameters (FSDP2's hooks do not
+        run for it)."""
+        if not self._training:
+            return
+        for stage, op in self._modules_of(step):
+            if stage.reshard and op is Op.WEIGHT:
+                for owner in stage.owners:
+                    owner.unshard()  # type: ignore[operator]  # waits for a prefetch
+
+    def after_action(self, step: PlannedStep, following: PlannedStep | None) -> None:
+        """Resharding stages: free the parameters after every use, unless the following
+        step uses the same stage; start the all-gather of the stages the following step
+        uses (waited for by FSDP2's hooks, or by :meth:`before_action` for a ``W``)."""
+        if not any(stage.reshard for stage in self.stages):
+            return
+        upcoming = {id(s) for s, _ in self._modules_of(following)} if following else set()
+        for stage, _ in self._modules_of(step):
+            if stage.reshard and not stage.reduced and id(stage) not in upcoming:
+                for g in stage.groups:
+                    g.reshard()
+        if following is not None:
+            for stage, _ in self._modules_of(following):
+                if stage.reshard and not stage.reduced:
+                    for g in stage.groups:  # no-op if unsharded or already on its way
+                        g.lazy_init()
+                        g.unshard(async_op=True)
+
+
+def _reduce(stage: _Stage) -> None:
+    """FSDP2's post-backward for every group of ``stage``, once: reduce-scatter (or
+    all-reduce) the accumulated unsharded gradients into the sharded ``.grad`` and
+    reshard, then FSDP2's end-of-backward bookkeeping (wait for the reductions)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    done: set[int] = set()
+    for state in stage.states:
+        if state._is_root:
+            # runs post_backward for every group of its tree that has not run it since the
+            # last engine call (all of them: each engine call's callback left them IDLE)
+            state._root_post_backward_final_callback()
+            done.update(id(s) for s in state._state_ctx.all_states)
+    for state in stage.states:
+        if id(state) in done:
+            continue
+        for g in reversed(state._fsdp_param_groups):  # never ran forward (lazily uninit)
+            if g._training_state != TrainingState.POST_BACKWARD:
+                g.post_backward()
+            g._training_state = TrainingState.IDLE
+            g.finalize_backward()
+
+
+def extension_for(pipeline: PipelineInfo) -> FSDPExtension | None:
+    """The FSDP2 extension of ``pipeline``, or None when none of its stages contains an
+    FSDP2 module (the factory registered with the runtime)."""
+    if _fsdp_api() is None:
+        return None
+    stages = []
+    for i, module in enumerate(pipeline.modules):
+        states, owners, groups = stage_param_groups(module)
+        if states:
+            stages.append(_Stage(i, module, states, owners, groups))
+    if not stages:
+        return None
+    return FSDPExtension(pipeline, stages)
+
