@@ -127,3 +127,44 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
         return -1
     return interleaved
 
+
+
+class _Exploding(MoEStage):
+    """Raises in its first computation part on the process that ``boom`` names."""
+
+    boom = -1
+
+    def parts(self, x: Tensor):  # noqa: ANN201 - a parts generator
+        if torch.distributed.get_rank() == self.boom:
+            raise RuntimeError("boom in a part")
+        return (yield from super().parts(x))
+
+
+def failure_reaches_the_job(rank: int, world: int) -> tuple[str, float]:
+    """2 pipelines x 2 expert-parallel ranks; process 2's part raises in the first step.
+    Returns this process's error and how long its step took. The other pipeline's ranks
+    wait in all-to-alls with the failed process: they must hear of it, not time out."""
+    import time
+
+    from dualpipe.errors import PipelineError
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+    pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
+    pp_rank, ep_rank = rank // 2, rank % 2
+    layout = layout_for("dualpipev", 2)
+    torch.manual_seed(0)
+    _Exploding.boom = 2
+    stages = [_Exploding(ep) for _ in range(layout.num_stages)]
+    mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[pp_rank]]
+    pipe = Pipeline(mine, "dualpipev", process_group=pp, timeout=60)
+    x, y = _data(ep_rank, 4)
+    t0 = time.monotonic()
+    try:
+        pipe.step(*((x,) if pp_rank == 0 else ()), num_chunks=4, criterion=_criterion,
+                  labels=(y,) if pp_rank == 0 else ())
+        message = "no error"
+    except PipelineError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    elapsed = time.monotonic() - t0
+    pipe.close()
+    return message, elapsed

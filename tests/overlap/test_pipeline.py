@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dualpipe.testing import run_distributed
 
-from .pipeline_workers import pipeline_cases
+from .pipeline_workers import failure_reaches_the_job, pipeline_cases
 
 CASES = [
     ("dualpipev", 6, None, True),
@@ -24,3 +24,16 @@ def test_steps_are_exact_and_pairs_interleaved() -> None:
                 assert interleaved == -1  # checked on the ranks: hook calls == pairs
             else:
                 assert interleaved > 0 if train else interleaved == 0
+
+
+def test_a_failure_reaches_every_pipeline_of_the_job() -> None:
+    # process 2 fails in a part; its pipeline (0, 2) fails as always, and the other
+    # pipeline (1, 3), whose ranks wait in all-to-alls with process 2, hears of it within
+    # the failure watch's period instead of waiting for its 60 s timeout
+    results = run_distributed(failure_reaches_the_job, 4, timeout=120)
+    for rank, (message, elapsed) in enumerate(results):
+        assert "boom in a part" in message, (rank, message)
+        assert elapsed < 10.0, (rank, elapsed)
+    assert results[2][0].startswith("ActionFailure: rank 1 failed in F")
+    for rank in (1, 3):
+        assert "process 2 (pipeline rank 1) failed" in results[rank][0], results[rank][0]

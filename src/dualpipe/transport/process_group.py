@@ -16,7 +16,12 @@ from .base import BaseTransport
 from .gloo import LARGE_MESSAGE, FailureWatch, LargeMessages
 from .pending import DevicePending, GlooPending, Pending
 
-__all__ = ["Transport", "POLL_PERIOD"]
+__all__ = ["Transport", "POLL_PERIOD", "JOB_FAILURES"]
+
+JOB_FAILURES = "dualpipe/job/failures"
+"""Store key counting the failures of every pipeline of the job (one failure domain): each
+pipeline's failure watch reads it, so a failure reaches the data-, tensor- and
+expert-parallel peers of every pipeline, not only the failed pipeline's ranks."""
 
 POLL_PERIOD = 0.2
 """Seconds between two looks at the store for another rank's failure."""
@@ -59,6 +64,10 @@ class Transport(BaseTransport):
             self.store = None
         self._watch: FailureWatch | None = None
         self._next_poll = 0.0  # when a polling loop may ask the store again
+        # the job's failures so far: only later ones concern this pipeline (a pipeline
+        # rebuilt after a failure starts clean)
+        self._job_seen = self._job_failures()
+        self._job_failed = False  # this pipeline failed because another one did
         # per (peer, send): made at the first large message
         self._large: dict[tuple[int, bool], LargeMessages] = {}
         self._limit = timedelta(seconds=timeout)  # gloo's wait limit: the pipeline's timeout
@@ -147,11 +156,46 @@ class Transport(BaseTransport):
         return wait
 
     def _publish_error(self, message: str) -> None:
-        if self.store is not None:
-            try:  # set only if absent: the first failure of the pipeline stays
-                self.store.compare_set(f"{self.key}/error", "", message)
-            except Exception:  # noqa: BLE001, S110 - best effort while failing
-                pass
+        if self.store is None:
+            return
+        try:
+            key = f"{self.key}/error"
+            if not self._job_failed and self._failure is None and not self.store.check([key]):
+                # this pipeline's first failure, and not one it heard of: the job's too
+                # (first, so that a rank that learns of it and rebuilds sees it counted)
+                me = dist.get_rank()
+                n = self.store.add(JOB_FAILURES, 1)
+                self.store.set(f"{JOB_FAILURES}/{n}",
+                               f"process {me} (pipeline rank {self.rank}) failed: {message}")
+                self._job_seen = max(self._job_seen, n)
+            # set only if absent: the first failure of the pipeline stays
+            self.store.compare_set(key, "", message)
+        except Exception:  # noqa: BLE001, S110 - best effort while failing
+            pass
+
+    def _job_failures(self) -> int:
+        """How many failures the job's pipelines have posted (0 without a store)."""
+        if self.store is None:
+            return 0
+        try:
+            return int(self.store.add(JOB_FAILURES, 0))
+        except Exception:  # noqa: BLE001 - no job count: the pipeline's own key still works
+            return 0
+
+    def _job_failure(self) -> str | None:
+        """A failure another pipeline of the job posted since this one was built."""
+        n = self._job_failures()
+        if n <= self._job_seen:
+            return None
+        key = f"{JOB_FAILURES}/{self._job_seen + 1}"
+        try:  # set right after the count: wait a moment for it
+            assert self.store is not None
+            self.store.wait([key], timedelta(seconds=2))
+            message = self.store.get(key).decode()
+        except Exception:  # noqa: BLE001 - the poster died in between
+            message = "another pipeline of this job failed (its message was lost)"
+        self._job_failed = True
+        return message
 
     def _poll_error(self) -> str | None:
         """While the failure watch runs, it asks the store (every 0.2 s) and records what
@@ -169,8 +213,9 @@ class Transport(BaseTransport):
             return None
         key = f"{self.key}/error"
         try:
-            failed = self.store.check([key])
-            return self.store.get(key).decode() if failed else None
+            if self.store.check([key]):
+                return self.store.get(key).decode()
+            return self._job_failure()
         except Exception as exc:  # noqa: BLE001 - the store went away with its host rank
             raise RemoteFailure(
                 f"lost the process group's store ({type(exc).__name__}); the rank hosting it "
