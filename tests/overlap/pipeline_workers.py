@@ -167,4 +167,5 @@ def failure_reaches_the_job(rank: int, world: int) -> tuple[str, float]:
         message = f"{type(exc).__name__}: {exc}"
     elapsed = time.monotonic() - t0
     pipe.close()
+    torch.distributed.barrier()  # process 0 hosts the store: it stays until all are done
     return message, elapsed
