@@ -27,7 +27,7 @@ from ..runtime.pipeline import Pipeline
 from ..schedules.layout import Layout
 from ..schedules.registry import layout_for
 from ..schedules.schedule import Schedule
-from ..split import StageModule, partition, param_counts
+from ..split import StageModule, param_counts, partition
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -115,8 +115,9 @@ class _Spec:
         return str(self.config.layer_types[layer])
 
     def rotary_on(self, device: torch.device) -> nn.Module:
-        """The model's rotary embedding module on ``device``, built afresh from the config
-        (so its ``inv_freq`` is never a meta tensor's or ``to_empty``'s garbage)."""
+        """The model's rotary embedding module on ``device``: the model's own, or (stages
+        built on the meta device) one built afresh from the config, so its ``inv_freq``
+        is never a meta tensor's or ``to_empty``'s garbage."""
         if device not in self.rotary:
             self.rotary[device] = self.rotary_factory().to(device)
         return self.rotary[device]
@@ -230,12 +231,12 @@ class CausalLMStage(StageModule):
                     use_cache=False,
                     position_embeddings=position_embeddings,
                 )
-                captured, self._captured = self._captured, None
+                captured = self._captured
             finally:
                 self._captured = None
             hidden = out[0] if isinstance(out, tuple) else out
             if spec.aux is not None and captured:
-                (logits,) = captured
+                (logits,) = captured  # one router per MoE layer
                 sums = _add_router_share(sums, logits, spec.aux)
         return hidden, sums
 
@@ -384,7 +385,7 @@ class CausalLM:
         return Pipeline(self.stages, self.schedule, **kwargs)
 
 
-def _check_model(model: nn.Module) -> tuple[Any, str]:
+def _check_model(model: Any) -> tuple[Any, str]:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _MASKS:
@@ -408,7 +409,7 @@ def _check_model(model: nn.Module) -> tuple[Any, str]:
 
 
 def _spec(
-    model: nn.Module, layout: Layout, rank: int, stage_layers: list[range]
+    model: Any, layout: Layout, rank: int, stage_layers: list[range], fresh_rotary: bool
 ) -> _Spec:
     config, model_type = _check_model(model)
     num_layers = len(model.model.layers)
@@ -443,6 +444,8 @@ def _spec(
     rotary_class = type(rotary)
 
     def rotary_factory() -> nn.Module:
+        if not fresh_rotary:
+            return rotary  # the model's own (its buffers as the model has them)
         with torch.device("cpu"):
             return rotary_class(config=config)
 
@@ -493,19 +496,20 @@ def _layout(
     return layout_for(schedule, num_ranks)
 
 
-def _pipeline_layers(model: nn.Module) -> list[nn.Module]:
+def _pipeline_layers(model: Any) -> list[nn.Module]:
     """``[embed_tokens, layers..., head]``: the model as consecutive pipeline layers."""
     head = _Head(model.model.norm, model.get_output_embeddings())
     return [model.get_input_embeddings(), *model.model.layers, head]
 
 
 def _prepare(
-    model: nn.Module,
+    model: Any,
     schedule: str | Schedule,
     costs: str | Sequence[float],
     rank: int | None,
     num_ranks: int | None,
     group: dist.ProcessGroup | None,
+    fresh_rotary: bool = False,
 ) -> tuple[Layout, int, list[nn.Module], list[range], _Spec]:
     _check_model(model)
     layout = _layout(schedule, num_ranks, group)
@@ -528,7 +532,7 @@ def _prepare(
                 f"{len(layers) - 2} decoder layers, head)"
             )
     stage_layers = partition(values, layout.num_stages)
-    spec = _spec(model, layout, rank, stage_layers)
+    spec = _spec(model, layout, rank, stage_layers, fresh_rotary)
     return layout, rank, layers, stage_layers, spec
 
 
@@ -581,7 +585,7 @@ def _checkpoint_index(path: str) -> dict[str, str]:
         return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 
-def _hf_names(model: nn.Module, num_layers: int) -> Callable[[int, str], str]:
+def _hf_names(model: Any, num_layers: int) -> Callable[[int, str], str]:
     """(global layer index, key inside that layer) -> the model's state-dict key."""
     names = {id(m): n for n, m in model.named_modules()}
     embed = names[id(model.get_input_embeddings())]
@@ -633,12 +637,12 @@ def load_causal_lm(
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
     layout, rank, layers, stage_layers, spec = _prepare(
-        model, schedule, costs, rank, num_ranks, group
+        model, schedule, costs, rank, num_ranks, group, fresh_rotary=True
     )
     name = _hf_names(model, spec.num_layers)
     index = _checkpoint_index(path)
     device = torch.device(device)
-    mine = [k for k in layout.rank_stages[rank]]
+    mine = list(layout.rank_stages[rank])
     local: dict[int, nn.Module] = {}
     for k in mine:
         for i in stage_layers[k]:
@@ -654,7 +658,7 @@ def load_causal_lm(
     try:
         for i, layer in local.items():
             persistent = layer.state_dict(keep_vars=True)
-            for key, buf in layer.named_buffers():
+            for key, _ in layer.named_buffers():
                 if key not in persistent:
                     raise ValueError(  # pragma: no cover - no supported family has one
                         f"layer {i} has the non-persistent buffer {key!r}, which a "
@@ -708,10 +712,11 @@ class _TiedGradSum(Extension):
         embed_rank, head_rank = spec.cross_rank_tie
         for module in info.modules:
             if isinstance(module, CausalLMStage):
+                layer: Any = module
                 if info.rank == embed_rank and module.has_embedding:
-                    self.param = module[0].weight
+                    self.param = layer[0].weight
                 if info.rank == head_rank and module.has_head:
-                    self.param = module[-1].lm_head.weight
+                    self.param = layer[-1].lm_head.weight
         if self.param is not None:
             self.dtype = self.param.dtype
         else:

@@ -1,0 +1,119 @@
+"""dualpipe.models.hf against HuggingFace's own models on one process (tiny configs,
+random weights, no downloads)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers  # a dev dependency (pyproject's ``dev`` extra): never skipped
+
+from dualpipe.models import hf
+from dualpipe.testing import run_distributed
+
+from . import hf_workers as w
+
+
+def _check(cases: list[tuple], results: list[list[dict]]) -> None:
+    """Per case: losses of every rank agree; the pipeline's loss (sum over micro-batches)
+    equals HF's (bit for bit with one micro-batch, rel 1e-6 otherwise); every parameter of
+    the model got a gradient somewhere, each within rel 1e-5 of HF's."""
+    for i, case in enumerate(cases):
+        per_rank = [r[i] for r in results]
+        chunks = case[4]
+        loss, ref = per_rank[0]["loss"], per_rank[0]["ref"]
+        assert all(r["loss"] == loss for r in per_rank), case
+        if chunks == 1:
+            assert loss == ref, (case, loss, ref)
+        else:
+            assert math.isclose(loss, ref, rel_tol=1e-6), (case, loss, ref)
+        covered = set().union(*(r["checked"] for r in per_rank))
+        assert covered == set(per_rank[0]["ref_names"]), case
+        worst = max(r["grad"] for r in per_rank)
+        assert worst <= 1e-5, (case, worst, [r["where"] for r in per_rank])
+
+
+def test_every_family_dualpipev_sdpa_and_eager() -> None:
+    """DualPipeV on 2 ranks, each family (dense, sliding window, MoE with the
+    load-balancing loss, DeepSeek-V3's latent attention), sdpa and eager, tied and
+    untied, against ``model(input_ids, labels=labels).loss`` and its gradients."""
+    cases = [(f, "dualpipev", False, "sdpa", 4) for f in w.FAMILIES] + [
+        ("llama", "dualpipev", True, "eager", 4),
+        ("mistral", "dualpipev", False, "eager", 4),   # sliding window, explicit mask
+        ("qwen2", "dualpipev", False, "eager", 2),     # a mask per layer type
+        ("mixtral", "dualpipev", False, "sdpa", 1),    # HF's whole-batch aux loss, exactly
+        ("llama", "dualpipev", False, "sdpa", 1),
+    ]
+    results = run_distributed(w.compare_cases, 2, cases, timeout=240)
+    _check(cases, results)
+
+
+def test_other_schedules_ties_and_checkpoint_load(tmp_path) -> None:
+    """1F1B and interleaved 1F1B put a tied embedding and head on two ranks (their
+    gradients are summed after the step); ZBV keeps them on rank 0; DualPipe holds both
+    ends on both ranks (the mirrored sum). Stages built on the meta device and loaded from
+    ``save_pretrained`` files train exactly as HF's model does (rotary buffers recomputed,
+    a tied head read from the embedding's tensor, on one rank or across two)."""
+    paths = {}
+    for family, tied in (("llama", True), ("qwen3", False), ("mistral", True)):
+        paths[family] = str(tmp_path / family)
+        w.save_checkpoint(family, tied, paths[family])
+    cases = [
+        ("qwen3_moe", "1f1b", True, "sdpa", 4),
+        ("llama", "zbv", True, "sdpa", 4),
+        ("qwen2_moe", "dualpipe", True, "eager", 4),
+        ("deepseek_v3", "interleaved-1f1b", True, "sdpa", 4),
+        ("llama", "dualpipev", True, "sdpa", 2, paths["llama"]),
+        ("qwen3", "dualpipev", False, "eager", 2, paths["qwen3"]),
+        ("mistral", "1f1b", True, "sdpa", 2, paths["mistral"]),
+    ]
+    results = run_distributed(w.compare_cases, 2, cases, timeout=240)
+    _check(cases, results)
+
+
+def test_loaded_stages_match_the_model_on_one_process(tmp_path) -> None:
+    """Without any process group: the two stages of a one-rank DualPipeV loaded from a
+    checkpoint give HF's logits bit for bit, and hold no meta tensor."""
+    model = w.build("llama", tied=True).eval()
+    model.save_pretrained(tmp_path)
+    lm = hf.load_causal_lm(tmp_path, "dualpipev", rank=0, num_ranks=1)
+    first, last = lm.stages
+    assert not any(t.is_meta for s in lm.stages for t in s.state_dict().values())
+    assert last[-1].lm_head.weight is first[0].weight  # tie kept on one rank
+    ids, _ = w.batch()
+    with torch.no_grad():
+        assert torch.equal(last(first(ids)), model(input_ids=ids).logits)
+
+
+def test_refusals(tmp_path) -> None:
+    """Clear errors: other model families, a checkpoint whose names HF converts on load
+    (Mixtral's per-expert weights), a mean loss reduction, a criterion without a count."""
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16,
+                                                                 n_head=2, vocab_size=32))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        hf.split_causal_lm(gpt2, "dualpipev", rank=0, num_ranks=1)
+    w.build("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(KeyError, match="from_pretrained on every rank"):
+        hf.load_causal_lm(tmp_path, "dualpipev", rank=0, num_ranks=1)
+    lm = hf.split_causal_lm(w.build("llama"), "dualpipev", rank=0, num_ranks=1)
+    with pytest.raises(ValueError, match="loss_reduction='sum'"):
+        lm.pipeline(loss_reduction="mean")
+    with pytest.raises(ValueError, match="labels or num_items"):
+        lm.criterion(num_chunks=2)
+
+
+def test_criterion_sums_to_hf_loss() -> None:
+    """On one process: the micro-batch criteria sum to HF's token-mean loss of the batch,
+    with ignored labels spread unevenly over the micro-batches."""
+    model = w.build("llama").eval()
+    ids, labels = w.batch()
+    lm = hf.split_causal_lm(model, "dualpipev", rank=0, num_ranks=1)
+    crit = lm.criterion(labels, num_chunks=2)
+    assert crit.num_items == hf.count_targets(labels) == int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        parts = [crit(lg, lb) for lg, lb in zip(logits.chunk(2), labels.chunk(2), strict=True)]
+        whole = model(input_ids=ids, labels=labels).loss
+    assert math.isclose(float(sum(parts)), float(whole), rel_tol=1e-6)
+    assert torch.equal(lm.criterion(labels, num_chunks=1)(logits, labels), whole)
