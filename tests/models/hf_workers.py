@@ -167,8 +167,14 @@ def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, att
                 checked.add(n)
                 if err > worst:
                     worst, worst_name = err, n
+    from dualpipe.clip import grad_norm
+
+    norm = float(grad_norm(pipe))  # every parameter once, a tie across ranks included
+    ref_norm = float(torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in ref_grads.values()])))
     pipe.close()
     return {"loss": float(total), "ref": float(ref_loss), "grad": worst, "where": worst_name,
+            "norm": norm, "ref_norm": ref_norm,
             "checked": sorted(checked), "ref_names": sorted(ref_grads)}
 
 

@@ -18,7 +18,8 @@ from . import hf_workers as w
 def _check(cases: list[tuple], results: list[list[dict]]) -> None:
     """Per case: losses of every rank agree; the pipeline's loss (sum over micro-batches)
     equals HF's (bit for bit with one micro-batch, rel 1e-6 otherwise); every parameter of
-    the model got a gradient somewhere, each within rel 1e-5 of HF's."""
+    the model got a gradient somewhere, each within rel 1e-5 of HF's; the pipeline's global
+    gradient norm (``dualpipe.clip.grad_norm``) is HF's to rel 1e-6 (a tie counted once)."""
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
         chunks = case[4]
@@ -30,6 +31,8 @@ def _check(cases: list[tuple], results: list[list[dict]]) -> None:
             assert math.isclose(loss, ref, rel_tol=1e-6), (case, loss, ref)
         covered = set().union(*(r["checked"] for r in per_rank))
         assert covered == set(per_rank[0]["ref_names"]), case
+        assert all(math.isclose(r["norm"], r["ref_norm"], rel_tol=1e-6) for r in per_rank), (
+            case, [(r["norm"], r["ref_norm"]) for r in per_rank])
         worst = max(r["grad"] for r in per_rank)
         assert worst <= 1e-5, (case, worst, [r["where"] for r in per_rank])
 

@@ -28,6 +28,7 @@ from ..schedules.layout import Layout
 from ..schedules.registry import layout_for
 from ..schedules.schedule import Schedule
 from ..split import StageModule, param_counts, partition
+from ..stages import COUNTED_ELSEWHERE
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -717,6 +718,8 @@ class _TiedGradSum(Extension):
                     self.param = layer[0].weight
                 if info.rank == head_rank and module.has_head:
                     self.param = layer[-1].lm_head.weight
+                    # the embedding's rank counts it (gradient norms, clipping)
+                    setattr(self.param, COUNTED_ELSEWHERE, True)
         if self.param is not None:
             self.dtype = self.param.dtype
         else:
