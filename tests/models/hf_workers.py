@@ -121,8 +121,10 @@ def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, att
         lm = hf.split_causal_lm(model, schedule)
     layout = lm.layout
     pipe = lm.pipeline()
-    first = rank in [layout.entry(s)[0] for s in range(layout.num_streams)]
-    last = rank in [layout.exit(s)[0] for s in range(layout.num_streams)]
+    first, last = lm.takes_inputs, lm.takes_labels
+    assert first == (rank in [layout.entry(s)[0] for s in range(layout.num_streams)])
+    assert last == (rank in [layout.exit(s)[0] for s in range(layout.num_streams)])
+    assert len(lm.parameters()) == len({id(p) for s in lm.stages for p in s.parameters()})
     if layout.num_streams == 1:
         losses, _ = pipe.step(ids if first else None, num_chunks=chunks,
                               criterion=lm.criterion(labels, num_chunks=chunks) if last else None,

@@ -28,7 +28,7 @@ from ..schedules.layout import Layout
 from ..schedules.registry import layout_for
 from ..schedules.schedule import Schedule
 from ..split import StageModule, param_counts, partition
-from ..stages import COUNTED_ELSEWHERE
+from ..stages import COUNTED_ELSEWHERE, unique_parameters
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -353,6 +353,16 @@ class CausalLM:
     _spec: _Spec
 
     @property
+    def takes_inputs(self) -> bool:
+        """Whether micro-batches enter the pipeline on this rank (pass ``input_ids``)."""
+        return bool(self.layout.streams_starting_on(self.rank))
+
+    @property
+    def takes_labels(self) -> bool:
+        """Whether a stream ends on this rank (pass the criterion and labels)."""
+        return bool(self.layout.streams_ending_on(self.rank))
+
+    @property
     def aux_loss(self) -> bool:
         """Whether the loss includes the MoE load-balancing term."""
         return self._spec.aux is not None
@@ -374,6 +384,11 @@ class CausalLM:
                 raise ValueError("pass the step's labels or num_items")
             num_items = count_targets(labels)
         return CausalLMLoss(self._spec.vocab_size, num_items, num_chunks, self._spec.aux)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, each once (a weight tied on this rank appears once):
+        what to give the optimizer."""
+        return unique_parameters(self.stages)
 
     def pipeline(self, **kwargs: Any) -> Pipeline:
         """``Pipeline(self.stages, self.schedule, **kwargs)``; ``loss_reduction`` must stay
