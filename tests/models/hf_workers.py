@@ -83,24 +83,28 @@ def batch(seed: int = 1, rows: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def reference(model: Any, ids: torch.Tensor, labels: torch.Tensor, chunks: int
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """HuggingFace's own loss of the whole batch and its gradients, on this process. With
-    the load-balancing loss and several micro-batches: HF's token loss of the batch plus
-    the coefficient times the mean of HF's aux loss over the micro-batches."""
+def reference(model: Any, ids: torch.Tensor, labels: torch.Tensor, chunks: int, steps: int = 1
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """HuggingFace's own loss of the whole batch, its gradients (accumulated over
+    ``steps`` backwards) and its logits, on this process. With the load-balancing loss
+    and several micro-batches: HF's token loss of the batch plus the coefficient times
+    the mean of HF's aux loss over the micro-batches."""
     ref = copy.deepcopy(model)
     aux = getattr(ref.config, "output_router_logits", False) and ref.config.model_type in (
         "mixtral", "qwen2_moe", "qwen3_moe")
-    if aux and chunks > 1:
-        loss = ref(input_ids=ids, labels=labels, output_router_logits=False).loss
-        for part in ids.chunk(chunks):
-            out = ref(input_ids=part, output_router_logits=True)
-            loss = loss + ref.router_aux_loss_coef * out.aux_loss / chunks
-    else:
-        loss = ref(input_ids=ids, labels=labels).loss
-    loss.backward()
+    for _ in range(steps):
+        if aux and chunks > 1:
+            loss = ref(input_ids=ids, labels=labels, output_router_logits=False).loss
+            for part in ids.chunk(chunks):
+                out = ref(input_ids=part, output_router_logits=True)
+                loss = loss + ref.router_aux_loss_coef * out.aux_loss / chunks
+        else:
+            loss = ref(input_ids=ids, labels=labels).loss
+        loss.backward()
     grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
+    with torch.no_grad():
+        logits = ref(input_ids=ids).logits
+    return loss.detach(), grads, logits
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,12 +112,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, attn: str,
-              chunks: int, load_from: str | None = None) -> dict[str, Any]:
+              chunks: int, load_from: str | None = None, steps: int = 1) -> dict[str, Any]:
     from dualpipe.models import hf
 
     model = build(family, tied, attn)
     ids, labels = batch()
-    ref_loss, ref_grads = reference(model, ids, labels, chunks)
+    ref_loss, ref_grads, ref_logits = reference(model, ids, labels, chunks, steps)
     names = {id(p): n for n, p in model.named_parameters()}
     if load_from is not None:
         lm = hf.load_causal_lm(load_from, schedule, attn_implementation=attn)
@@ -125,21 +129,16 @@ def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, att
     assert first == (rank in [layout.entry(s)[0] for s in range(layout.num_streams)])
     assert last == (rank in [layout.exit(s)[0] for s in range(layout.num_streams)])
     assert len(lm.parameters()) == len({id(p) for s in lm.stages for p in s.parameters()})
-    if layout.num_streams == 1:
-        losses, _ = pipe.step(ids if first else None, num_chunks=chunks,
-                              criterion=lm.criterion(labels, num_chunks=chunks) if last else None,
-                              labels=(labels if last else None,))
-    else:  # DualPipe: first half enters at rank 0, second at rank N-1
-        half = ids.shape[0] // 2
-        crit = lm.criterion(num_items=hf.count_targets(labels), num_chunks=chunks)
-        if rank == 0:
-            losses, _ = pipe.step(ids[:half], num_chunks=chunks, criterion=crit,
-                                  labels=(labels[half:],))
-        elif rank == world - 1:
-            losses, _ = pipe.step(ids[half:], num_chunks=chunks, criterion=crit,
-                                  labels=(labels[:half],))
-        else:
-            losses, _ = pipe.step(num_chunks=chunks)
+    for _ in range(steps):  # gradients accumulate over the steps (no zero_grad)
+        losses = _step(pipe, lm, rank, world, ids, labels, chunks)
+    logits_err = 0.0
+    if layout.num_streams == 1:  # inference: the last stage's outputs are HF's logits
+        with torch.no_grad():
+            _, outputs = pipe.step(ids if first else None, num_chunks=chunks,
+                                   return_outputs=True)
+        if last:
+            got = outputs[0] if isinstance(outputs, tuple) else outputs
+            logits_err = _rel(got, ref_logits)
     total = torch.zeros((), dtype=torch.float64)
     if losses is not None:
         total += losses.double().sum()
@@ -176,8 +175,33 @@ def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, att
         torch.stack([torch.linalg.vector_norm(g) for g in ref_grads.values()])))
     pipe.close()
     return {"loss": float(total), "ref": float(ref_loss), "grad": worst, "where": worst_name,
-            "norm": norm, "ref_norm": ref_norm,
+            "norm": norm, "ref_norm": ref_norm, "logits": logits_err,
             "checked": sorted(checked), "ref_names": sorted(ref_grads)}
+
+
+def _step(pipe: Any, lm: Any, rank: int, world: int, ids: torch.Tensor, labels: torch.Tensor,
+          chunks: int) -> torch.Tensor | None:
+    """One training step; this rank's losses (None where no stream ends)."""
+    from dualpipe.models import hf
+
+    if lm.layout.num_streams == 1:
+        last = lm.takes_labels
+        losses, _ = pipe.step(ids if lm.takes_inputs else None, num_chunks=chunks,
+                              criterion=lm.criterion(labels, num_chunks=chunks) if last else None,
+                              labels=(labels if last else None,))
+        return losses
+    # DualPipe: the first half enters at rank 0, the second at rank N-1
+    half = ids.shape[0] // 2
+    crit = lm.criterion(num_items=hf.count_targets(labels), num_chunks=chunks)
+    if rank == 0:
+        losses, _ = pipe.step(ids[:half], num_chunks=chunks, criterion=crit,
+                              labels=(labels[half:],))
+    elif rank == world - 1:
+        losses, _ = pipe.step(ids[half:], num_chunks=chunks, criterion=crit,
+                              labels=(labels[:half],))
+    else:
+        losses, _ = pipe.step(num_chunks=chunks)
+    return losses
 
 
 def _hf_name(lm: Any, stage: Any, key: str) -> str:

@@ -19,7 +19,8 @@ def _check(cases: list[tuple], results: list[list[dict]]) -> None:
     """Per case: losses of every rank agree; the pipeline's loss (sum over micro-batches)
     equals HF's (bit for bit with one micro-batch, rel 1e-6 otherwise); every parameter of
     the model got a gradient somewhere, each within rel 1e-5 of HF's; the pipeline's global
-    gradient norm (``dualpipe.clip.grad_norm``) is HF's to rel 1e-6 (a tie counted once)."""
+    gradient norm (``dualpipe.clip.grad_norm``) is HF's to rel 1e-6 (a tie counted once);
+    an inference step's logits are HF's to rel 1e-6 (single-stream schedules)."""
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
         chunks = case[4]
@@ -33,6 +34,7 @@ def _check(cases: list[tuple], results: list[list[dict]]) -> None:
         assert covered == set(per_rank[0]["ref_names"]), case
         assert all(math.isclose(r["norm"], r["ref_norm"], rel_tol=1e-6) for r in per_rank), (
             case, [(r["norm"], r["ref_norm"]) for r in per_rank])
+        assert all(r["logits"] <= 1e-6 for r in per_rank), case
         worst = max(r["grad"] for r in per_rank)
         assert worst <= 1e-5, (case, worst, [r["where"] for r in per_rank])
 
@@ -71,6 +73,7 @@ def test_other_schedules_ties_and_checkpoint_load(tmp_path) -> None:
         ("llama", "dualpipev", True, "sdpa", 2, paths["llama"]),
         ("qwen3", "dualpipev", False, "eager", 2, paths["qwen3"]),
         ("mistral", "1f1b", True, "sdpa", 2, paths["mistral"]),
+        ("llama", "1f1b", True, "sdpa", 2, None, 2),  # two steps accumulate, tie across ranks
     ]
     results = run_distributed(w.compare_cases, 2, cases, timeout=240)
     _check(cases, results)
