@@ -230,3 +230,65 @@ def save_checkpoint(family: str, tied: bool, path: str) -> None:
     """``save_pretrained`` of the seed-0 model into ``path`` (safetensors)."""
     build(family, tied).save_pretrained(path)
     assert os.path.exists(os.path.join(path, "model.safetensors"))
+
+
+def expert_parallel(rank: int, world: int, family: str, chunks: int) -> dict[str, Any]:
+    """2 pipeline x 2 expert-parallel processes (DualPipeV, overlap engine): replica ``q``
+    trains share ``q`` of the batch; after the expert-parallel gradient sum every rank
+    holds HF's gradient of the whole batch on one process (no expert parallelism)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dualpipe.models import hf_ep
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+    pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
+    ep_rank = dist.get_rank(ep)
+    model = build(family)
+    model.config.output_router_logits = False
+    ids, labels = batch(rows=8)
+    ref_loss, ref_grads, _ = reference(model, ids, labels, 1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lm = hf_ep.split_causal_lm_ep(model, "dualpipev", ep_group=ep, group=pp)
+    assert all(isinstance(s, hf_ep.ExpertParallelStage) for s in lm.stages)
+    pipe = lm.pipeline(process_group=pp)
+    mine, my_labels = ids.chunk(2)[ep_rank], labels.chunk(2)[ep_rank]
+    crit = lm.criterion(num_items=hf_count(labels), num_chunks=chunks)
+    if lm.takes_labels:
+        losses, _ = pipe.step(mine, num_chunks=chunks, criterion=crit, labels=(my_labels,))
+    else:
+        losses, _ = pipe.step(num_chunks=chunks)
+    from dualpipe.overlap.plugin import is_parted
+
+    assert all(is_parted(s) for s in lm.stages)  # run part by part by the overlap engine
+    spread = 0
+    for p in lm.parameters():  # before the sum: only this rank's experts have gradients
+        n = names[id(p)]
+        if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            local = p.shape[0] // 2
+            own = slice(ep_rank * local, (ep_rank + 1) * local)
+            other = slice((1 - ep_rank) * local, (2 - ep_rank) * local)
+            assert p.grad[own].abs().sum() > 0 and p.grad[other].abs().sum() == 0, n
+            spread += 1
+    assert spread > 0
+    hf_ep.sync_expert_parallel_grads(lm, ep)
+    total = torch.zeros((), dtype=torch.float64)
+    if losses is not None:
+        total += losses.double().sum()
+    dist.all_reduce(total)
+    worst, where, checked = 0.0, "", set()
+    for p in lm.parameters():
+        n = names[id(p)]
+        err = _rel(p.grad, ref_grads[n])
+        checked.add(n)
+        if err > worst:
+            worst, where = err, n
+    pipe.close()
+    return {"loss": float(total), "ref": float(ref_loss), "grad": worst, "where": where,
+            "checked": sorted(checked), "ref_names": sorted(ref_grads)}
+
+
+def hf_count(labels: torch.Tensor) -> int:
+    from dualpipe.models import hf
+
+    return hf.count_targets(labels)
