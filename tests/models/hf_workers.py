@@ -168,6 +168,13 @@ def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, att
                 checked.add(n)
                 if err > worst:
                     worst, worst_name = err, n
+    # dualpipe.checkpoint keys: layers.<global layer>.<HF's name inside the layer>
+    from dualpipe.checkpoint import stage_state_dict
+
+    own = model.state_dict()
+    for key, value in stage_state_dict(pipe).items():
+        assert key.startswith("layers."), key
+        assert torch.equal(value, own[_hf_name(lm, None, key[len("layers."):])]), key
     from dualpipe.clip import grad_norm
 
     norm = float(grad_norm(pipe))  # every parameter once, a tie across ranks included

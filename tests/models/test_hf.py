@@ -20,7 +20,9 @@ def _check(cases: list[tuple], results: list[list[dict]]) -> None:
     equals HF's (bit for bit with one micro-batch, rel 1e-6 otherwise); every parameter of
     the model got a gradient somewhere, each within rel 1e-5 of HF's; the pipeline's global
     gradient norm (``dualpipe.clip.grad_norm``) is HF's to rel 1e-6 (a tie counted once);
-    an inference step's logits are HF's to rel 1e-6 (single-stream schedules)."""
+    an inference step's logits are HF's to rel 1e-6 (single-stream schedules); every
+    ``dualpipe.checkpoint`` key is ``layers.<i>.<HF name in the layer>`` (checked in the
+    workers)."""
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
         chunks = case[4]
