@@ -107,13 +107,19 @@ class _Spec:
     rotary: dict[torch.device, nn.Module] = field(default_factory=dict)
 
     def mask_kind(self, layer: int) -> str:
-        rule = _MASKS[self.model_type]
+        """``full_attention`` or ``sliding_attention``: the mask of decoder layer
+        ``layer`` (0-based), as the family's ``*Model.forward`` picks it."""
+        return self.mask_kind_of(self.model_type, self.config, layer)
+
+    @staticmethod
+    def mask_kind_of(model_type: str, config: Any, layer: int) -> str:
+        rule = _MASKS[model_type]
         if rule == "causal":
             return "full_attention"
         if rule == "sliding_if_set":
-            sliding = getattr(self.config, "sliding_window", None) is not None
+            sliding = getattr(config, "sliding_window", None) is not None
             return "sliding_attention" if sliding else "full_attention"
-        return str(self.config.layer_types[layer])
+        return str(config.layer_types[layer])
 
     def rotary_on(self, device: torch.device) -> nn.Module:
         """The model's rotary embedding module on ``device``: the model's own, or (stages
@@ -452,6 +458,15 @@ def _spec(
             coef=float(model.router_aux_loss_coef),
             router_layers=int(routers),
         )
+    kinds = {
+        _Spec.mask_kind_of(model_type, config, i) for i in range(num_layers)
+    }
+    unknown = kinds - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(
+            f"layer types {sorted(unknown)} (config.layer_types) are not implemented: only "
+            "full and sliding-window attention layers"
+        )
     embed = model.get_input_embeddings()
     tied = model.get_output_embeddings().weight is embed.weight or bool(
         getattr(config, "tie_word_embeddings", False)
@@ -634,8 +649,9 @@ def load_causal_lm(
 ) -> CausalLM:
     """Like :func:`split_causal_lm`, for a model saved with ``save_pretrained``
     (safetensors) in the local directory ``path``: the model is built on the meta device,
-    and only this rank's stages are materialised on ``device`` (in ``dtype``, default the
-    checkpoint's config dtype or float32) and loaded from the checkpoint. The rotary
+    and only this rank's stages are materialised on ``device`` (in ``dtype``; by default
+    the one ``from_config`` gives: the config's ``dtype``, else float32) and loaded from
+    the checkpoint. The rotary
     embedding's buffers are recomputed from the config. Every other buffer must be in the
     checkpoint.
 
