@@ -83,7 +83,22 @@ def batch(seed: int = 1, rows: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def reference(model: Any, ids: torch.Tensor, labels: torch.Tensor, chunks: int, steps: int = 1
+def padded(ids: torch.Tensor, labels: torch.Tensor, side: str
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of different lengths padded on ``side`` (token 0, label -100): ids, labels and
+    the attention mask (1 = token, 0 = padding)."""
+    ids, labels = ids.clone(), labels.clone()
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((3, 0, 5, 1)[: ids.shape[0]]):
+        where = slice(0, pad) if side == "left" else slice(ids.shape[1] - pad, ids.shape[1])
+        mask[row, where] = 0
+        ids[row, where] = 0
+        labels[row, where] = -100
+    return ids, labels, mask
+
+
+def reference(model: Any, ids: torch.Tensor, labels: torch.Tensor, chunks: int, steps: int = 1,
+              mask: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """HuggingFace's own loss of the whole batch, its gradients (accumulated over
     ``steps`` backwards) and its logits, on this process. With the load-balancing loss
@@ -94,16 +109,18 @@ def reference(model: Any, ids: torch.Tensor, labels: torch.Tensor, chunks: int, 
         "mixtral", "qwen2_moe", "qwen3_moe")
     for _ in range(steps):
         if aux and chunks > 1:
-            loss = ref(input_ids=ids, labels=labels, output_router_logits=False).loss
-            for part in ids.chunk(chunks):
-                out = ref(input_ids=part, output_router_logits=True)
+            loss = ref(input_ids=ids, attention_mask=mask, labels=labels,
+                       output_router_logits=False).loss
+            parts = mask.chunk(chunks) if mask is not None else [None] * chunks
+            for part, part_mask in zip(ids.chunk(chunks), parts, strict=True):
+                out = ref(input_ids=part, attention_mask=part_mask, output_router_logits=True)
                 loss = loss + ref.router_aux_loss_coef * out.aux_loss / chunks
         else:
-            loss = ref(input_ids=ids, labels=labels).loss
+            loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
     grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     with torch.no_grad():
-        logits = ref(input_ids=ids).logits
+        logits = ref(input_ids=ids, attention_mask=mask).logits
     return loss.detach(), grads, logits
 
 
@@ -112,12 +129,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, attn: str,
-              chunks: int, load_from: str | None = None, steps: int = 1) -> dict[str, Any]:
+              chunks: int, load_from: str | None = None, steps: int = 1,
+              pad: str | None = None) -> dict[str, Any]:
     from dualpipe.models import hf
 
     model = build(family, tied, attn)
     ids, labels = batch()
-    ref_loss, ref_grads, ref_logits = reference(model, ids, labels, chunks, steps)
+    mask = None
+    if pad is not None:
+        ids, labels, mask = padded(ids, labels, pad)
+    ref_loss, ref_grads, ref_logits = reference(model, ids, labels, chunks, steps, mask)
+    inputs = (ids,) if mask is None else (ids, mask)
     names = {id(p): n for n, p in model.named_parameters()}
     if load_from is not None:
         lm = hf.load_causal_lm(load_from, schedule, attn_implementation=attn)
@@ -130,15 +152,16 @@ def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, att
     assert last == (rank in [layout.exit(s)[0] for s in range(layout.num_streams)])
     assert len(lm.parameters()) == len({id(p) for s in lm.stages for p in s.parameters()})
     for _ in range(steps):  # gradients accumulate over the steps (no zero_grad)
-        losses = _step(pipe, lm, rank, world, ids, labels, chunks)
+        losses = _step(pipe, lm, rank, world, inputs, labels, chunks)
     logits_err = 0.0
     if layout.num_streams == 1:  # inference: the last stage's outputs are HF's logits
         with torch.no_grad():
-            _, outputs = pipe.step(ids if first else None, num_chunks=chunks,
-                                   return_outputs=True)
+            _, outputs = pipe.step(*(inputs if first else (None,) * len(inputs)),
+                                   num_chunks=chunks, return_outputs=True)
         if last:
             got = outputs[0] if isinstance(outputs, tuple) else outputs
-            logits_err = _rel(got, ref_logits)
+            keep = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
+            logits_err = _rel(got[keep], ref_logits[keep])  # padded positions: anything
     total = torch.zeros((), dtype=torch.float64)
     if losses is not None:
         total += losses.double().sum()
@@ -186,25 +209,26 @@ def _run_case(rank: int, world: int, family: str, schedule: str, tied: bool, att
             "checked": sorted(checked), "ref_names": sorted(ref_grads)}
 
 
-def _step(pipe: Any, lm: Any, rank: int, world: int, ids: torch.Tensor, labels: torch.Tensor,
-          chunks: int) -> torch.Tensor | None:
+def _step(pipe: Any, lm: Any, rank: int, world: int, inputs: tuple[torch.Tensor, ...],
+          labels: torch.Tensor, chunks: int) -> torch.Tensor | None:
     """One training step; this rank's losses (None where no stream ends)."""
     from dualpipe.models import hf
 
     if lm.layout.num_streams == 1:
         last = lm.takes_labels
-        losses, _ = pipe.step(ids if lm.takes_inputs else None, num_chunks=chunks,
+        losses, _ = pipe.step(*(inputs if lm.takes_inputs else (None,) * len(inputs)),
+                              num_chunks=chunks,
                               criterion=lm.criterion(labels, num_chunks=chunks) if last else None,
                               labels=(labels if last else None,))
         return losses
     # DualPipe: the first half enters at rank 0, the second at rank N-1
-    half = ids.shape[0] // 2
+    half = labels.shape[0] // 2
     crit = lm.criterion(num_items=hf.count_targets(labels), num_chunks=chunks)
     if rank == 0:
-        losses, _ = pipe.step(ids[:half], num_chunks=chunks, criterion=crit,
+        losses, _ = pipe.step(*(t[:half] for t in inputs), num_chunks=chunks, criterion=crit,
                               labels=(labels[half:],))
     elif rank == world - 1:
-        losses, _ = pipe.step(ids[half:], num_chunks=chunks, criterion=crit,
+        losses, _ = pipe.step(*(t[half:] for t in inputs), num_chunks=chunks, criterion=crit,
                               labels=(labels[:half],))
     else:
         losses, _ = pipe.step(num_chunks=chunks)

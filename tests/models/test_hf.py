@@ -44,7 +44,8 @@ def _check(cases: list[tuple], results: list[list[dict]]) -> None:
 def test_every_family_dualpipev_sdpa_and_eager() -> None:
     """DualPipeV on 2 ranks, each family (dense, sliding window, MoE with the
     load-balancing loss, DeepSeek-V3's latent attention), sdpa and eager, tied and
-    untied, against ``model(input_ids, labels=labels).loss`` and its gradients."""
+    untied, padded batches with an attention mask, against
+    ``model(input_ids, attention_mask=..., labels=labels).loss`` and its gradients."""
     cases = [
         *[(f, "dualpipev", False, "sdpa", 4) for f in w.FAMILIES],
         # eager gets explicit masks: one family per mask rule, MoE and latent attention
@@ -52,6 +53,10 @@ def test_every_family_dualpipev_sdpa_and_eager() -> None:
           for f in ("llama", "mistral", "qwen2", "mixtral")],
         ("mixtral", "dualpipev", False, "sdpa", 1),    # HF's whole-batch aux loss, exactly
         ("llama", "dualpipev", False, "sdpa", 1),
+        # padded batches with an attention mask (the balancing loss leaves padding out)
+        ("llama", "dualpipev", False, "sdpa", 2, None, 1, "left"),
+        ("mixtral", "dualpipev", False, "sdpa", 1, None, 1, "left"),
+        ("qwen2_moe", "dualpipev", False, "eager", 2, None, 1, "left"),
     ]
     results = run_distributed(w.compare_cases, 2, cases, timeout=240)
     _check(cases, results)
@@ -76,6 +81,8 @@ def test_other_schedules_ties_and_checkpoint_load(tmp_path) -> None:
         ("qwen3", "dualpipev", False, "eager", 2, paths["qwen3"]),
         ("mistral", "1f1b", True, "sdpa", 2, paths["mistral"]),
         ("llama", "1f1b", True, "sdpa", 2, None, 2),  # two steps accumulate, tie across ranks
+        ("mistral", "1f1b", False, "sdpa", 2, None, 1, "left"),   # padded, mask across ranks
+        ("qwen2", "dualpipe", False, "sdpa", 2, None, 1, "right"),
     ]
     results = run_distributed(w.compare_cases, 2, cases, timeout=240)
     _check(cases, results)

@@ -5,8 +5,9 @@ A model's layers for the pipeline are ``[embed_tokens, layers[0], ..., layers[L-
 head]`` (global layer indices ``0 .. L+1``; ``head`` holds the final norm and
 ``lm_head``). Each stage recomputes what HuggingFace's ``*Model.forward`` computes once
 for all layers — position ids, the rotary ``(cos, sin)`` and the causal (or
-sliding-window) mask — with the same HuggingFace functions, so only the hidden states
-(plus, for the MoE load-balancing loss, two per-expert sums) cross a stage boundary.
+sliding-window, padding-aware) masks — with the same HuggingFace functions, so only the
+hidden states (plus the 2-D attention mask when the batch has one, and for the MoE
+load-balancing loss two per-expert sums) cross a stage boundary.
 """
 
 from __future__ import annotations
@@ -148,10 +149,12 @@ class CausalLMStage(StageModule):
     ``[embed_tokens, decoder layers..., head]``, keyed by global layer index (so
     :mod:`dualpipe.checkpoint` keys are ``layers.<i>.*``, independent of the cut).
 
-    Inputs: ``input_ids`` at the first stage, otherwise what the previous stage returned.
-    Outputs: the hidden states, or the logits at the last stage; with the MoE
-    load-balancing loss on, followed by two float32 ``[num_experts]`` sums over the
-    stage's routers so far (top-k assignments, no gradient; router probabilities).
+    Inputs: ``input_ids`` and optionally a ``[batch, seq]`` ``attention_mask`` (1 = token,
+    0 = padding) at the first stage, otherwise what the previous stage returned.
+    Outputs: the hidden states, or the logits at the last stage; then the attention mask,
+    if there was one (no gradient; every stage builds HF's masks from it); then, with the
+    MoE load-balancing loss on, two float32 ``[num_experts]`` sums over the routers so
+    far (top-k assignments, no gradient; router probabilities).
     """
 
     def __init__(
@@ -178,7 +181,13 @@ class CausalLMStage(StageModule):
         aux = spec.aux
         layers = list(zip(self.layer_ids, self, strict=True))
         if self.has_embedding:
-            (input_ids,) = inputs
+            if len(inputs) not in (1, 2):
+                raise TypeError(
+                    "the first stage takes input_ids and optionally a [batch, seq] "
+                    f"attention_mask (1 = token, 0 = padding); got {len(inputs)} inputs"
+                )
+            input_ids = inputs[0]
+            mask = inputs[1] if len(inputs) == 2 else None
             hidden = layers[0][1](input_ids)
             layers = layers[1:]
             sums: list[torch.Tensor] = []
@@ -188,17 +197,20 @@ class CausalLMStage(StageModule):
                     for _ in range(2)
                 ]
         else:
-            hidden, *sums = inputs
+            hidden, *rest = inputs
+            mask, sums = _split_rest(rest, spec)
         decoders = [(i, m) for i, m in layers if 1 <= i <= spec.num_layers]
         if decoders:
-            hidden, sums = self._decoders(hidden, sums, decoders)
+            hidden, sums = self._decoders(hidden, mask, sums, decoders)
         if self.has_head:
             hidden = layers[-1][1](hidden)
-        return (hidden, *sums) if sums else hidden
+        extra = ([] if mask is None else [mask]) + sums
+        return (hidden, *extra) if extra else hidden
 
     def _decoders(
         self,
         hidden: torch.Tensor,
+        mask: torch.Tensor | None,
         sums: list[torch.Tensor],
         decoders: list[tuple[int, nn.Module]],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -224,7 +236,7 @@ class CausalLMStage(StageModule):
                 masks[kind] = make(
                     config=spec.config,
                     inputs_embeds=hidden,
-                    attention_mask=None,
+                    attention_mask=mask,
                     past_key_values=None,
                     position_ids=position_ids,
                 )
@@ -244,24 +256,49 @@ class CausalLMStage(StageModule):
             hidden = out[0] if isinstance(out, tuple) else out
             if spec.aux is not None and captured:
                 (logits,) = captured  # one router per MoE layer
-                sums = _add_router_share(sums, logits, spec.aux)
+                sums = _add_router_share(sums, logits, spec.aux, mask)
         return hidden, sums
 
 
+def _split_rest(
+    rest: list[torch.Tensor], spec: _Spec
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """``(attention mask or None, load-balancing sums)`` from what follows the hidden
+    states at a stage boundary."""
+    n_sums = 0 if spec.aux is None else 2
+    if len(rest) == n_sums:
+        return None, list(rest)
+    if len(rest) == n_sums + 1:
+        return rest[0], list(rest[1:])
+    raise TypeError(f"unexpected stage inputs: hidden states and {len(rest)} more tensors")
+
+
 def _add_router_share(
-    sums: list[torch.Tensor], router_logits: torch.Tensor, aux: _AuxSpec
+    sums: list[torch.Tensor],
+    router_logits: torch.Tensor,
+    aux: _AuxSpec,
+    mask: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """One router's addition to (top-k assignment counts, router probability sums), in
-    the arithmetic of HuggingFace's ``load_balancing_loss_func`` (no padding mask)."""
+    the arithmetic of HuggingFace's ``load_balancing_loss_func`` (padding left out where
+    ``mask`` is 0)."""
     tokens, probs = sums
     device = tokens.device
     weights = F.softmax(router_logits.to(device), dim=-1)
     _, selected = torch.topk(weights, aux.top_k, dim=-1)
-    histc_dtype = torch.float32 if device.type in ("cpu", "mps") else torch.int32
-    tokens = tokens + torch.histc(
-        selected.reshape(-1).to(histc_dtype), bins=aux.num_experts, min=0, max=aux.num_experts
-    )
-    probs = probs + weights.float().sum(dim=0)
+    if mask is None:
+        histc_dtype = torch.float32 if device.type in ("cpu", "mps") else torch.int32
+        tokens = tokens + torch.histc(
+            selected.reshape(-1).to(histc_dtype), bins=aux.num_experts, min=0,
+            max=aux.num_experts,
+        )
+        probs = probs + weights.float().sum(dim=0)
+    else:
+        flat = mask.reshape(-1).to(device=device, dtype=torch.float32)
+        tokens = tokens + torch.zeros(
+            aux.num_experts, dtype=torch.float32, device=device
+        ).scatter_add_(0, selected.reshape(-1), flat.repeat_interleave(aux.top_k))
+        probs = probs + (weights.float() * flat.unsqueeze(-1)).sum(dim=0)
     return [tokens, probs]
 
 
@@ -276,8 +313,10 @@ class CausalLMLoss:
     losses *sum* to HuggingFace's ``model(input_ids, labels=labels).loss`` of the whole
     batch (and their gradients to its gradient).
 
-    Each micro-batch's loss is the sum of its token cross-entropies (labels shifted by
-    one, ``-100`` ignored, logits upcast to float32 as HuggingFace does) divided by
+    Called as ``criterion(logits, [attention_mask], [router sums], labels)`` (what the last
+    stage returns, then the labels). Each micro-batch's loss is the sum of its token
+    cross-entropies (labels shifted by one, ``-100`` ignored, logits upcast to float32 as
+    HuggingFace does; the attention mask does not enter it, as in HuggingFace) divided by
     ``num_items``, the number of predicted tokens of the whole step; with the MoE
     load-balancing loss on, plus ``router_aux_loss_coef * aux / num_chunks``, where
     ``aux`` is HuggingFace's load-balancing loss of that micro-batch (over all of the
@@ -308,20 +347,18 @@ class CausalLMLoss:
         self.ignore_index = ignore_index
 
     def __call__(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        if self.aux is not None:
-            if len(rest) != 3:
-                raise ValueError(
-                    "the last stage gives (logits, router counts, router probabilities): "
-                    f"expected them and the labels, got {1 + len(rest)} tensors"
-                )
-            tokens, probs, labels = rest
-        else:
-            if len(rest) != 1:
-                raise ValueError(
-                    f"expected (logits, labels), got {1 + len(rest)} tensors: with the MoE "
-                    "load-balancing loss on, build the loss with CausalLM.criterion"
-                )
-            (labels,) = rest
+        """``criterion(logits, [attention_mask], [router counts, router probabilities],
+        labels)``: what the last stage returns, then the micro-batch's labels."""
+        n_sums = 0 if self.aux is None else 2
+        if len(rest) not in (n_sums + 1, n_sums + 2):
+            raise ValueError(
+                f"expected the last stage's outputs (logits, {n_sums} load-balancing sums, "
+                f"and the attention mask if the step had one) and the labels; got "
+                f"{1 + len(rest)} tensors"
+            )
+        *outputs, labels = rest
+        mask = outputs[0] if len(outputs) == n_sums + 1 else None
+        sums = outputs[len(outputs) - n_sums :]
         shifted = F.pad(labels, (0, 1), value=self.ignore_index)[..., 1:].contiguous()
         loss = F.cross_entropy(
             logits.float().view(-1, self.vocab_size),
@@ -331,7 +368,16 @@ class CausalLMLoss:
         )
         loss = loss / self.num_items
         if self.aux is not None:
-            rows = float(self.aux.router_layers * logits.shape[0] * logits.shape[1])
+            tokens, probs = sums
+            if mask is None:
+                rows: float | torch.Tensor = float(
+                    self.aux.router_layers * logits.shape[0] * logits.shape[1]
+                )
+            else:  # as HF: the mask's sum, once per router
+                rows = 0.0
+                flat = mask.reshape(-1).to(device=tokens.device, dtype=torch.float32)
+                for _ in range(self.aux.router_layers):
+                    rows = rows + flat.sum()
             balance = torch.sum((tokens / rows) * (probs / rows).unsqueeze(0))
             balance = balance * self.aux.num_experts
             loss = loss + self.aux.coef * balance.to(loss.device) / self.num_chunks

@@ -63,6 +63,10 @@ class ExpertParallelStage(PartedStage, CausalLMStage):
     def parts(self, *inputs: Any) -> Generator[Any, Any, Any]:
         spec = self._spec
         layers = list(zip(self.layer_ids, self, strict=True))
+        if len(inputs) != 1:
+            raise NotImplementedError(
+                "expert-parallel stages take input_ids only (no attention_mask)"
+            )
         if self.has_embedding:
             (input_ids,) = inputs
             hidden = layers[0][1](input_ids)
