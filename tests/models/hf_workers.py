@@ -263,7 +263,14 @@ def save_checkpoint(family: str, tied: bool, path: str) -> None:
     assert os.path.exists(os.path.join(path, "model.safetensors"))
 
 
-def expert_parallel(rank: int, world: int, family: str, chunks: int) -> dict[str, Any]:
+def expert_parallel(rank: int, world: int, families: list[str], chunks: int
+                    ) -> list[dict[str, Any]]:
+    """:func:`expert_parallel_case` for each family, on one 2 x 2 mesh."""
+    torch.set_num_threads(1)
+    return [expert_parallel_case(f, chunks) for f in families]
+
+
+def expert_parallel_case(family: str, chunks: int) -> dict[str, Any]:
     """2 pipeline x 2 expert-parallel processes (DualPipeV, overlap engine): replica ``q``
     trains share ``q`` of the batch; after the expert-parallel gradient sum every rank
     holds HF's gradient of the whole batch on one process (no expert parallelism)."""
@@ -271,7 +278,6 @@ def expert_parallel(rank: int, world: int, family: str, chunks: int) -> dict[str
 
     from dualpipe.models import hf_ep
 
-    torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
     ep_rank = dist.get_rank(ep)

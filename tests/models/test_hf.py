@@ -88,18 +88,22 @@ def test_other_schedules_ties_and_checkpoint_load(tmp_path) -> None:
     _check(cases, results)
 
 
-def test_expert_parallel_mixtral_2pp_x_2ep() -> None:
-    """Mixtral's experts spread over 2 expert-parallel ranks (all-to-all dispatch and
-    combine in stages written as parts, run by the overlap engine) on 2 DualPipeV ranks:
-    4 processes, each pipeline replica training half the batch; after the expert-parallel
-    gradient sum every rank holds HF's gradient of the whole batch on one process."""
-    results = run_distributed(w.expert_parallel, 4, "mixtral", 4, timeout=240)
-    for r in results:
-        assert r["loss"] == results[0]["loss"]
-        assert math.isclose(r["loss"], r["ref"], rel_tol=1e-6), r
-        assert r["grad"] <= 1e-5, r
-    covered = set().union(*(r["checked"] for r in results))
-    assert covered == set(results[0]["ref_names"])
+def test_expert_parallel_2pp_x_2ep() -> None:
+    """Mixtral's and Qwen2-MoE's (shared expert, a dense layer) experts spread over 2
+    expert-parallel ranks (all-to-all dispatch and combine in stages written as parts, run
+    by the overlap engine) on 2 DualPipeV ranks: 4 processes, each pipeline replica
+    training half the batch; after the expert-parallel gradient sum every rank holds HF's
+    gradient of the whole batch on one process."""
+    families = ["mixtral", "qwen2_moe"]
+    results = run_distributed(w.expert_parallel, 4, families, 4, timeout=240)
+    for i, family in enumerate(families):
+        per_rank = [r[i] for r in results]
+        for r in per_rank:
+            assert r["loss"] == per_rank[0]["loss"], family
+            assert math.isclose(r["loss"], r["ref"], rel_tol=1e-6), (family, r)
+            assert r["grad"] <= 1e-5, (family, r)
+        covered = set().union(*(r["checked"] for r in per_rank))
+        assert covered == set(per_rank[0]["ref_names"]), family
 
 
 def test_loaded_stages_match_the_model_on_one_process(tmp_path) -> None:
@@ -118,7 +122,7 @@ def test_loaded_stages_match_the_model_on_one_process(tmp_path) -> None:
 
 def test_refusals(tmp_path) -> None:
     """Clear errors: other model families, a checkpoint whose names HF converts on load
-    (Mixtral's per-expert weights), expert parallelism for a family with a shared expert
+    (Mixtral's per-expert weights), expert parallelism for DeepSeek-V3 (grouped routing)
     or with the balancing loss on, a mean loss reduction, a criterion without a count."""
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16,
                                                                  n_head=2, vocab_size=32))
@@ -129,8 +133,8 @@ def test_refusals(tmp_path) -> None:
         hf.load_causal_lm(tmp_path, "dualpipev", rank=0, num_ranks=1)
     from dualpipe.models import hf_ep
 
-    with pytest.raises(ValueError, match="implemented for mixtral, qwen3_moe"):
-        hf_ep.split_causal_lm_ep(w.build("qwen2_moe"), ep_group=None)
+    with pytest.raises(ValueError, match="implemented for mixtral, qwen2_moe, qwen3_moe"):
+        hf_ep.split_causal_lm_ep(w.build("deepseek_v3"), ep_group=None)
     with pytest.raises(ValueError, match="output_router_logits=False"):
         hf_ep.split_causal_lm_ep(w.build("mixtral"), ep_group=None)  # balancing loss on
     lm = hf.split_causal_lm(w.build("llama"), "dualpipev", rank=0, num_ranks=1)

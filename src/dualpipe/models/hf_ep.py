@@ -1,4 +1,4 @@
-"""Expert parallelism for HuggingFace MoE causal LMs (Mixtral, Qwen3-MoE) under the overlap
+"""Expert parallelism for HuggingFace MoE causal LMs (Mixtral, Qwen2/3-MoE) under the overlap
 engine: each stage is written as parts, its sparse MoE blocks dispatching tokens to the
 expert-parallel rank that runs their experts and combining the results with all-to-alls,
 so DualPipe's forward-and-backward pairs hide them under the other micro-batch's work."""
@@ -19,9 +19,10 @@ from .hf import CausalLM, CausalLMStage, _prepare, _Spec
 __all__ = ["ExpertParallelStage", "split_causal_lm_ep", "sync_expert_parallel_grads",
            "EP_MODEL_TYPES"]
 
-EP_MODEL_TYPES = ("mixtral", "qwen3_moe")
+EP_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 """Families whose sparse MoE block is a router (``gate``) and fused experts (``experts``:
-``gate_up_proj``, ``down_proj``) and nothing else (no shared expert)."""
+``gate_up_proj``, ``down_proj``), plus for Qwen2-MoE a sigmoid-gated shared expert (run
+locally on every token)."""
 
 
 def _any(module: nn.Module) -> Any:
@@ -133,13 +134,13 @@ class ExpertParallelStage(PartedStage, CausalLMStage):
         order = torch.argsort(flat, stable=True)
         rows = z.repeat_interleave(k, dim=0)[order]
         counts = torch.bincount(flat, minlength=num)
-        got, rows, order, weights, counts, residual = yield (
-            self._a2a(counts), rows, order, weights, counts, residual)
+        got, rows, order, weights, counts, residual, z = yield (
+            self._a2a(counts), rows, order, weights, counts, residual, z)
         send = counts.view(ep, local).sum(1).tolist()
         per_source = got.view(ep, local)
         recv = per_source.sum(1).tolist()
-        arrived, order, weights, residual = yield (
-            self._a2a(rows, in_splits=send, out_splits=recv), order, weights, residual)
+        arrived, order, weights, residual, z = yield (
+            self._a2a(rows, in_splits=send, out_splits=recv), order, weights, residual, z)
         experts = block.experts
         mine = range(self._ep_rank * local, (self._ep_rank + 1) * local)
         outs, at = [], 0
@@ -148,12 +149,16 @@ class ExpertParallelStage(PartedStage, CausalLMStage):
                 n = int(per_source[source, j])
                 outs.append(_expert(experts, e, arrived[at:at + n]))
                 at += n
-        back, order, weights, residual = yield (
+        back, order, weights, residual, z = yield (
             self._a2a(torch.cat(outs), in_splits=recv, out_splits=send),
-            order, weights, residual)
+            order, weights, residual, z)
         unsorted = torch.empty_like(back).index_copy(0, order, back)
         tokens = weights.shape[0]
         mixed = (unsorted.view(tokens, k, -1) * weights.unsqueeze(-1).to(back.dtype)).sum(1)
+        shared = getattr(block, "shared_expert", None)
+        if shared is not None:  # Qwen2-MoE: every token also through the shared expert
+            gate = torch.sigmoid(_any(block).shared_expert_gate(z))
+            mixed = mixed + gate * shared(z)
         return mixed, residual
 
 
@@ -196,7 +201,7 @@ def split_causal_lm_ep(
     if model_type not in EP_MODEL_TYPES:
         raise ValueError(
             f"expert parallelism is implemented for {', '.join(EP_MODEL_TYPES)} (router + "
-            f"fused experts, no shared expert); got model_type {model_type!r}"
+            f"fused experts); got model_type {model_type!r}"
         )
     if getattr(config, "output_router_logits", False):
         raise ValueError(
