@@ -106,30 +106,46 @@ def test_expert_parallel_2pp_x_2ep() -> None:
         assert covered == set(per_rank[0]["ref_names"]), family
 
 
-def test_loaded_stages_match_the_model_on_one_process(tmp_path) -> None:
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "deepseek_v3"])
+def test_loaded_stages_match_the_model_on_one_process(tmp_path, family) -> None:
     """Without any process group: the two stages of a one-rank DualPipeV loaded from a
-    checkpoint give HF's logits bit for bit, and hold no meta tensor."""
-    model = w.build("llama", tied=True).eval()
+    checkpoint hold the model's tensors exactly (MoE experts assembled from their
+    per-expert form, Mixtral's ``block_sparse_moe`` names included), no meta tensor, and
+    give HF's logits bit for bit."""
+    model = w.build(family, tied=family == "llama").eval()
     model.save_pretrained(tmp_path)
     lm = hf.load_causal_lm(tmp_path, "dualpipev", rank=0, num_ranks=1)
     first, last = lm.stages
-    assert not any(t.is_meta for s in lm.stages for t in s.state_dict().values())
-    assert last[-1].lm_head.weight is first[0].weight  # tie kept on one rank
+    own = model.state_dict()
+    for stage in lm.stages:
+        for key, value in stage.state_dict().items():
+            assert not value.is_meta, key
+            assert torch.equal(value, own[w._hf_name(lm, stage, key)]), key
+    if family == "llama":
+        assert last[-1].lm_head.weight is first[0].weight  # tie kept on one rank
     ids, _ = w.batch()
     with torch.no_grad():
-        assert torch.equal(last(first(ids)), model(input_ids=ids).logits)
+        out = first(ids)
+        out = last(*out) if isinstance(out, tuple) else last(out)
+        logits = out[0] if isinstance(out, tuple) else out  # then the balancing sums
+        assert torch.equal(logits, model(input_ids=ids).logits)
 
 
 def test_refusals(tmp_path) -> None:
-    """Clear errors: other model families, a checkpoint whose names HF converts on load
-    (Mixtral's per-expert weights), expert parallelism for DeepSeek-V3 (grouped routing)
-    or with the balancing loss on, a mean loss reduction, a criterion without a count."""
+    """Clear errors: other model families, a checkpoint missing a tensor, expert
+    parallelism for DeepSeek-V3 (grouped routing) or with the balancing loss on, a mean
+    loss reduction, a criterion without a count."""
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16,
                                                                  n_head=2, vocab_size=32))
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         hf.split_causal_lm(gpt2, "dualpipev", rank=0, num_ranks=1)
-    w.build("mixtral").save_pretrained(tmp_path)
-    with pytest.raises(KeyError, match="from_pretrained on every rank"):
+    from safetensors.torch import load_file, save_file
+
+    w.build("qwen3").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyError, match="model.layers.1.self_attn.k_norm.weight"):
         hf.load_causal_lm(tmp_path, "dualpipev", rank=0, num_ranks=1)
     from dualpipe.models import hf_ep
 

@@ -662,6 +662,43 @@ def _checkpoint_index(path: str) -> dict[str, str]:
         return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 
+_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+"""Per-expert tensor names of MoE checkpoints (Qwen2/3-MoE and DeepSeek-V3; Mixtral):
+gate, up and down projection."""
+
+
+def _checkpoint_tensor(
+    key: str,
+    shape: tuple[int, ...],
+    index: dict[str, str],
+    read: Callable[[str], torch.Tensor],
+) -> torch.Tensor | None:
+    """The module tensor ``key`` from a checkpoint: stored under its name, or (MoE
+    checkpoints, which transformers 5 fuses when loading) assembled from per-expert
+    tensors — ``experts.gate_up_proj[e]`` is expert ``e``'s gate and up projections
+    concatenated, ``experts.down_proj[e]`` its down projection — under ``mlp.`` or
+    Mixtral's ``block_sparse_moe.``. None when neither form is there."""
+    prefixes = [key]
+    if ".mlp." in key:
+        prefixes.append(key.replace(".mlp.", ".block_sparse_moe.", 1))
+    for k in prefixes:
+        if k in index:
+            return read(k)
+    for k in prefixes:
+        base, _, leaf = k.rpartition(".")
+        if not base.endswith("experts") or leaf not in ("gate_up_proj", "down_proj"):
+            continue
+        for gate, up, down in _EXPERT_NAMES:
+            names = [
+                [f"{base}.{e}.{n}.weight" for n in ((gate, up) if leaf == "gate_up_proj" else
+                                                    (down,))]
+                for e in range(shape[0])
+            ]
+            if all(n in index for per in names for n in per):
+                return torch.stack([torch.cat([read(n) for n in per]) for per in names])
+    return None
+
+
 def _hf_names(model: Any, num_layers: int) -> Callable[[int, str], str]:
     """(global layer index, key inside that layer) -> the model's state-dict key."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -701,10 +738,12 @@ def load_causal_lm(
     embedding's buffers are recomputed from the config. Every other buffer must be in the
     checkpoint.
 
-    Checkpoints whose tensor names differ from the modules' (HuggingFace converts, for
-    example, Mixtral's and DeepSeek-V3's per-expert weights into fused ones when it loads
-    them) are refused, naming a missing tensor: load those with ``from_pretrained`` on
-    every rank and call :func:`split_causal_lm`.
+    MoE checkpoints store each expert's projections separately (``experts.<e>.gate_proj``,
+    ``up_proj``, ``down_proj``; Mixtral's ``block_sparse_moe.experts.<e>.w1/w3/w2``), where
+    transformers 5's modules hold them fused (``experts.gate_up_proj``,
+    ``experts.down_proj``): they are assembled the way transformers does. Any other tensor
+    missing from the checkpoint is an error naming it (load such a model with
+    ``from_pretrained`` on every rank and call :func:`split_causal_lm`).
     """
     transformers = _transformers()
     path = os.fspath(path)
@@ -733,6 +772,14 @@ def load_causal_lm(
     from safetensors import safe_open
 
     handles: dict[str, Any] = {}
+
+    def read(k: str) -> torch.Tensor:
+        file = index[k]
+        if file not in handles:
+            handles[file] = safe_open(file, framework="pt")
+        out: torch.Tensor = handles[file].get_tensor(k)
+        return out
+
     try:
         for i, layer in local.items():
             persistent = layer.state_dict(keep_vars=True)
@@ -746,17 +793,13 @@ def load_causal_lm(
                 hf_key = name(i, key)
                 if hf_key not in index and spec.tied and i == spec.num_layers + 1:
                     hf_key = embed_name  # a tied head is saved once, as the embedding
-                if hf_key not in index:
+                value = _checkpoint_tensor(hf_key, tuple(tensor.shape), index, read)
+                if value is None:
                     raise KeyError(
                         f"the checkpoint in {path} has no tensor {hf_key!r} (for layer {i}, "
-                        f"{key!r}); its names differ from the modules' (HuggingFace converts "
-                        "some families' weights when loading): load the model with "
+                        f"{key!r}), nor a per-expert form of it: load the model with "
                         "from_pretrained on every rank and use split_causal_lm"
                     )
-                file = index[hf_key]
-                if file not in handles:
-                    handles[file] = safe_open(file, framework="pt")
-                value = handles[file].get_tensor(hf_key)
                 if tuple(value.shape) != tuple(tensor.shape):
                     raise ValueError(
                         f"{hf_key}: checkpoint shape {tuple(value.shape)}, model "
