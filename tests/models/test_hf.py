@@ -109,11 +109,13 @@ def test_expert_parallel_2pp_x_2ep() -> None:
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "deepseek_v3"])
 def test_loaded_stages_match_the_model_on_one_process(tmp_path, family) -> None:
     """Without any process group: the two stages of a one-rank DualPipeV loaded from a
-    checkpoint hold the model's tensors exactly (MoE experts assembled from their
-    per-expert form, Mixtral's ``block_sparse_moe`` names included), no meta tensor, and
-    give HF's logits bit for bit."""
+    checkpoint (sharded or not) hold the model's tensors exactly (MoE experts assembled
+    from their per-expert form, Mixtral's ``block_sparse_moe`` names included), no meta
+    tensor, and give HF's logits bit for bit."""
     model = w.build(family, tied=family == "llama").eval()
-    model.save_pretrained(tmp_path)
+    # Llama in several files (model.safetensors.index.json), the others in one
+    model.save_pretrained(tmp_path, max_shard_size="20KB" if family == "llama" else "1GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == (family == "llama")
     lm = hf.load_causal_lm(tmp_path, "dualpipev", rank=0, num_ranks=1)
     first, last = lm.stages
     own = model.state_dict()

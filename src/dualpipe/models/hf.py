@@ -887,7 +887,8 @@ def _tied_embeddings(info: PipelineInfo) -> Extension | None:
         raise ValueError(
             f"these stages were cut for pipeline rank {spec.rank} of a layout with stages "
             f"{spec.layout.rank_stages}; this pipeline is rank {info.rank} of "
-            f"{info.layout.rank_stages}: cut the model for the schedule you run"
+            f"{info.layout.rank_stages}: cut the model for the schedule you run (with a "
+            "rank_mapping, pass rank=<pipeline rank> when cutting)"
         )
     if spec.cross_rank_tie is None:
         return None
