@@ -43,12 +43,23 @@ def unique_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     return out
 
 
+COUNTED_ELSEWHERE = "_dualpipe_counted_elsewhere"
+"""A parameter with this attribute set to True is a copy of one that another rank holds
+and counts (a tied output head whose embedding lives on another rank, kept equal by
+summing their gradients): :func:`owned_parameters` leaves it out."""
+
+
 def owned_parameters(pipe: Pipeline) -> list[nn.Parameter]:
     """The parameters of the stages this rank owns: over the pipeline's ranks, every
-    parameter of the model exactly once (DualPipe's second copies left out)."""
-    return unique_parameters(
-        m for k, m in local_stages(pipe) if stage_owner(pipe.layout, k) == pipe.rank
-    )
+    parameter of the model exactly once (DualPipe's second copies left out, and copies
+    marked :data:`COUNTED_ELSEWHERE`)."""
+    return [
+        p
+        for p in unique_parameters(
+            m for k, m in local_stages(pipe) if stage_owner(pipe.layout, k) == pipe.rank
+        )
+        if not getattr(p, COUNTED_ELSEWHERE, False)
+    ]
 
 
 def is_mirrored(pipe: Pipeline) -> bool:

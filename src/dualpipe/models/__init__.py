@@ -1,0 +1,1 @@
+"""Ready-made pipeline stages for well-known model libraries (HuggingFace: :mod:`.hf`)."""
