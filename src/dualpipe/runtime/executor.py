@@ -110,11 +110,6 @@ class Executor:
             self.abandon(exc)
             raise
 
-    def report(self, message: str) -> None:
-        """Tell the other ranks that this pipeline failed here (outside a step, e.g. a
-        plug-in refused it at construction): their next step fails with ``message``."""
-        self.transport.post_error(message)
-
     def refuse(self, step: int, exc: BaseException, what: str) -> None:
         """Step ``step`` cannot start on this rank (``exc``; ``what`` says why, e.g.
         "invalid step arguments"): tell the other ranks at once, naming this rank, and

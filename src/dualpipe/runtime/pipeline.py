@@ -247,22 +247,46 @@ class Pipeline(nn.Module):
         self._schedules: dict[int, Schedule] = {}
         self._step_number = 0
         self.last_record: StepRecord | None = None
-        self.identity = self._handshake(
-            group_rank,
-            {
-                "schedule": self._fixed.to_text() if self._fixed else self.schedule_name,
-                "layout": (self.layout.paths, self.layout.stages, self.layout.rank_stages),
-                "rank_mapping": to_group,
-                "static_shapes": static_shapes,
-                "split_backward": split_backward,
-                "sync_mirrored_grads": sync_mirrored_grads,
-                "mirrored_weights": mirrored_weights,
-                "batch_dim": batch_dim,
-                "loss_reduction": loss_reduction,
-            },
-        )
+        # plug-ins (those the registered factories give, then the user's own), built before
+        # the handshake: whether one refused is compared there, so a refusal on any rank
+        # fails every rank's construction at once (the refusing rank's with its own error)
         self.extensions: list[Extension] = []
+        info = PipelineInfo(
+            self.rank, size, self.schedule_name, self.layout, tuple(stages),
+            tuple(self.layout.rank_stages[self.rank]), process_group, self.device,
+            split_backward, self,
+        )
+        refusal: Exception | None = None
+        try:
+            self.extensions.extend(extensions_for(info, extensions))
+        except Exception as exc:
+            refusal = exc
         self._finalizer = weakref.finalize(self, _release, self.transport, self.extensions)
+        try:
+            self.identity = self._handshake(
+                group_rank,
+                {
+                    "schedule": self._fixed.to_text() if self._fixed else self.schedule_name,
+                    "layout": (self.layout.paths, self.layout.stages, self.layout.rank_stages),
+                    "rank_mapping": to_group,
+                    "static_shapes": static_shapes,
+                    "split_backward": split_backward,
+                    "sync_mirrored_grads": sync_mirrored_grads,
+                    "mirrored_weights": mirrored_weights,
+                    "batch_dim": batch_dim,
+                    "loss_reduction": loss_reduction,
+                    "extensions": "ok" if refusal is None else f"refused: {refusal}",
+                },
+            )
+        except PipelineError:
+            self.close()
+            if refusal is None:
+                raise
+            raise refusal from None
+        if refusal is not None:  # refused on every rank
+            self.close()
+            raise refusal
+        self.executor.extend(self.extensions)
         # DualPipe's layout holds every stage on two ranks (r and N-1-r)
         self.mirrored: MirroredStages | None = None
         if size % 2 == 0 and self.layout == dualpipe_layout(size):
@@ -271,20 +295,6 @@ class Pipeline(nn.Module):
                 self.transport,
             )
             self.mirrored.check(mirrored_weights)
-        # plug-ins: those the registered factories give, then the user's own
-        info = PipelineInfo(
-            self.rank, size, self.schedule_name, self.layout, tuple(stages),
-            tuple(self.layout.rank_stages[self.rank]), process_group, self.device,
-            split_backward, self,
-        )
-        try:
-            self.extensions.extend(extensions_for(info, extensions))
-        except Exception as exc:
-            # tell the other ranks at once: their first step fails instead of waiting
-            self.executor.report(f"rank {self.rank}: pipeline refused: {exc}")
-            self.close()
-            raise
-        self.executor.extend(self.extensions)
 
     def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
         """Agree with the other ranks on who this pipeline is and on its configuration."""
