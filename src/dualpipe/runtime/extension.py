@@ -7,8 +7,10 @@ registered factory once at construction with itself, and keeps the extensions th
 factories return (a factory returns ``None`` when it has nothing to do for that pipeline).
 The pipeline then calls, on every rank:
 
-* :meth:`Extension.attach` at the end of construction (it may refuse the pipeline by
-  raising, with an error that says what to do);
+* :meth:`Extension.attach` during construction, before the ranks' handshake and
+  DualPipe's mirrored-copy check (it may refuse the pipeline by raising, with an error
+  that says what to do: whether each rank refused is compared in the handshake, so every
+  rank's construction fails at once, the refusing rank's with its own error);
 * :meth:`Extension.before_step` before the step's first action;
 * :meth:`Extension.after_stage_backward` during a training step, right after the action
   that finishes the last backward or weight-gradient work of one of the rank's stages
@@ -35,7 +37,8 @@ class Extension:
     """Base class of pipeline extensions: every hook is a no-op by default."""
 
     def attach(self, pipeline: Pipeline) -> None:
-        """Called once, at the end of the pipeline's construction (raise to refuse it)."""
+        """Called once during the pipeline's construction (raise to refuse it); the
+        pipeline's modules, layout, rank and executor exist, its handshake has not run."""
 
     def before_step(self, training: bool) -> None:
         """Called before every step (``training`` is False for forward-only inference)."""

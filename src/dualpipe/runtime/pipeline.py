@@ -206,20 +206,44 @@ class Pipeline(nn.Module):
         self._schedules: dict[int, Schedule] = {}
         self._steps = 0
         self.last_record: StepRecord | None = None
-        self.identity = self._handshake(
-            group_rank,
-            {
-                "schedule": self._fixed.to_text() if self._fixed else self.schedule_name,
-                "layout": (self.layout.paths, self.layout.stages, self.layout.rank_stages),
-                "rank_mapping": to_group,
-                "static_shapes": static_shapes,
-                "split_backward": split_backward,
-                "sync_mirrored_grads": sync_mirrored_grads,
-                "mirrored_weights": mirrored_weights,
-                "batch_dim": batch_dim,
-                "loss_reduction": loss_reduction,
-            },
-        )
+        # [extension hooks] plug-ins registered with runtime.extension.register_extension;
+        # whether one refused this pipeline is compared in the handshake, so every rank
+        # raises at construction (the refusing rank its own error)
+        self.extensions: list[Extension] = []
+        refusal: Exception | None = None
+        try:
+            for factory in extension_factories():
+                ext = factory(self)
+                if ext is not None:
+                    self.extensions.append(ext)
+                    ext.attach(self)
+        except Exception as exc:
+            refusal = exc
+        self.executor.extensions = self.extensions
+        try:
+            self.identity = self._handshake(
+                group_rank,
+                {
+                    "schedule": self._fixed.to_text() if self._fixed else self.schedule_name,
+                    "layout": (self.layout.paths, self.layout.stages, self.layout.rank_stages),
+                    "rank_mapping": to_group,
+                    "static_shapes": static_shapes,
+                    "split_backward": split_backward,
+                    "sync_mirrored_grads": sync_mirrored_grads,
+                    "mirrored_weights": mirrored_weights,
+                    "batch_dim": batch_dim,
+                    "loss_reduction": loss_reduction,
+                    "extensions": "ok" if refusal is None else f"refused: {refusal}",
+                },
+            )
+        except PipelineError:
+            if refusal is None:
+                raise
+            self.transport.close()
+            raise refusal from None
+        if refusal is not None:  # refused on every rank
+            self.transport.close()
+            raise refusal
         self._finalizer = weakref.finalize(self, self.transport.close)
         # DualPipe's layout holds every stage on two ranks (r and N-1-r)
         self.mirrored: MirroredStages | None = None
@@ -229,20 +253,6 @@ class Pipeline(nn.Module):
                 self.transport,
             )
             self.mirrored.check(mirrored_weights)
-        # [extension hooks] plug-ins registered with runtime.extension.register_extension
-        self.extensions: list[Extension] = []
-        try:
-            for factory in extension_factories():
-                ext = factory(self)
-                if ext is not None:
-                    self.extensions.append(ext)
-                    ext.attach(self)
-        except Exception as exc:
-            # tell the other ranks at once (their first step fails instead of waiting)
-            self.transport.post_error(f"rank {self.rank}: pipeline refused: {exc}")
-            self.close()
-            raise
-        self.executor.extensions = self.extensions
 
     def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
         """Agree with the other ranks on who this pipeline is and on its configuration."""
