@@ -264,18 +264,18 @@ class FSDPExtension(Extension):
             if not stage.reduced and stage.saved:
                 self._restore(stage)
             stage.reduced = False
-            for state in stage.states:
-                if state._is_root:
-                    try:
+            try:  # best effort: the step's own error is what the caller gets
+                for state in stage.states:
+                    if state._is_root:
                         state._reset_iter_state()
-                    except Exception:  # noqa: BLE001 - best effort on a failed pipeline
-                        pass
-            for g in stage.groups:
-                for fp in g.fsdp_params:
-                    fp.unsharded_accumulated_grad = None
-                    if hasattr(fp, "_unsharded_param"):
-                        fp._unsharded_param.grad = None
-                g.reshard()
+                for g in stage.groups:
+                    for fp in g.fsdp_params:
+                        fp.unsharded_accumulated_grad = None
+                        if hasattr(fp, "_unsharded_param"):
+                            fp._unsharded_param.grad = None
+                    g.reshard()
+            except Exception:  # noqa: BLE001
+                pass
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
