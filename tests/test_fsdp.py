@@ -56,12 +56,15 @@ def test_fully_shard_remaining_schedules() -> None:
     _check_counts(reports)
 
 
-def test_nested_fully_shard_and_split_off() -> None:
+def test_nested_fully_shard() -> None:
     """fully_shard on every layer and then the stage: one reduce-scatter and one
-    all-gather per parameter group; and split_backward=False is exact too."""
+    all-gather per parameter group."""
     reports = run_distributed(run_composed, 4, ["dualpipev", "dualpipe"], "fsdp-nested", 2,
                               timeout=240)
     _check_counts(reports)
+
+
+def test_split_backward_off() -> None:
     reports = run_distributed(run_composed, 4, ["dualpipev"], "fsdp", 2, 1, 1, False,
                               timeout=240)
     _check_counts(reports)

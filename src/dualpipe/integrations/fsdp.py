@@ -299,11 +299,15 @@ class FSDPExtension(Extension):
 
     @staticmethod
     def _restore(stage: _Stage) -> None:
+        """Give the stage's groups and contexts back the settings saved before the step."""
+        roots = {id(g) for s in stage.states if s._is_root and s._auto_reshard_after_forward
+                 for g in s._fsdp_param_groups}
         for g, saved in zip(stage.groups, stage.saved, strict=True):
             g.reduce_grads = saved.reduce_grads
             g.all_reduce_grads = saved.all_reduce_grads
             g.reshard_after_backward = saved.reshard_after_backward
-            g.post_forward_mesh_info = saved.post_forward_mesh_info
+            # (a root found in this step's lazy init keeps FSDP2's default: no reshard)
+            g.post_forward_mesh_info = None if id(g) in roots else saved.post_forward_mesh_info
         for ctx, last in stage.saved_last:
             ctx.is_last_backward = last
         stage.saved = []
