@@ -203,10 +203,8 @@ def main() -> None:
                               record=log, broadcast_loss=log)
         if sync is not None:
             sync()
-        # [merge] dualpipe.clip does not take DTensor gradients yet (another branch adds
-        # it): with --fsdp/--tp the norm is not clipped here
-        dtensor_grads = args.fsdp or args.tp > 1
-        norm = clip_grad_norm_(pipe, args.clip) if not dtensor_grads else None
+        # one global norm: every parameter once (DTensor shards of --fsdp/--tp included)
+        norm = clip_grad_norm_(pipe, args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         wall = time.perf_counter() - t0
