@@ -52,3 +52,24 @@ def test_hf_labels_give_the_demo_task_loss() -> None:
     out = model(input_ids=tokens, labels=hf_labels(targets))
     torch.testing.assert_close(out.loss, lm_loss(out.logits, targets), rtol=1e-6, atol=0)
     assert torch.equal(hf_labels(targets)[:, 1:], targets[:, :-1])
+
+
+def test_hf_moe_check_fails_on_a_wrong_gradient_or_loss() -> None:
+    """The demo's check against HF passes on HF's own gradients and names a gradient off
+    by 1e-4 (relative) and a loss off by 1e-5."""
+    from dualpipe.demo.hf_moe import _check, _reference
+
+    task = CopyTask(vocab_size=16)
+    shares = [task.batch(2, q, 0) for q in range(2)]
+    labels = [hf_labels(t) for _, t in shares]
+    model = build_hf_moe(0)
+    ref_loss, ref = _reference(model, shares, labels)
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.grad is not None]
+    assert _check(names, params, ref, ref_loss, ref_loss, "x").ok
+    ref = {n: g.clone() for n, g in ref.items()}
+    victim = "model.layers.1.mlp.experts.down_proj"
+    ref[victim] = ref[victim] * (1 + 1e-4)
+    bad = _check(names, params, ref, ref_loss, ref_loss * (1 + 1e-5), "x")
+    assert not bad.ok and not bad.losses_equal
+    assert any(victim in m for m in bad.messages) and len(bad.messages) == 2

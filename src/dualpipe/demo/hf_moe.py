@@ -90,7 +90,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def train_hf_moe_rank(rank: int, world: int, opts: MoEOptions) -> MoERankResult:
     """Train the HF MoE model as process ``rank`` of a ``PIPELINE_RANKS x EP`` mesh.
     Even steps run the pipeline with the overlap engine, odd steps the same stages as
-    ordinary modules (``step_ms`` and ``plain_ms``); step 0 is checked against
+    ordinary modules (``step_ms`` and ``plain_ms``). Step 0 runs both (the same batch and
+    weights; the optimizer takes the second's gradients), each checked against
     HuggingFace's model on one process."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -116,14 +117,14 @@ def train_hf_moe_rank(rank: int, world: int, opts: MoEOptions) -> MoERankResult:
     size = opts.chunks * opts.micro_batch
     last_overlapped = opts.steps - 1 - (opts.steps - 1) % 2
 
-    for step in range(opts.steps):
-        shares = [task.batch(size, opts.seed * 1000 + q, step) for q in range(ep_size)]
-        labels = [hf_labels(t) for _, t in shares]
+    def one_step(pipe: Pipeline, shares: list[tuple[torch.Tensor, torch.Tensor]],
+                 labels: list[torch.Tensor], record: bool) -> tuple[float, float]:
+        """One step of ``pipe`` and the expert-parallel gradient sum: the loss summed over
+        every process (HF's loss of the whole batch) and the slowest process's time of
+        ``pipe.step``."""
         crit = lm.criterion(num_items=sum(hf.count_targets(y) for y in labels),
                             num_chunks=opts.chunks)
-        pipe = overlapped if step % 2 == 0 else plain
         optimizer.zero_grad(set_to_none=True)
-        record = step == last_overlapped
         dist.barrier()
         t0 = time.perf_counter()
         if lm.takes_labels:
@@ -138,61 +139,81 @@ def train_hf_moe_rank(rank: int, world: int, opts: MoEOptions) -> MoERankResult:
         total[1] = step_s
         dist.all_reduce(total[:1])
         dist.all_reduce(total[1:], op=dist.ReduceOp.MAX)
+        return float(total[0]), float(total[1])
+
+    for step in range(opts.steps):
+        shares = [task.batch(size, opts.seed * 1000 + q, step) for q in range(ep_size)]
+        labels = [hf_labels(t) for _, t in shares]
         if step == 0:
-            check, ref_loss = _check(pristine, names, params, shares, labels,
-                                     float(total[0]))
-            checks: list[GradCheck | None] = [None] * world
-            dist.all_gather_object(checks, check)
+            # both ways of running the stages, on the same batch and weights, against HF
+            ref_loss, ref_grads = _reference(pristine, shares, labels)
+            del pristine
+            checks: list[GradCheck | None] = []
+            loss = 0.0
+            for pipe, how in ((plain, "ordinary modules"), (overlapped, "overlap engine")):
+                loss, step_s = one_step(pipe, shares, labels,
+                                        pipe is overlapped and last_overlapped == 0)
+                mine = _check(names, params, ref_grads, ref_loss, loss, how)
+                gathered: list[GradCheck | None] = [None] * world
+                dist.all_gather_object(gathered, mine)
+                checks += gathered
             if rank == 0:
                 done = [c for c in checks if c is not None]
                 result.grad_check = GradCheck(all(c.ok for c in done),
                                               max(c.max_abs_diff for c in done),
                                               all(c.losses_equal for c in done),
                                               [m for c in done for m in c.messages])
-                loss_rel = abs(float(total[0]) - ref_loss) / abs(ref_loss)
+                loss_rel = abs(loss - ref_loss) / abs(ref_loss)
                 result.check_detail = (
-                    f"loss {float(total[0]):.6f} vs HF's forward(labels=...) {ref_loss:.6f}, "
-                    f"rel {loss_rel:.1e}; {len(params)} gradient tensors per process, worst "
-                    f"rel. norm {result.grad_check.max_abs_diff:.1e}")
-            del pristine
+                    f"loss {loss:.6f} vs HF's forward(labels=...) {ref_loss:.6f}, rel "
+                    f"{loss_rel:.1e}; {len(params)} gradient tensors per process, worst rel. "
+                    f"norm {result.grad_check.max_abs_diff:.1e}; with and without the "
+                    f"overlap engine")
+        else:
+            pipe = overlapped if step % 2 == 0 else plain
+            loss, step_s = one_step(pipe, shares, labels, step == last_overlapped)
         optimizer.step()
         if rank == 0:
-            result.losses.append(float(total[0]))
-            (result.step_ms if pipe is overlapped else result.plain_ms).append(
-                float(total[1]) * 1e3)
-            if record:
+            result.losses.append(loss)
+            (result.step_ms if step % 2 == 0 else result.plain_ms).append(step_s * 1e3)
+            if step == last_overlapped:
                 measure_pair(overlapped, result)
     overlapped.close()
     plain.close()
     return result
 
 
-def _check(pristine: nn.Module, names: dict[int, str], params: list[nn.Parameter],
-           shares: list[tuple[torch.Tensor, torch.Tensor]], labels: list[torch.Tensor],
-           loss: float) -> tuple[GradCheck, float]:
-    """HuggingFace's ``forward(labels=...)`` of the whole step's batch (every
-    expert-parallel share) on this process against the pipelines' summed loss, and its
-    gradients against this rank's (after the expert-parallel sum): the check (its
-    ``max_abs_diff`` is the worst relative norm) and HuggingFace's loss."""
+def _reference(pristine: nn.Module, shares: list[tuple[torch.Tensor, torch.Tensor]],
+               labels: list[torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    """HuggingFace's ``forward(labels=...)`` loss of the whole step's batch (every
+    expert-parallel share) on this process, and its gradients by parameter name."""
     ids = torch.cat([t for t, _ in shares])
     ref_loss = pristine(input_ids=ids, labels=torch.cat(labels)).loss
     ref_loss.backward()
-    ref = {n: p.grad for n, p in pristine.named_parameters()}
+    grads = {n: p.grad for n, p in pristine.named_parameters() if p.grad is not None}
+    return float(ref_loss.detach()), grads
+
+
+def _check(names: dict[int, str], params: list[nn.Parameter],
+           ref: dict[str, torch.Tensor], ref_value: float, loss: float, how: str) -> GradCheck:
+    """This rank's gradients (after the expert-parallel sum) against HuggingFace's, and the
+    pipelines' summed loss against HuggingFace's; ``how`` names the run in the messages.
+    The check's ``max_abs_diff`` is the worst relative norm."""
     messages: list[str] = []
     worst = 0.0
     for p in params:
         n = names[id(p)]
         want = ref.get(n)
         if p.grad is None or want is None:
-            messages.append(f"{n}: gradient missing ({'pipeline' if p.grad is None else 'HF'})")
+            messages.append(f"{how}: {n}: gradient missing "
+                            f"({'pipeline' if p.grad is None else 'HF'})")
             continue
         err = _rel(p.grad, want)
         worst = max(worst, err)
         if not err <= GRAD_RNORM:
-            messages.append(f"{n}: gradient rel. norm {err:.2e} > {GRAD_RNORM:.0e}")
-    ref_value = float(ref_loss.detach())
+            messages.append(f"{how}: {n}: gradient rel. norm {err:.2e} > {GRAD_RNORM:.0e}")
     loss_rel = abs(loss - ref_value) / abs(ref_value)
     loss_ok = loss_rel <= LOSS_RTOL
     if not loss_ok:
-        messages.append(f"loss {loss!r} vs HF's {ref_value!r}: rel {loss_rel:.2e}")
-    return GradCheck(not messages, worst, loss_ok, messages), ref_value
+        messages.append(f"{how}: loss {loss!r} vs HF's {ref_value!r}: rel {loss_rel:.2e}")
+    return GradCheck(not messages, worst, loss_ok, messages)
