@@ -21,7 +21,8 @@ from .moe import MoEConfig, MoEStage, expert_owner, moe_stages, to_intervals
 from .task import CopyTask, lm_loss
 from .train import GRAD_ATOL, GRAD_RTOL, GradCheck, model_config
 
-__all__ = ["MoEOptions", "MoERankResult", "moe_config", "train_moe_rank", "PIPELINE_RANKS"]
+__all__ = ["MoEOptions", "MoERankResult", "moe_config", "train_moe_rank", "PIPELINE_RANKS",
+           "measure_pair"]
 
 PIPELINE_RANKS = 2
 """The mesh is ``PIPELINE_RANKS`` x (processes / ``PIPELINE_RANKS``) expert-parallel."""
@@ -52,6 +53,8 @@ class MoERankResult:
     comm_ms: float = 0.0  # recorded step: time with an all-to-all in flight (union)
     waited_ms: float = 0.0  # of which blocked waiting for one
     pairs_interleaved: int = 0
+    plain_ms: list[float] = field(default_factory=list)  # steps with the overlap engine off
+    check_detail: str = ""  # the gradient check's figures, when not the default wording
 
 
 def moe_config(ep: int) -> MoEConfig:
@@ -176,11 +179,11 @@ def train_moe_rank(rank: int, world: int, opts: MoEOptions) -> MoERankResult:
             result.losses.append(float(table[:, 0].sum() / table[:, 1].sum()))
             result.step_ms.append(float(table[:, 2].max()) * 1e3)
         if record and rank == 0:
-            _measure(pipe, result)
+            measure_pair(pipe, result)
     return result
 
 
-def _measure(pipe: Pipeline, result: MoERankResult) -> None:
+def measure_pair(pipe: Pipeline, result: MoERankResult) -> None:
     """Communication in flight and waited for over the recorded step, and the parts of
     its longest interleaved pair."""
     rec = pipe.last_record

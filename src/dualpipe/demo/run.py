@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         "local CPU processes (gloo), check the first step's gradients against one process, "
         "and write the loss curve and the measured timeline of a step.",
     )
-    p.add_argument("--model", default="gpt", choices=["gpt", "moe"],
-                   help="gpt (default) or moe: FFNs of experts sharded over an expert-parallel "
-                   "group, 2 pipeline x 2 expert ranks, DualPipeV with the overlap engine")
+    p.add_argument("--model", default="gpt", choices=["gpt", "moe", "hf-moe"],
+                   help="gpt (default); moe: FFNs of experts sharded over an expert-parallel "
+                   "group, 2 pipeline x 2 expert ranks, DualPipeV with the overlap engine; "
+                   "hf-moe: the same with a tiny random HuggingFace Qwen3-MoE "
+                   "(dualpipe.models.hf_ep; needs transformers), checked against HF's own "
+                   "loss and timed with and without the overlap engine")
     p.add_argument("--schedule", default="dualpipev", choices=list(SCHEDULES),
                    help="pipeline schedule (default: dualpipev)")
     p.add_argument("--ranks", type=int, default=4, help="processes (default: 4)")
@@ -93,18 +96,27 @@ def _options(args: argparse.Namespace) -> DemoOptions:
 
 
 def _moe(args: argparse.Namespace, out: Path) -> int:
-    """The MoE run: 4 processes (2 pipeline x 2 expert-parallel), DualPipeV."""
-    from .moe_run import run_moe
+    """The MoE runs (``--model moe`` and ``hf-moe``): 4 processes (2 pipeline x 2
+    expert-parallel), DualPipeV."""
+    from .moe_run import run_hf_moe, run_moe
     from .moe_train import MoEOptions
 
     if args.schedule != "dualpipev" or args.ranks != 4:
-        print(f"{PROG}: error: --model moe runs dualpipev on 4 processes (2 pipeline x 2 "
-              "expert-parallel ranks)", file=sys.stderr)
+        print(f"{PROG}: error: --model {args.model} runs dualpipev on 4 processes (2 pipeline "
+              "x 2 expert-parallel ranks)", file=sys.stderr)
         return 2
+    hf = args.model == "hf-moe"
+    needs = ["matplotlib"] + (["transformers"] if hf else [])
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = "demo,hf" if hf else "demo"
+        print(f"{PROG}: error: --model {args.model} needs {' and '.join(missing)}: "
+              f"pip install 'dualpipe[{extras}]'", file=sys.stderr)
+        return 1
     steps = args.steps if args.steps != DEFAULT_STEPS else 60
     opts = MoEOptions(chunks=args.chunks or 8, steps=steps, micro_batch=args.micro_batch,
                       seed=args.seed, lr=args.lr)
-    return run_moe(opts, args.ranks, out, args.timeout)
+    return (run_hf_moe if hf else run_moe)(opts, args.ranks, out, args.timeout)
 
 
 def _prepare_out(path: str) -> Path:
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    if args.model == "moe":
+    if args.model in ("moe", "hf-moe"):
         return _moe(args, out)
     missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
     if missing:
