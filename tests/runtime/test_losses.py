@@ -26,3 +26,17 @@ def test_mean_keeps_values_and_scales_gradients_exactly() -> None:
 def test_unknown_reduction_is_refused() -> None:
     with pytest.raises(ValueError, match="loss_reduction must be one of"):
         reduced_criterion(F.mse_loss, "avg", 4)
+
+
+@pytest.mark.parametrize(("schedule", "world", "dp"), [
+    ("dualpipe", 2, 1),     # two directions: the ends swap their counts
+    ("dualpipev", 4, 2),    # two replicas: counts over the data-parallel group
+])
+def test_token_mean_is_the_token_mean_of_the_whole_padded_batch(
+        schedule: str, world: int, dp: int) -> None:
+    from dualpipe.testing import run_distributed
+
+    from .losses_workers import token_mean
+
+    for errors in run_distributed(token_mean, world, schedule, dp, timeout=120):
+        assert errors and max(errors) <= 1e-5, errors

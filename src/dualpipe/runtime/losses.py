@@ -9,11 +9,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["LOSS_REDUCTIONS", "reduced_criterion", "share_losses"]
+__all__ = ["LOSS_REDUCTIONS", "reduced_criterion", "share_losses", "count_labels"]
 
-LOSS_REDUCTIONS = ("sum", "mean")
+
+def count_labels(labels: list[tuple[torch.Tensor | None, ...]] | None,
+                 ignore_index: int) -> int:
+    """The valid labels of this rank's micro-batches: the first label tensor's elements
+    other than ``ignore_index``."""
+    if not labels:
+        return 0
+    total = 0
+    for per_chunk in labels:
+        first = per_chunk[0] if per_chunk else None
+        if first is None:
+            raise ValueError("loss_reduction='token_mean' counts the first label tensor's "
+                             "valid entries: pass the labels")
+        total += int((first != ignore_index).sum().item())
+    return total
+
+LOSS_REDUCTIONS = ("sum", "mean", "token_mean")
 """``sum``: gradients of the sum of the micro-batch losses (the original DualPipe's);
-``mean``: of their mean over all micro-batches of the step."""
+``mean``: of their mean over all micro-batches of the step; ``token_mean``: the criterion
+returns each micro-batch's *sum* of token losses and the gradients are those of the sum
+over the step divided by the step's count of valid labels (every micro-batch, every
+direction, and the data-parallel replicas when a ``data_group`` is given)."""
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -30,16 +49,22 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def reduced_criterion(
-    criterion: Callable[..., torch.Tensor], reduction: str, num_chunks: int
+    criterion: Callable[..., torch.Tensor], reduction: str, num_chunks: int,
+    tokens: float = 0.0,
 ) -> Callable[..., torch.Tensor]:
     """``criterion`` whose losses keep their values but whose gradients are those of the
     ``reduction`` over ``num_chunks`` micro-batches (``"mean"``: each scaled by
-    ``1 / num_chunks``, the gradient a one-process mean would give)."""
+    ``1 / num_chunks``, the gradient a one-process mean would give; ``"token_mean"``: by
+    ``1 / tokens``, the step's count of valid labels)."""
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
     if reduction == "sum":
         return criterion
-    scale = 1.0 / num_chunks
+    if reduction == "token_mean":
+        # a step without a valid label has no gradient: its loss sums are zeros
+        scale = 1.0 / tokens if tokens > 0 else 0.0
+    else:
+        scale = 1.0 / num_chunks
 
     def mean_criterion(*args: Any) -> torch.Tensor:
         loss = criterion(*args)

@@ -23,7 +23,7 @@ from ..transport.protocol import PipelineIdentity, handshake
 from .declared import Declared, declared
 from .executor import Executor, StepData, StepRecord
 from .extension import Extension, PipelineInfo, extensions_for
-from .losses import LOSS_REDUCTIONS, reduced_criterion, share_losses
+from .losses import LOSS_REDUCTIONS, count_labels, reduced_criterion, share_losses
 from .microbatch import concat_chunks, scatter_microbatches
 from .mirrored import MirroredStages
 from .timeline import MeasuredTimeline, gather_timeline
@@ -168,8 +168,18 @@ class Pipeline(nn.Module):
             per step (never per micro-batch), so shapes may change between steps.
         loss_reduction: ``"sum"`` (default, the original's): gradients of the sum of the
             micro-batch losses; ``"mean"``: of their mean over all micro-batches of the step
-            (what one process computing the mean loss of the batch gets). The returned
-            per-micro-batch losses are the criterion's values either way.
+            (what one process computing the mean of equally sized micro-batch losses
+            gets); ``"token_mean"``: the criterion returns each micro-batch's *sum* of token
+            losses (e.g. ``cross_entropy(..., reduction="sum")``) and the gradients are those
+            of the step's token mean: the sum over every micro-batch and direction divided
+            by the step's count of labels other than ``ignore_index`` (in the first label
+            tensor), over the replicas of ``data_group`` too when it is given (sum their
+            gradients then, e.g. ``GradientSync(average=False)``). The returned
+            per-micro-batch losses are the criterion's values in every mode;
+            :attr:`last_token_count` holds the count.
+        ignore_index: the label value ``"token_mean"`` does not count (default -100).
+        data_group: ``"token_mean"`` only: the data-parallel group whose replicas' counts
+            are added (an all-reduce among the ranks that hold labels, once per step).
         extensions: plug-ins of your own (:class:`~dualpipe.runtime.extension.Extension`),
             run after those the registered plug-ins provide (the overlap engine for stages
             written as parts, ...).
@@ -189,6 +199,8 @@ class Pipeline(nn.Module):
         mirrored_weights: str = "check",
         static_shapes: bool | None = None,
         loss_reduction: str = "sum",
+        ignore_index: int = -100,
+        data_group: dist.ProcessGroup | None = None,
         extensions: Sequence[Extension] = (),
     ) -> None:
         super().__init__()
@@ -197,6 +209,11 @@ class Pipeline(nn.Module):
                 f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
             )
         self.loss_reduction = loss_reduction
+        if data_group is not None and loss_reduction != "token_mean":
+            raise ValueError("data_group is used by loss_reduction='token_mean' only")
+        self.ignore_index = ignore_index
+        self.data_group = data_group
+        self.last_token_count: int | None = None
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialized: call dist.init_process_group first"
@@ -275,6 +292,7 @@ class Pipeline(nn.Module):
                     "mirrored_weights": mirrored_weights,
                     "batch_dim": batch_dim,
                     "loss_reduction": loss_reduction,
+                    "ignore_index": ignore_index,
                     "extensions": "ok" if refusal is None else f"refused: {refusal}",
                 },
             )
@@ -410,6 +428,15 @@ class Pipeline(nn.Module):
             # tell the other ranks at once instead of letting them wait for a timeout
             self.executor.refuse(self._step_number, exc, "invalid step arguments")
             raise
+        if self.loss_reduction == "token_mean" and data.training:
+            try:
+                tokens = self._count_tokens(data)
+            except (PipelineError, ValueError) as exc:
+                self.executor.refuse(self._step_number, exc, "counting the step's labels")
+                raise
+            if data.criterion is not None:
+                data.criterion = reduced_criterion(data.criterion, "token_mean",
+                                                   schedule.num_chunks, tokens)
         mirrored = self.mirrored if data.training and self.sync_mirrored_grads else None
         if mirrored is not None:
             mirrored.set_aside()  # sum this step's gradients only, then accumulate
@@ -479,13 +506,35 @@ class Pipeline(nn.Module):
             else None,
             criterion=(
                 reduced_criterion(criterion, self.loss_reduction, schedule.num_chunks)
-                if criterion is not None
-                else None
+                if criterion is not None and self.loss_reduction != "token_mean"
+                else criterion
             ),
             return_outputs=return_outputs,
             training=training,
         )
         return schedule, data
+
+    def _count_tokens(self, data: StepData) -> int:
+        """The step's count of valid labels: this rank's, plus the other stream ends'
+        (DualPipe's two ends swap theirs through the store), plus the data-parallel
+        replicas' (an all-reduce over ``data_group`` among the ranks with labels)."""
+        ends = sorted({self.layout.paths[s][-1][0] for s in range(self.layout.num_streams)})
+        if self.rank not in ends:
+            return 0
+        mine = count_labels(data.labels, self.ignore_index)
+        total = mine
+        others = [r for r in ends if r != self.rank]
+        if others:
+            notes = self.transport.swap_notes(
+                f"tokens/{self._step_number}", str(mine).encode(), others,
+                "the other stream end's label count")
+            total += sum(int(v) for v in notes.values())
+        if self.data_group is not None:
+            buf = torch.tensor([float(total)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(buf, group=self.data_group)
+            total = int(buf.item())
+        self.last_token_count = total
+        return total
 
     def gather_timeline(self, dst: int | None = 0) -> MeasuredTimeline | None:
         """Collective: the measured timeline of the last ``step(..., record=True)`` of

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PipelineError, RemoteFailure
+from ..errors import PipelineError, RemoteFailure, StepTimeout
 from .pending import Pending
 from .protocol import wire_tag
 
@@ -195,6 +195,29 @@ class BaseTransport:
         self.wait(outgoing, what)
         self._sends.remove(outgoing)
         return other
+
+    def swap_notes(self, name: str, value: bytes, peers: Sequence[int], what: str
+                   ) -> dict[int, bytes]:
+        """Leave ``value`` under ``name`` for ``peers`` and read theirs (through the store,
+        not messages: it needs no matching operation). Fails at once when a rank posts a
+        failure, and after ``timeout`` seconds (:class:`StepTimeout`)."""
+        self._publish(f"{name}/{self.rank}", value)
+        deadline = time.monotonic() + self.timeout
+        found: dict[int, bytes] = {}
+        while True:
+            for peer in peers:
+                if peer not in found:
+                    note = self._read(f"{name}/{peer}")
+                    if note is not None:
+                        found[peer] = note
+            if len(found) == len(peers):
+                return found
+            self.check_error(fresh=True)
+            if time.monotonic() > deadline:
+                missing = sorted(set(peers) - set(found))
+                raise StepTimeout(f"timed out after {self.timeout:.1f} s waiting for {what} "
+                                  f"from ranks {missing}")
+            time.sleep(0.002)
 
     # ----------------------------------------------------------------- failures
     def drain_failed_step(self, within: float) -> bool:
