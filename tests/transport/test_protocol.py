@@ -57,12 +57,16 @@ def test_disagreeing_ranks_fail_quickly_with_the_field_named() -> None:
         assert max(t1, t2, t3, t4, t5) < 5.0  # the configured timeout is 30 s
 
 
-def test_replicas_on_disjoint_groups_are_independent() -> None:
+def test_a_replica_failure_fails_the_job_and_rebuilt_pipelines_train_exactly() -> None:
     results = run_distributed(replicas, 4, timeout=120)
     for report in results[:2]:
         assert report[0].startswith("step 0 failed") and "boom" in report[0], report
-    for report in results[2:]:
-        assert report == ["step 0 ok", "step 1 ok", "exact"], report
+    for report in results[2:]:  # the other replica: its step 0 or 1 fails, naming process 1
+        failed = [line for line in report if "failed" in line]
+        assert len(failed) == 1, report
+        assert "process 1 (pipeline rank 1) failed" in failed[0] and "boom" in failed[0]
+    for report in results:
+        assert report[-1] == "rebuilt: exact", report
 
 
 def test_a_stage_slower_than_the_group_timeout_completes() -> None:
