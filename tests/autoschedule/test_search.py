@@ -103,7 +103,7 @@ def test_autoschedule_returns_the_schedule() -> None:
     "kwargs,message",
     [
         ({"layout": "ring"}, "unknown layout"),
-        ({"limit": 1}, "activation limit >= 2"),
+        ({"limit": 1}, "memory limit >= 2"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
