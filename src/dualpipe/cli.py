@@ -155,7 +155,9 @@ def _w_memory(text: str | None) -> float | tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise UsageError(f"--w-memory: expected numbers separated by commas, got {text!r}")
+        raise UsageError(
+            f"--w-memory: expected numbers separated by commas, got {text!r}"
+        ) from None
     if any(not x >= 0 for x in values):
         raise UsageError(f"--w-memory: fractions must be >= 0, got {text!r}")
     return values[0] if len(values) == 1 else values

@@ -236,7 +236,8 @@ def refine(
 ) -> tuple[Schedule, float]:
     """Improve ``schedule`` by local search with at most ``max_evals`` simulations; return
     the best order found and its simulated makespan. Every rank keeps at most ``limit``
-    memory (activations and deferred weight-gradient state, :func:`memory_peak`) and ``max_deferred`` deferred weight gradients (None: no bound).
+    memory (activations and deferred weight-gradient state, :func:`memory_peak`) and
+    ``max_deferred`` deferred weight gradients (None: no bound).
     ``allow_pairs``: moves may form overlapped pairs (worth it only when ``fb < f + b``)."""
     compiled = compile_schedule(schedule, costs)
     rows = compiled.rows
