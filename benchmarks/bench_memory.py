@@ -21,7 +21,6 @@ one forward of it saves for its backward (6 tensors of 32 x 256). In one run:
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from collections.abc import Callable
@@ -220,8 +219,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
                              "sim": [r["sim"] for r in res]})
     print()
     print(f"Peak held memory per rank, in units (w_memory = {w_memory:.3f} measured above):")
-    print(f"| {'N':>2} | {'micro-batches':>13} | {'schedule':<16} | {'measured peak per rank':<32} |"
-          f" {'simulated peak_memory':<28} | {'held after step':<22} |")
+    print(f"| {'N':>2} | {'micro-batches':>13} | {'schedule':<16} |"
+          f" {'measured peak per rank':<32} | {'simulated peak_memory':<28} |"
+          f" {'held after step':<22} |")
     print(f"|{'-' * 4}|{'-' * 15}|{'-' * 18}|{'-' * 34}|{'-' * 30}|{'-' * 24}|")
     for r in rows:
         def fmt(v: list[float]) -> str:
