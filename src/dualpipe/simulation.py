@@ -54,7 +54,7 @@ class Costs:
     def __post_init__(self) -> None:
         if isinstance(self.w_memory, (list, tuple)):
             object.__setattr__(self, "w_memory", tuple(float(x) for x in self.w_memory))
-            values: tuple[float, ...] = self.w_memory  # type: ignore[assignment]
+            values: tuple[float, ...] = self.w_memory
         else:
             values = (self.w_memory,)
         if not values or not all(x >= 0 for x in values):

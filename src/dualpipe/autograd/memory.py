@@ -129,7 +129,7 @@ def measure_stage_memory(
     freed (:class:`TrackCreated`); on CUDA the allocator's count of allocated bytes is
     used (run nothing else meanwhile).
     """
-    params = [p for p in (stage.parameters() if isinstance(stage, nn.Module) else ())]
+    params: list[Tensor] = list(stage.parameters()) if isinstance(stage, nn.Module) else []
     device = inputs[0].device if inputs else torch.device("cpu")
     tracker = StorageTracker()
     base = _held(tracker, params, device) if device.type == "cuda" else 0

@@ -235,6 +235,10 @@ def render_png(
     fig.savefig(os.fspath(path), dpi=dpi)
 
 
+_MEMORY_FILL = "#8FB8DE"
+"""Fill colour of the memory rows."""
+
+
 def _draw_memory(
     ax: Any, memory: Sequence[Sequence[tuple[float, float]]], rows: int, t0: float, span: float
 ) -> None:
@@ -248,7 +252,7 @@ def _draw_memory(
         ys = [0.0] + [b for _, b in row]
         base = r + 0.42
         scaled = [base - 0.84 * y / top for y in ys]
-        ax.fill_between(xs, scaled, base, step="post", color="#8FB8DE", linewidth=0, zorder=2)
+        ax.fill_between(xs, scaled, base, step="post", color=_MEMORY_FILL, linewidth=0, zorder=2)
         ax.step(xs, scaled, where="post", color="#2B5D8A", linewidth=0.8, zorder=3)
         peak = max(ys)
         ax.text(t0 + span, r, f" {peak / 2**20:.2f} MiB", fontsize=7, va="center",
