@@ -6,6 +6,8 @@ derived by hand; the gradients stay exactly those of a plain backward."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -192,5 +194,42 @@ def test_user_saved_tensor_hooks_are_left_alone() -> None:
     work.run()
     assert packed
     assert_close(gx, xr.grad, rtol=0, atol=0)
+    for p, q in zip(stage.parameters(), ref.parameters(), strict=True):
+        assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+class TiedFirstStage(nn.Module):
+    """Token ids in (no input gradient), embedding tied to the output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, D)
+        self.lin = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.nn.functional.gelu(self.lin(self.emb(ids)))
+        return self.norm(h) @ self.emb.weight.T
+
+
+def test_first_stage_with_a_tied_embedding_is_exact_and_frees_the_gelu_input() -> None:
+    """The weight read at both ends (embedding and output projection) is completed in the
+    input backward; the GELU's input (read by the input side only) is freed there."""
+    torch.manual_seed(0)
+    stage = TiedFirstStage()
+    ref = copy.deepcopy(stage)
+    ids = torch.randint(0, 11, (4, ROWS))
+    g = torch.randn(4, ROWS, 11)
+    ref(ids).backward(g)
+    emb_out = stage.emb(ids)
+    hidden = stage.lin(emb_out)
+    ref_hidden = weakref.ref(hidden)
+    out = stage.norm(torch.nn.functional.gelu(hidden)) @ stage.emb.weight.T
+    del hidden, emb_out
+    _, work = backward_input([out], [g], [ids])
+    del out
+    gc.collect()
+    assert ref_hidden() is None
+    work.run()
     for p, q in zip(stage.parameters(), ref.parameters(), strict=True):
         assert_close(p.grad, q.grad, rtol=0, atol=0)
