@@ -195,7 +195,7 @@ def rank_worker(rank: int, world: int, impl: str, name: str, chunks: int,
         for m in modules:
             m.zero_grad(set_to_none=True)
         pipe.step(*((x,) if first else ()), num_chunks=chunks, criterion=_criterion,
-                  labels=(y,) if last else (), record=True)
+                  labels=(y,) if last else (), record="memory")
         assert pipe.last_record is not None
         recorded = max(b for _, b in pipe.last_record.memory) / UNIT
         pipe.close()
@@ -231,7 +231,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     print()
     print(f"Peak held memory per rank, in units (w_memory = {w_memory:.3f} measured above):")
     print("(measured: every storage the step creates on the rank; recorded: the runtime's"
-          " record=True, message buffers left out)")
+          " record=\"memory\", message buffers left out)")
     print(f"| {'N':>2} | {'micro-batches':>13} | {'schedule':<16} |"
           f" {'measured peak per rank':<28} | {'recorded peak per rank':<28} |"
           f" {'simulated peak_memory':<28} | {'held after step':<24} |")

@@ -154,7 +154,7 @@ def recorded_memory(rank: int, world: int, schedule: str, num_chunks: int) -> di
         num_chunks=num_chunks,
         criterion=lambda out, lab: ((out - lab) ** 2).mean(),
         labels=(y,) if end else (),
-        record=True,
+        record="memory",
     )
     record = pipe.last_record
     assert record is not None and pipe.executor.last_plan is not None
@@ -170,3 +170,28 @@ def recorded_memory(rank: int, world: int, schedule: str, num_chunks: int) -> di
         "sim": peak_memory(pipe.executor.last_plan.schedule, rank, probe.fraction),
         "metrics_peak": [b / unit for b in metrics.peak_memory_bytes],
     }
+
+
+def record_without_memory(rank: int, world: int) -> tuple[int, int, str]:
+    """``record=True`` on CPU times the step without memory samples; a bad ``record``
+    value is refused on every rank."""
+    torch.manual_seed(0)
+    layout = layout_for("dualpipev", world)
+    pipe = Pipeline([nn.Linear(8, 8) for _ in layout.rank_stages[rank]], "dualpipev",
+                    timeout=30)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    args = (x,) if rank == 0 else ()
+    labels = (y,) if rank == 0 else ()
+
+    def loss(out: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        return ((out - lab) ** 2).mean()
+
+    pipe.step(*args, num_chunks=4, criterion=loss, labels=labels, record=True)
+    assert pipe.last_record is not None
+    steps, samples = len(pipe.last_record.steps), len(pipe.last_record.memory)
+    try:
+        pipe.step(*args, num_chunks=4, criterion=loss, labels=labels,
+                  record="bytes")  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - the message is what is checked
+        return steps, samples, str(exc)
+    return steps, samples, ""

@@ -148,7 +148,7 @@ def measure_stage_memory(
     activation = _held(tracker, params, device) - base
     # the output gradients arrive with the backward: not part of the forward's unit
     grad_bytes = sum(g.untyped_storage().nbytes() for g in grads)
-    activation -= grad_bytes if device.type != "cuda" else 0
+    activation -= grad_bytes
     with TrackCreated(tracker):
         in_grads, work = backward_input(roots, grads, leaves)
     del roots, grads, in_grads, leaves

@@ -93,10 +93,12 @@ class Executor:
         return plan
 
     def run(
-        self, schedule: Schedule, data: StepData, step: int = 0, record: bool = False
+        self, schedule: Schedule, data: StepData, step: int = 0, record: bool | str = False
     ) -> StepResult:
         """Execute this rank's list of ``schedule`` once, as step number ``step`` (every
-        rank counts steps alike). On failure the step is abandoned (:meth:`abandon`)."""
+        rank counts steps alike). On failure the step is abandoned (:meth:`abandon`).
+        ``record``: keep a :class:`StepRecord` (True: with memory samples on CUDA;
+        ``"memory"``: on CPU too)."""
         self.transport.begin_step(step)
         try:
             return self._run(schedule, data, step, record)
@@ -112,7 +114,7 @@ class Executor:
         self.transport.post_error(f"rank {self.rank}: {what}: {exc}")
         self.abandon(exc)
 
-    def _run(self, schedule: Schedule, data: StepData, number: int, record: bool
+    def _run(self, schedule: Schedule, data: StepData, number: int, record: bool | str
              ) -> StepResult:
         known = self._known.get((schedule, data.training)) if self.static_shapes else None
         plan = self.plan(schedule, data.training, headers=known is None)
@@ -131,7 +133,8 @@ class Executor:
         for ext in self.extensions:
             self._guard(run, f"{ext.name}: before the step",
                         partial(ext.before_step, data.training))
-        probe = self._probe(data) if trace is not None else None
+        sample = record == "memory" or self.transport.device.type == "cuda"
+        probe = self._probe(data) if trace is not None and sample else None
         with probe if probe is not None else nullcontext():
             for step in plan.steps:
                 # 1. post what is due and wait for the step's inputs before its clock

@@ -22,7 +22,7 @@ class MemoryProbe:
     buffers of messages (sends in flight, receives posted and not yet taken, local
     hand-offs between the rank's stages): what stays is what the actions hold, saved
     activations and deferred weight-gradient state (and the losses). This costs a
-    Python call per operation, only in recorded steps. On CUDA the
+    Python call per operation: only in steps recorded with ``record="memory"``. On CUDA the
     allocator's allocated bytes are read (less what was allocated when the step began).
     """
 
