@@ -347,9 +347,9 @@ class Pipeline(nn.Module):
         :meth:`gather_timeline`), with the memory held after every action on CUDA (the
         allocator's statistics); ``record="memory"`` samples the memory on CPU too
         (every storage the step creates followed until freed: a Python call per
-        operation, so that step's times are inflated on CPU). ``broadcast_loss=True`` (collective) returns every
-        micro-batch's loss of the step (all streams, stream 0's first, as float32) on every
-        rank.
+        operation, so that step's times are inflated on CPU). ``broadcast_loss=True``
+        (collective) returns every micro-batch's loss of the step (all streams, stream 0's
+        first, as float32) on every rank.
         """
         if self.closed:
             raise PipelineError("this pipeline is closed")
