@@ -41,9 +41,9 @@ def test_recorded_memory_stays_within_the_simulated_peak(
     """A step recorded with ``record="memory"`` (3 x (Linear, GELU) stages) samples what
     each rank holds after every action (saved activations and deferred weight-gradient
     state; message buffers left out): every rank's peak is at most the simulator's
-    ``peak_memory`` with the state per deferred W measured on the stage (1 activation: each Linear's input and output
-    gradient) plus half an activation; nothing but the losses is left at the end; the
-    step metrics report the same peaks."""
+    ``peak_memory`` with the state per deferred W measured on the stage (1 activation:
+    each Linear's input and output gradient) plus half an activation; nothing but the
+    losses is left at the end; the step metrics report the same peaks."""
     results = run_distributed(recorded_memory, world, schedule, chunks, timeout=120)
     for rank, res in enumerate(results):
         assert res["samples"] == res["steps"] + 1, (rank, res)
