@@ -41,7 +41,9 @@ def test_formatted_table() -> None:
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert cells[0] == ["1F1B", "21", "21", "(PP-1)(F+B)", "1×", "8", "PP = 8", "8", "8 (PP)"]
     assert cells[1] == ["ZB1P", "7", "7", "(PP-1)(F+B-2W)", "1×", "8", "PP = 8", "8", "8 (PP)"]
-    assert cells[2] == ["DualPipe", "6", "6", "(PP/2-1)(F&B+B-3W)", "2×", "9", "PP+1 = 9", "9", "8 (PP)"]
+    assert cells[2] == [
+        "DualPipe", "6", "6", "(PP/2-1)(F&B+B-3W)", "2×", "9", "PP+1 = 9", "9", "8 (PP)"
+    ]
     assert cells[3] == [
         "DualPipeV",
         "6",
