@@ -8,12 +8,13 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from dualpipe.autograd import backward_input
+from dualpipe.autograd import backward_input, defer_weight_grad
 from dualpipe.autograd.memory import measure_stage_memory
 
 ROWS, D = 16, 32
@@ -129,16 +130,47 @@ def test_rms_norm_keeps_the_normalised_input() -> None:
     """RMSNorm (composite on CPU: ``x * rsqrt(mean(x^2) + eps) * weight``), Linear, GELU,
     Linear. The forward saves x, rstd, the normalised x, the norm's output, the GELU's
     input and the second Linear's input (5 tensors and rstd). W reads the normalised x
-    (for the norm's weight), the two Linear inputs and 3 output gradients (6); rstd and
-    the GELU's input are freed. The stage input itself stays held too (7): the input-side
-    nodes that read it are freed of their saved tensors, but autograd's leaf node for
-    the input (kept by the graph the weight side still references) holds the tensor."""
+    (for the norm's weight), the two Linear inputs and 3 output gradients (6); rstd, the
+    GELU's input and the stage input (read by the input side only; autograd's leaf node
+    would keep it until W, so it is emptied: ``release_unread_inputs``) are freed."""
     torch.manual_seed(0)
     m = measure_stage_memory(NormMLP(nn.RMSNorm), torch.randn(ROWS, D))
     assert m.activation_bytes == 5 * T + ROWS * 4
-    assert m.deferred_bytes == 6 * T + T
+    assert m.deferred_bytes == 6 * T
     assert m.after_weight_bytes == 0
     _exact(NormMLP(nn.RMSNorm), torch.randn(ROWS, D))
+
+
+def test_inputs_read_by_the_weight_side_are_kept_and_views_stay_valid() -> None:
+    """``release_unread_inputs`` empties only inputs no frontier node reads directly: a
+    Linear's input is kept; an input read through a view by a Linear is emptied, but the
+    view the Linear saved keeps the storage, and the weight gradients stay exact; an
+    input only a norm's input side reads goes."""
+    torch.manual_seed(0)
+    lin = nn.Linear(D, D)
+    ref = copy.deepcopy(lin)
+    x, g = torch.randn(2, ROWS // 2, D), torch.randn(ROWS, D)
+    ref(x.reshape(ROWS, D)).backward(g)
+
+    direct = x.reshape(ROWS, D).clone().requires_grad_()
+    _, work = backward_input([lin(direct)], [g], [direct])
+    assert work.release_unread_inputs() == 0 and direct.numel() == ROWS * D
+    work.run()
+    lin.zero_grad()
+
+    viewed = x.clone().requires_grad_()
+    (gx,), work = backward_input([lin(viewed.view(ROWS, D))], [g], [viewed])
+    assert work.release_unread_inputs() == 1 and viewed.numel() == 0
+    work.run()
+    for p, q in zip(lin.parameters(), ref.parameters(), strict=True):
+        assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert gx.shape == x.shape
+
+    rms = NormMLP(nn.RMSNorm)
+    normed = torch.randn(ROWS, D, requires_grad=True)
+    _, work = backward_input([rms(normed)], [g], [normed])
+    assert work.release_unread_inputs() == 1 and normed.numel() == 0
+    work.run()
 
 
 def test_attention_frees_scores_and_probabilities() -> None:
@@ -233,3 +265,35 @@ def test_first_stage_with_a_tied_embedding_is_exact_and_frees_the_gelu_input() -
     work.run()
     for p, q in zip(stage.parameters(), ref.parameters(), strict=True):
         assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+class _DeferredLinear(torch.autograd.Function):
+    """The original DualPipe's pattern: the weight gradient reads the saved input later."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return x @ weight.T
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, weight = ctx.saved_tensors
+
+        def grad_weight() -> None:
+            g = grad.T @ x
+            weight.grad = g if weight.grad is None else weight.grad + g
+
+        defer_weight_grad(grad_weight)
+        return grad @ weight, None
+
+
+def test_an_input_a_custom_function_saved_is_kept_for_its_deferred_work() -> None:
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(D, D))
+    x, g = torch.randn(ROWS, D), torch.randn(ROWS, D)
+    xs = x.clone().requires_grad_()
+    (gx,), work = backward_input([_DeferredLinear.apply(xs, weight)], [g], [xs])
+    assert work.release_unread_inputs() == 0 and xs.numel() == ROWS * D
+    work.run()
+    assert_close(weight.grad, g.T @ x, rtol=0, atol=0)
+    assert_close(gx, g @ weight.detach(), rtol=0, atol=0)

@@ -151,6 +151,7 @@ def measure_stage_memory(
     activation -= grad_bytes
     with TrackCreated(tracker):
         in_grads, work = backward_input(roots, grads, leaves)
+    work.release_unread_inputs()  # as the runtime does with a received activation
     del roots, grads, in_grads, leaves
     deferred = _held(tracker, params, device) - base
     with TrackCreated(tracker):

@@ -367,7 +367,19 @@ def _split(
     calls.extend(by_level[level] for level in sorted(by_level, reverse=True))
     if p_roots:
         calls.append((p_roots, p_grads, None))
-    return results, WeightGradWork(calls, fns, keepalive)
+    work = WeightGradWork(calls, fns, keepalive)
+    # Stage inputs whose leaf node no frontier node points to: no node of the deferred
+    # work saved them as they are (only input-side nodes read them, and those are freed).
+    # A custom Function may hand its saved input to deferred work (defer_weight_grad,
+    # WeightGradStore): its inputs are kept too.
+    readers = [i for i, _ in cut.frontier]
+    readers.extend(i for i, node in enumerate(nodes) if is_i[i] and is_custom(node))
+    frontier_kids = {j for i in readers for j, _, _ in g.kids[i]}
+    for t in req:
+        at = g.index.get(get_gradient_edge(t).node)
+        if at is not None and at not in frontier_kids:
+            work._unread.append(t)
+    return results, work
 
 
 def _collector(
