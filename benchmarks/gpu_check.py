@@ -759,7 +759,8 @@ def check_costs(report: Report, device: torch.device, sizes: Sizes) -> None:
         "method": "auto (best)", "schedule": "auto", "stages": pp, "devices": pp // 2,
         "num_chunks": chunks, "makespan": auto.makespan, "bubble": max(auto.bubble),
         "bubble_formula": None, "formula": "", "params_per_device": 2,
-        "activations": max(auto.peak_activations), "activations_formula": None,
+        "activations": max(auto.peak_activations), "memory": max(auto.peak_memory),
+        "activations_formula": None,
         "activations_formula_text": "", "costs": rows[0]["costs"], "origin": found.origin,
     })
     print(format_compare_table(rows))

@@ -140,7 +140,30 @@ def test_simulate_json_equals_simulate(capsys: pytest.CaptureFixture[str]) -> No
     assert all(isinstance(x, int) for x in data["peak_activations"])
     assert data["seed_bubble"] == pytest.approx(seed_bubble("dualpipe", 8, costs))
     assert data["params_per_device"] == 2
-    assert data["costs"] == {"f": 1, "b": 2, "w": 1, "fb": 2.5, "comm": 0.25}
+    assert data["costs"] == {"f": 1, "b": 2, "w": 1, "fb": 2.5, "comm": 0.25, "w_memory": 1.0}
+    assert data["peak_memory"] == result.peak_memory
+
+
+def test_simulate_json_peak_memory_counts_deferred_weight_state(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ZBV on 4 ranks: the last rank keeps up to 5 weight gradients deferred while it
+    holds 8 activations' worth, so at 1.5 activations per deferred W its peak is 10.5 (the
+    figure measured before the input backward freed what W does not read); per stage."""
+    code, out, _ = run(capsys, "simulate", "zbv", "--ranks", "4", "--chunks", "8",
+                       "--w-memory", "1.5", "--json")  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert data["peak_activations"] == [8, 8, 8, 8]
+    assert data["peak_memory"] == [8.5, 8.5, 8.5, 10.5]
+    assert data["w_memory"] == 1.5
+    per_stage = ",".join(["0"] * 7 + ["2"])  # only stage 7 (rank 0's second) keeps state
+    code, out, _ = run(capsys, "simulate", "zbv", "--ranks", "4", "--chunks", "8",
+                       "--w-memory", per_stage, "--json")  # fmt: skip
+    assert json.loads(out)["w_memory"] == [0.0] * 7 + [2.0]
+    code, _, err = run(capsys, "simulate", "zbv", "--ranks", "4", "--chunks", "8",
+                       "--w-memory", "x")  # fmt: skip
+    assert code == 2 and "--w-memory" in err
 
 
 def test_simulate_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -149,7 +172,8 @@ def test_simulate_table(capsys: pytest.CaptureFixture[str]) -> None:
     result = simulate(generate("zb1p", 4, 8), Costs())
     rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
     assert [[float(x) for x in row] for row in rows] == [
-        [r, result.busy[r], result.bubble[r], result.peak_activations[r]] for r in range(4)
+        [r, result.busy[r], result.bubble[r], result.peak_activations[r], result.peak_memory[r]]
+        for r in range(4)
     ]
     assert "makespan            27" in out
     assert "seed formula bubble 3" in out

@@ -26,3 +26,17 @@ def test_metrics_of_a_hand_made_timeline() -> None:
     assert m.bubble == pytest.approx((4.0 + 5.0) / 2 / 10.0)
     assert m.tokens_per_s == pytest.approx(50_000.0)
     assert timeline_metrics(MeasuredTimeline(schedule, steps, waits)).tokens_per_s is None
+
+
+def test_peak_memory_of_a_measured_timeline() -> None:
+    """A timeline with memory samples reports each rank's largest; without, nothing."""
+    schedule = generate("1f1b", 2, 1)
+    steps = [
+        [TimedStep(0, parse_step("F0.0"), 0.0, 2.0), TimedStep(0, parse_step("B0.0"), 6.0, 10.0)],
+        [TimedStep(1, parse_step("F0.0"), 2.0, 4.0), TimedStep(1, parse_step("B0.0"), 4.0, 8.0)],
+    ]
+    memory = [[(2.0, 300), (10.0, 0), (10.1, 0)], [(4.0, 500), (8.0, 20), (8.1, 20)]]
+    timeline = MeasuredTimeline(schedule, steps, [[], []], memory)
+    assert timeline.peak_memory == [300, 500]
+    assert timeline_metrics(timeline).peak_memory_bytes == [300, 500]
+    assert timeline_metrics(MeasuredTimeline(schedule, steps, [[], []])).peak_memory_bytes == []

@@ -13,7 +13,7 @@ from .partcosts import PartCosts, pair_intervals, parse_parts
 from .schedules import io as schedule_io
 from .schedules.registry import SCHEDULES, generate
 from .schedules.schedule import Schedule
-from .simulation import Costs, SimResult, seed_bubble, simulate
+from .simulation import DEFAULT_W_MEMORY, Costs, SimResult, seed_bubble, simulate
 
 __all__ = ["main", "build_parser"]
 
@@ -36,6 +36,12 @@ def _add_costs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w", type=float, default=1.0, help="weight-gradient part of B (default 1)")
     g.add_argument("--fb", type=float, default=None, help="overlapped F&B pair (default f + b)")
     g.add_argument("--comm", type=float, default=0.0, help="latency between ranks (default 0)")
+    g.add_argument(
+        "--w-memory", metavar="D", default=None,
+        help="memory, not time: what one deferred weight gradient holds, as a fraction of one"
+        f" stage's activations; one number or one per stage, comma separated (default"
+        f" {DEFAULT_W_MEMORY:g}; measure it with dualpipe.autograd.deferred_fraction)",
+    )
     _add_parts(g, required=False)
 
 
@@ -107,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, required=True, help="micro-batches per step, in all")
     _add_costs(p)
     p.add_argument(
-        "--limit", type=int, help="activations per rank, in stage units (default: stages + 1)"
+        "--limit", type=float,
+        help="memory per rank, in stage activations, deferred weight-gradient state included"
+        " (see --w-memory; default: stages + 1)",
     )
     p.add_argument(
         "--max-deferred", type=int, help="deferred weight gradients per rank (default: any)"
@@ -141,11 +149,26 @@ def _parts(args: argparse.Namespace) -> PartCosts | None:
     return parse_parts(args.part_f, args.part_b, args.part_w)
 
 
+def _w_memory(text: str | None) -> float | tuple[float, ...]:
+    if text is None:
+        return DEFAULT_W_MEMORY
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(
+            f"--w-memory: expected numbers separated by commas, got {text!r}"
+        ) from None
+    if any(not x >= 0 for x in values):
+        raise UsageError(f"--w-memory: fractions must be >= 0, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
 def _costs(args: argparse.Namespace) -> Costs:
     parts = _parts(args)
+    w_memory = _w_memory(args.w_memory)
     if parts is not None:
-        return Costs(comm=args.comm, parts=parts, fb=args.fb)
-    return Costs(f=args.f, b=args.b, w=args.w, fb=args.fb, comm=args.comm)
+        return Costs(comm=args.comm, parts=parts, fb=args.fb, w_memory=w_memory)
+    return Costs(f=args.f, b=args.b, w=args.w, fb=args.fb, comm=args.comm, w_memory=w_memory)
 
 
 def _schedule(args: argparse.Namespace) -> Schedule:
@@ -198,9 +221,16 @@ def _sim_summary(result: SimResult) -> dict[str, Any]:
         params_per_device=max(len(s) for s in layout.rank_stages),
         seed_bubble=seed_bubble(schedule.name, layout.num_stages, c),
         max_bubble=max(result.bubble, default=0.0),
-        costs={"f": c.f, "b": c.b, "w": c.w, "fb": c.pair, "comm": c.comm},
+        costs={"f": c.f, "b": c.b, "w": c.w, "fb": c.pair, "comm": c.comm,
+               "w_memory": data["w_memory"]},
     )
     return data
+
+
+def _w_text(w_memory: Any) -> str:
+    if isinstance(w_memory, list):
+        return ",".join(_num(x) for x in w_memory)
+    return _num(w_memory)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -217,11 +247,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         f" W = {_num(c['w'])}, F&B = {_num(c['fb'])}, comm = {_num(c['comm'])}"
     )
     print()
-    print(f"{'rank':>4}  {'busy':>10}  {'bubble':>10}  {'peak activations':>16}")
+    print(
+        f"{'rank':>4}  {'busy':>10}  {'bubble':>10}  {'peak activations':>16}"
+        f"  {'peak memory':>11}"
+    )
     for r in range(schedule.num_ranks):
         print(
             f"{r:>4}  {_num(result.busy[r]):>10}  {_num(result.bubble[r]):>10}"
-            f"  {result.peak_activations[r]:>16}"
+            f"  {result.peak_activations[r]:>16}  {_num(result.peak_memory[r]):>11}"
         )
     print()
     print(f"makespan            {_num(result.makespan)}")
@@ -229,6 +262,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     seed = data["seed_bubble"]
     print(f"seed formula bubble {'n/a' if seed is None else _num(seed)}")
     print(f"peak activations    max {max(result.peak_activations, default=0)}")
+    print(
+        f"peak memory         max {_num(max(result.peak_memory, default=0.0))} (activations"
+        f" + deferred weight-gradient state, {_w_text(c['w_memory'])} per deferred W)"
+    )
     print(f"params per device   {data['params_per_device']}x one stage")
     return 0
 
@@ -273,6 +310,8 @@ def _cmd_autoschedule(args: argparse.Namespace) -> int:
     summary = {
         "makespan": found.makespan,
         "peak_activations": found.peak,
+        "peak_memory": found.memory,
+        "w_memory": _w_json(found.w_memory),
         "limit": found.limit,
         "deferred_weights": found.deferred,
         "seeds": found.seeds,
@@ -288,10 +327,18 @@ def _cmd_autoschedule(args: argparse.Namespace) -> int:
         f"{name} {'n/a' if v is None else _num(v)}" for name, v in found.seeds.items()
     )
     print(f"makespan {_num(found.makespan)} (seeds: {seeds})")
-    print(f"peak activations {found.peak} per rank (limit {found.limit})")
+    print(
+        f"peak memory {_num(found.memory)} per rank (limit {_num(found.limit)}): {found.peak}"
+        f" activations at most, deferred weight gradients at {_w_text(_w_json(found.w_memory))}"
+        " each"
+    )
     print(f"deferred weight gradients at most {found.deferred} per rank")
     print(f"from: {found.origin} ({found.candidates} candidates, {found.seconds:.2f} s)")
     return 0
+
+
+def _w_json(w_memory: float | tuple[float, ...]) -> float | list[float]:
+    return list(w_memory) if isinstance(w_memory, tuple) else w_memory
 
 
 def _cmd_demo(argv: list[str]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .schedules.actions import Overlap
 from .schedules.schedule import Schedule
@@ -17,11 +17,20 @@ __all__ = ["MeasuredTimeline", "measured_costs"]
 
 @dataclass
 class MeasuredTimeline:
-    """One measured step of every rank (times in ms from the step's start)."""
+    """One measured step of every rank (times in ms from the step's start); ``memory``:
+    per rank, ``(time, bytes)`` held after every action and at the step's end (empty
+    when not measured)."""
 
     schedule: Schedule
     steps: list[list[TimedStep]]
     waits: list[list[TimedWait]]
+    memory: list[list[tuple[float, int]]] = field(default_factory=list)
+
+    @property
+    def peak_memory(self) -> list[int]:
+        """Per rank, the most bytes held after an action (0 where not measured)."""
+        rows = self.memory or [[] for _ in self.steps]
+        return [max((held for _, held in row), default=0) for row in rows]
 
     @property
     def makespan(self) -> float:
@@ -59,7 +68,7 @@ class MeasuredTimeline:
                 f"{self.schedule.num_chunks} micro-batches ({self.makespan:.1f} ms)"
             )
         render_png(self.steps, self.schedule, path, title=title, waits=self.waits,
-                   time_unit="ms")
+                   time_unit="ms", memory=self.memory or None)
 
     def save_trace(self, path: str | os.PathLike[str]) -> None:
         """Write the step as a Chrome / Perfetto trace (JSON; open in ``ui.perfetto.dev``

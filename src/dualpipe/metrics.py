@@ -4,7 +4,7 @@ fraction (idle share of the ranks' time) and tokens per second, for logging."""
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .runtime.pipeline import Pipeline
@@ -23,6 +23,9 @@ class StepMetrics:
         idle_ms: per pipeline rank, ``step_ms`` minus busy time.
         bubble: mean idle share of the ranks' time, ``mean(idle_ms) / step_ms``.
         tokens_per_s: ``tokens / step`` seconds when the step's token count was given.
+        peak_memory_bytes: per pipeline rank, the most bytes held after an action
+            (saved activations, deferred weight-gradient state, message buffers; see
+            :class:`dualpipe.runtime.memory.MemoryProbe`); empty when not measured.
     """
 
     step_ms: float
@@ -30,6 +33,7 @@ class StepMetrics:
     idle_ms: list[float]
     bubble: float
     tokens_per_s: float | None
+    peak_memory_bytes: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for a logger)."""
@@ -47,6 +51,7 @@ def timeline_metrics(timeline: MeasuredTimeline, tokens: int | None = None) -> S
         idle_ms=idle,
         bubble=statistics.fmean(idle) / step if step > 0 else 0.0,
         tokens_per_s=tokens / (step / 1000.0) if tokens is not None and step > 0 else None,
+        peak_memory_bytes=timeline.peak_memory if timeline.memory else [],
     )
 
 

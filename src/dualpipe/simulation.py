@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import ScheduleError
@@ -10,7 +11,16 @@ from .schedules.actions import Action, Op, Overlap, Step, step_actions
 from .schedules.dependency import dependency
 from .schedules.schedule import Schedule
 
-__all__ = ["Costs", "TimedStep", "SimResult", "simulate", "step_duration", "seed_bubble"]
+__all__ = [
+    "Costs", "TimedStep", "SimResult", "simulate", "step_duration", "seed_bubble",
+    "peak_activations", "peak_memory", "w_state", "DEFAULT_W_MEMORY",
+]
+
+DEFAULT_W_MEMORY = 1.0
+"""State one deferred weight gradient holds, in units of one stage activation, when none is
+given: what the ``W`` of a stage of linear layers reads (each layer's input and output
+gradient) is about what its forward saved (each layer's input and the input of the
+activation function after it)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,11 @@ class Costs:
         parts: the stage's per-part costs (:class:`~dualpipe.partcosts.PartCosts`):
             then ``f``, ``b`` and ``w`` are derived from them (whatever was passed) and
             each pair's time is its parts interleaved (``fb`` must not be given).
+        w_memory: memory, not time: what one deferred weight gradient holds between its
+            ``I`` and its ``W``, as a fraction of one stage's activations for one
+            micro-batch (the unit of ``peak_activations``); one number for every stage
+            or one per model stage (a tuple indexed by stage). Measure it on a stage with
+            :func:`dualpipe.autograd.deferred_fraction`.
     """
 
     f: float = 1.0
@@ -34,8 +49,17 @@ class Costs:
     fb: float | None = None
     comm: float = 0.0
     parts: PartCosts | None = None
+    w_memory: float | tuple[float, ...] = DEFAULT_W_MEMORY
 
     def __post_init__(self) -> None:
+        if isinstance(self.w_memory, (list, tuple)):
+            object.__setattr__(self, "w_memory", tuple(float(x) for x in self.w_memory))
+            values: tuple[float, ...] = self.w_memory
+        else:
+            values = (self.w_memory,)
+        if not values or not all(x >= 0 for x in values):
+            raise ValueError(f"w_memory must be >= 0 (one number or one per stage), got "
+                             f"{self.w_memory}")
         if self.parts is not None:
             if self.fb is not None:
                 raise ValueError("give either fb or parts: with parts, a pair's time is derived")
@@ -99,6 +123,7 @@ class SimResult:
     busy: list[float]
     bubble: list[float]
     peak_activations: list[int]
+    peak_memory: list[float] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
@@ -111,6 +136,12 @@ class SimResult:
             "busy": self.busy,
             "bubble": self.bubble,
             "peak_activations": self.peak_activations,
+            "peak_memory": self.peak_memory,
+            "w_memory": (
+                list(self.costs.w_memory)
+                if isinstance(self.costs.w_memory, tuple)
+                else self.costs.w_memory
+            ),
         }
 
 
@@ -187,6 +218,7 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
         busy=busy,
         bubble=[makespan - x for x in busy],
         peak_activations=[peak_activations(schedule, r) for r in range(n)],
+        peak_memory=[peak_memory(schedule, r, costs.w_memory) for r in range(n)],
     )
 
 
@@ -204,6 +236,44 @@ def peak_activations(schedule: Schedule, rank: int) -> int:
         elif action.op.is_backward:
             live -= 1
     return peak
+
+
+def w_state(w_memory: float | Sequence[float], stage: int) -> float:
+    """What one deferred weight gradient of model stage ``stage`` holds, in activation
+    units (``w_memory``: one number for all stages, or one per stage)."""
+    if isinstance(w_memory, (int, float)):
+        return float(w_memory)
+    if not 0 <= stage < len(w_memory):
+        raise ValueError(f"w_memory gives {len(w_memory)} stages, stage {stage} has none")
+    return float(w_memory[stage])
+
+
+def peak_memory(
+    schedule: Schedule, rank: int, w_memory: float | Sequence[float] = DEFAULT_W_MEMORY
+) -> float:
+    """Most memory ``rank`` holds, in units of one stage's activations for one micro-batch.
+
+    Like :func:`peak_activations`, plus the state of deferred weight gradients: a forward
+    takes one unit, a full backward (``B``) frees it, an input-only backward (``I``) frees
+    it but keeps ``w_state`` units until its ``W`` frees them. In a pair the forward
+    counts before the backward frees anything. With ``w_memory = 0`` this is
+    ``peak_activations``; a schedule without ``I`` gets the same value for any
+    ``w_memory``.
+    """
+    layout = schedule.layout
+    live = top = 0.0
+    for action in schedule.actions(rank):
+        op = action.op
+        if op is Op.FORWARD:
+            live += 1.0
+        elif op is Op.BACKWARD:
+            live -= 1.0
+        elif op is Op.INPUT:
+            live += w_state(w_memory, layout.stage(rank, action.phase)) - 1.0
+        else:
+            live -= w_state(w_memory, layout.stage(rank, action.phase))
+        top = max(top, live)
+    return round(top, 9)
 
 
 def seed_bubble(name: str, num_stages: int, costs: Costs) -> float | None:

@@ -529,19 +529,44 @@ def test_activation_checkpointing(reentrant: bool) -> None:
     _assert_same(_param_grads(split), _param_grads(ref), exact=True)
 
 
-def test_no_input_requiring_grad_defers_everything() -> None:
+def test_no_input_requiring_grad_runs_the_activation_side_now() -> None:
+    """A first stage (integer ids, no input gradient): the input backward runs the
+    activation side down to where it ends (the linear layer's input gradient, the GELU's
+    backward) and stops at the embedding, so W holds only what the weight side reads;
+    no parameter gradient is computed before ``run``, and the result is exact."""
     torch.manual_seed(0)
     stage = EmbeddingStage()
+    ref = copy.deepcopy(stage)
     ids = torch.randint(0, 11, (4, 5))
     out = stage(ids)
-    grad = torch.ones_like(out)
+    grad = torch.randn_like(out)
+    ref(ids).backward(grad)
     with OpLog() as log:
         grads, work = backward_input([out], [grad], [ids])
     assert grads == [None]
-    assert log.ops == []
+    ops = log.compute()
+    assert ops[("gelu_backward", (4, 5, 8))] == 1  # the activation side ran now
+    assert not any("embedding" in name for name, _ in ops)  # the weight side did not
     assert all(p.grad is None for p in stage.parameters())
+    with OpLog() as log:
+        work.run()
+    assert not any("gelu" in name for name, _ in log.compute())  # nothing ran twice
+    _assert_same(_param_grads(stage), _param_grads(ref), exact=True)
+
+
+def test_first_stage_whose_activation_side_is_its_output_defers_everything() -> None:
+    """A first stage that is one linear layer of its (gradient-free) input: nothing to run
+    before the weight gradients, so the input backward computes nothing."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    out = lin(x)
+    grad = torch.ones_like(out)
+    with OpLog() as log:
+        grads, work = backward_input([out], [grad], [x])
+    assert grads == [None] and log.ops == []
     work.run()
-    assert all(p.grad is not None for p in stage.parameters())
+    assert all(p.grad is not None for p in lin.parameters())
 
 
 def test_run_twice_raises() -> None:
@@ -677,7 +702,9 @@ def test_memory_is_released() -> None:
     del out
     gc.collect()
     alive = [r() is not None for r in refs]
-    assert alive == [True, True, False]  # only what the deferred work may need
+    # only what the deferred work reads: the second Linear's input; the GELU's input is
+    # read by the input side only and is freed by the input backward
+    assert alive == [False, True, False]
     work.run()
     gc.collect()
     assert all(r() is None for r in refs)

@@ -23,7 +23,8 @@ def test_text_output_is_the_search_result(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     found = search(3, 7, COSTS)
     assert out.startswith(found.schedule.to_text() + "\n")
-    assert f"peak activations {found.peak} per rank (limit 7)" in out
+    assert f"peak memory {found.memory:g} per rank (limit 7): {found.peak} activations" in out
+    assert found.memory <= 7
     assert "seeds: dualpipev" in out
 
 
@@ -33,7 +34,8 @@ def test_json_and_output_file(capsys: pytest.CaptureFixture[str], tmp_path: Path
     data = json.loads(capsys.readouterr().out)
     schedule = Schedule.from_dict(data["schedule"])
     validate(schedule)
-    assert data["limit"] == 6 and data["peak_activations"] <= 6
+    assert data["limit"] == 6 and data["peak_activations"] <= data["peak_memory"] <= 6
+    assert data["w_memory"] == 1.0  # the default state per deferred weight gradient
     assert data["deferred_weights"] >= 0
     assert data["seeds"]["dualpipev"] is None  # DualPipeV needs 7 per rank
     assert simulate(schedule, COSTS).makespan == pytest.approx(data["makespan"])
@@ -54,7 +56,7 @@ def test_dualpipe_layout(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--limit", "1"], "activation limit >= 2"),
+        (["--limit", "1"], "memory limit >= 2"),
         (["--layout", "ring"], "invalid choice"),
         (["--w", "5"], "cannot exceed"),
     ],

@@ -9,7 +9,7 @@ from dualpipe.autoschedule import activation_limit, autoschedule, deferred_peak,
 from dualpipe.autoschedule.listing import list_schedule
 from dualpipe.autoschedule.search import ONE_F_ONE_B
 from dualpipe.schedules import dualpipe_layout, dualpipev_layout, validate
-from dualpipe.simulation import Costs, simulate
+from dualpipe.simulation import Costs, peak_memory, simulate
 
 COSTS = [
     Costs(f=1, b=2, w=1),  # F = I = W, no overlap gain
@@ -103,7 +103,7 @@ def test_autoschedule_returns_the_schedule() -> None:
     "kwargs,message",
     [
         ({"layout": "ring"}, "unknown layout"),
-        ({"limit": 1}, "activation limit >= 2"),
+        ({"limit": 1}, "memory limit >= 2"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
@@ -114,3 +114,20 @@ def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
 def test_dualpipe_layout_needs_even_chunks() -> None:
     with pytest.raises(ValueError, match="multiple of 2"):
         search(2, 5, Costs(), layout="dualpipe")
+
+
+def test_memory_limit_counts_deferred_weight_state() -> None:
+    """The limit is peak memory: activations plus ``w_memory`` per deferred W. A search
+    that treats deferred state as free (``w_memory=0``) keeps many W's pending (16 per
+    rank on 4 x 12), over the limit once each holds 1.5 activations; with the state
+    counted every result fits the limit by the simulator's own measure."""
+    base = dict(f=1, b=2, w=1, fb=2.2, comm=0.05)
+    free = search(4, 12, Costs(**base, w_memory=0.0))
+    assert free.deferred == 16
+    assert max(peak_memory(free.schedule, r, 1.5) for r in range(4)) > free.limit
+    for w_memory in (0.0, 1.0, 1.5, (1.0,) * 7 + (2.0,)):
+        found = search(4, 12, Costs(**base, w_memory=w_memory))
+        memory = [peak_memory(found.schedule, r, w_memory) for r in range(4)]
+        assert found.memory == max(memory) <= found.limit == 9, w_memory
+        assert simulate(found.schedule, Costs(**base, w_memory=w_memory)).peak_memory == memory
+    assert search(4, 12, Costs(**base, w_memory=1.5)).deferred < free.deferred

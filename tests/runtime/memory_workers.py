@@ -115,3 +115,83 @@ def measure_peak(
         ScaleStage.held_output_tensors,
         ScaleStage.most_in_flight,
     )
+
+
+def recorded_memory(rank: int, world: int, schedule: str, num_chunks: int) -> dict[str, object]:
+    """A recorded step of 3 x (Linear, GELU) stages: the memory the runtime measured after
+    every action, its peak and end in units of one stage activation (measured on the same
+    stage in one process), this rank's simulated peak memory with the measured state per
+    deferred W, and the step metrics' peak."""
+    from dualpipe.autograd.memory import measure_stage_memory
+    from dualpipe.metrics import step_metrics
+    from dualpipe.simulation import peak_memory
+
+    width, rows = 64, 8
+    layout = layout_for("dualpipev" if schedule == "auto" else schedule, world)
+
+    def stage(k: int) -> nn.Module:
+        torch.manual_seed(k)
+        return nn.Sequential(
+            *[m for _ in range(3) for m in (nn.Linear(width, width), nn.GELU())]
+        )
+
+    probe = measure_stage_memory(stage(0), torch.randn(rows, width))
+    plan: object = schedule
+    if schedule == "auto":  # the auto-scheduler's, with the stage's measured W state
+        from dualpipe.autoschedule import search
+        from dualpipe.simulation import Costs
+
+        plan = search(world, num_chunks, Costs(w_memory=probe.fraction)).schedule
+        layout = plan.layout  # type: ignore[attr-defined]
+    mods = [stage(k) for k in layout.rank_stages[rank]]
+    pipe = Pipeline(mods, plan, timeout=60)  # type: ignore[arg-type]
+    per_stream = num_chunks // layout.num_streams * rows
+    x, y = torch.randn(per_stream, width), torch.randn(per_stream, width)
+    start = any(p[0][0] == rank for p in layout.paths)
+    end = any(p[-1][0] == rank for p in layout.paths)
+    pipe.step(
+        *((x,) if start else ()),
+        num_chunks=num_chunks,
+        criterion=lambda out, lab: ((out - lab) ** 2).mean(),
+        labels=(y,) if end else (),
+        record="memory",
+    )
+    record = pipe.last_record
+    assert record is not None and pipe.executor.last_plan is not None
+    metrics = step_metrics(pipe)
+    unit = probe.activation_bytes
+    held = [b for _, b in record.memory]
+    return {
+        "samples": len(record.memory),
+        "steps": len(record.steps),
+        "peak": max(held) / unit,
+        "after": held[-1] / unit,
+        "w_memory": probe.fraction,
+        "sim": peak_memory(pipe.executor.last_plan.schedule, rank, probe.fraction),
+        "metrics_peak": [b / unit for b in metrics.peak_memory_bytes],
+    }
+
+
+def record_without_memory(rank: int, world: int) -> tuple[int, int, str]:
+    """``record=True`` on CPU times the step without memory samples; a bad ``record``
+    value is refused on every rank."""
+    torch.manual_seed(0)
+    layout = layout_for("dualpipev", world)
+    pipe = Pipeline([nn.Linear(8, 8) for _ in layout.rank_stages[rank]], "dualpipev",
+                    timeout=30)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    args = (x,) if rank == 0 else ()
+    labels = (y,) if rank == 0 else ()
+
+    def loss(out: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        return ((out - lab) ** 2).mean()
+
+    pipe.step(*args, num_chunks=4, criterion=loss, labels=labels, record=True)
+    assert pipe.last_record is not None
+    steps, samples = len(pipe.last_record.steps), len(pipe.last_record.memory)
+    try:
+        pipe.step(*args, num_chunks=4, criterion=loss, labels=labels,
+                  record="bytes")  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - the message is what is checked
+        return steps, samples, str(exc)
+    return steps, samples, ""

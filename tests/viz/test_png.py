@@ -103,3 +103,18 @@ def test_viz_and_cli_import_neither_torch_nor_matplotlib() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_memory_rows_make_a_taller_picture_in_their_colour(tmp_path: Path) -> None:
+    """Measured memory per rank is drawn as one more row per rank, in its own colour."""
+    from dualpipe.viz.png import _MEMORY_FILL
+
+    schedule = generate("dualpipev", 2, 4)
+    timeline = simulate(schedule, COSTS).timeline
+    memory = [[(t.end, float(k + 1)) for k, t in enumerate(row)] for row in timeline]
+    plain, with_memory = tmp_path / "plain.png", tmp_path / "memory.png"
+    render_png(timeline, schedule, plain)
+    render_png(timeline, schedule, with_memory, memory=memory)
+    assert _png_size(with_memory)[1] > _png_size(plain)[1]
+    assert _MEMORY_FILL in _colors(with_memory)
+    assert _MEMORY_FILL not in _colors(plain)

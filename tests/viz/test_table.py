@@ -39,9 +39,11 @@ def test_formatted_table() -> None:
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + len(COMPARED)
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
-    assert cells[0] == ["1F1B", "21", "21", "(PP-1)(F+B)", "1×", "8", "PP = 8", "8 (PP)"]
-    assert cells[1] == ["ZB1P", "7", "7", "(PP-1)(F+B-2W)", "1×", "8", "PP = 8", "8 (PP)"]
-    assert cells[2] == ["DualPipe", "6", "6", "(PP/2-1)(F&B+B-3W)", "2×", "9", "PP+1 = 9", "8 (PP)"]
+    assert cells[0] == ["1F1B", "21", "21", "(PP-1)(F+B)", "1×", "8", "PP = 8", "8", "8 (PP)"]
+    assert cells[1] == ["ZB1P", "7", "7", "(PP-1)(F+B-2W)", "1×", "8", "PP = 8", "8", "8 (PP)"]
+    assert cells[2] == [
+        "DualPipe", "6", "6", "(PP/2-1)(F&B+B-3W)", "2×", "9", "PP+1 = 9", "9", "8 (PP)"
+    ]
     assert cells[3] == [
         "DualPipeV",
         "6",
@@ -50,18 +52,25 @@ def test_formatted_table() -> None:
         "2×",
         "9",
         "PP+1 = 9",
+        "9",
         "4 (PP/2)",
     ]
     # rows the seed has no formula for: ZBV's F = I = W bubble is 3 on 4 ranks
     # (tests/schedules/test_zbv.py); interleaved 1F1B's is (N-1)(F+B) = 9 on 4 ranks,
     # with v = 2 half-size stages per rank
-    assert cells[4] == ["ZBV", "3", "—", "—", "2×", "8", "—", "4 (PP/2)"]
+    assert cells[4] == ["ZBV", "3", "—", "—", "2×", "8", "—", "8", "4 (PP/2)"]
     # V-Half and V-Min: tests/schedules/test_controllable.py (12 and 11 idle slots at
     # F = I = W on 4 ranks from their building blocks' warm-up and cool-down)
-    assert cells[5] == ["V-Half", "12", "—", "—", "2×", "6", "—", "4 (PP/2)"]
-    assert cells[6] == ["V-Min", "11", "—", "—", "2×", "4", "—", "4 (PP/2)"]
-    assert cells[7] == ["Interleaved 1F1B", "9", "—", "—", "2×", "11", "—", "4 (PP/2)"]
+    assert cells[5] == ["V-Half", "12", "—", "—", "2×", "6", "—", "6", "4 (PP/2)"]
+    assert cells[6] == ["V-Min", "11", "—", "—", "2×", "4", "—", "4", "4 (PP/2)"]
+    assert cells[7] == ["Interleaved 1F1B", "9", "—", "—", "2×", "11", "—", "11", "4 (PP/2)"]
     assert "Units:" in text and "DualPipeV" in text
+    # memory: activations plus deferred W state (1 activation each by default); at 1.5
+    # ZBV's last rank and ZB1P keep several W's pending at their activation peak
+    heavier = format_compare_table(compare_table(8, 20, Costs(w_memory=1.5)))
+    memory = {c[0]: c[7] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                   for line in heavier.splitlines()[4:12])}
+    assert (memory["ZB1P"], memory["ZBV"], memory["DualPipeV"]) == ("12", "10.5", "9")
     assert "differ" not in text  # nothing to explain with the default costs
     assert all(len(line) <= 100 for line in lines if not line.startswith("|"))
 

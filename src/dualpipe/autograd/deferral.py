@@ -169,7 +169,7 @@ class WeightGradWork:
     Calling :meth:`run` a second time raises ``RuntimeError``.
     """
 
-    __slots__ = ("_calls", "_fns", "_keepalive", "_done")
+    __slots__ = ("_calls", "_fns", "_keepalive", "_done", "_unread")
 
     def __init__(
         self,
@@ -181,6 +181,21 @@ class WeightGradWork:
         self._fns: list[Callable[[], None]] = fns if fns is not None else []
         self._keepalive: list[Any] = keepalive if keepalive is not None else []
         self._done = False
+        # stage inputs no weight-side node reads directly (see release_unread_inputs)
+        self._unread: list[Tensor] = []
+
+    def release_unread_inputs(self) -> int:
+        """Empty the stage inputs that only the input side read (their gradient is
+        computed; no node of the deferred work saved them as they are), so their memory
+        goes now instead of at ``run``: autograd's leaf node of an input keeps the
+        tensor for as long as the graph the work references lives. Views of an input
+        that weight-side nodes saved keep their own hold on its storage and stay valid.
+        For callers that own the inputs (the runtime's received activations): the
+        tensors become empty. Returns how many were emptied."""
+        unread, self._unread = self._unread, []
+        for t in unread:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        return len(unread)
 
     @property
     def done(self) -> bool:

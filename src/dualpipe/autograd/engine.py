@@ -12,7 +12,7 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 __all__ = [
     "ACCUMULATE_GRAD", "NODE_KINDS", "accumulate", "gradients", "leaf_tensor", "is_custom",
-    "node_kind", "LEAF", "PLAIN_ONLY", "OTHER",
+    "node_kind", "LEAF", "PLAIN_ONLY", "OTHER", "saved_names", "release_saved", "has_saved",
 ]
 
 ACCUMULATE_GRAD: type = type(get_gradient_edge(torch.empty(0, requires_grad=True)).node)
@@ -125,3 +125,53 @@ def node_kind(t: type) -> int:
     return kind
 
 
+
+
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def saved_names(t: type) -> tuple[str, ...]:
+    """The attributes through which nodes of type ``t`` expose their saved tensors
+    (``_raw_saved_*``; a custom Function's ``_raw_saved_tensors``)."""
+    names = _SAVED_NAMES.get(t)
+    if names is None:
+        names = _SAVED_NAMES[t] = tuple(a for a in dir(t) if a.startswith("_raw_saved_"))
+    return names
+
+
+def has_saved(node: Node) -> bool:
+    """Whether ``node``'s type can hold saved tensors."""
+    return bool(saved_names(type(node)))
+
+
+def _released(_: object) -> Tensor:
+    raise RuntimeError(
+        "dualpipe: a tensor saved by an input-side autograd node was released after the input "
+        "backward (backward_input), but the node ran again; please report this graph"
+    )
+
+
+def _drop(_: Tensor) -> None:
+    return None
+
+
+def release_saved(node: Node) -> int:
+    """Free the tensors ``node`` saved for its backward (it must never run again): each
+    saved tensor gets a pack hook that drops it (``SavedTensor.register_hooks``), so the
+    node no longer references it. Saved tensors that already have hooks (the user's
+    ``saved_tensors_hooks``) are left alone. Returns how many were released."""
+    count = 0
+    for name in saved_names(type(node)):
+        try:
+            raw = getattr(node, name)
+        except RuntimeError:  # already freed
+            continue
+        for saved in raw if isinstance(raw, (tuple, list)) else (raw,):
+            if saved is None:
+                continue
+            try:
+                saved.register_hooks(_drop, _released)
+            except RuntimeError:  # None, already freed, or the user's hooks hold it
+                continue
+            count += 1
+    return count

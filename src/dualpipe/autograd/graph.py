@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from .engine import ACCUMULATE_GRAD, is_custom, leaf_tensor
+from .engine import ACCUMULATE_GRAD, has_saved, is_custom, leaf_tensor
 
-__all__ = ["Graph", "Cut", "slot_list", "find", "group_sources", "conflicts"]
+__all__ = ["Graph", "Cut", "slot_list", "find", "group_sources", "conflicts", "activation_ends"]
 
 # --------------------------------------------------------------------------------------
 # Graph analysis for backward_input
@@ -90,10 +90,20 @@ class Cut:
 
     __slots__ = ("is_i", "frontier", "levels", "croots", "oroots", "comps", "params")
 
-    def __init__(self, g: Graph, targets: list[bool], root_nodes: list[int]) -> None:
+    def __init__(
+        self,
+        g: Graph,
+        targets: list[bool],
+        root_nodes: list[int],
+        captures: tuple[int, ...] = (),
+    ) -> None:
         kids, post, nodes = g.kids, g.post, g.nodes
         n = len(nodes)
-        capture: set[int] = set()  # capture nodes added by the analysis
+        # capture nodes: given (a first stage's activation-side ends, see
+        # ``activation_ends``) and added by the analysis
+        capture: set[int] = set(captures)
+        for c in captures:
+            targets[c] = True
         while True:
             # I-nodes: a target (stage input or capture node) is reachable from them.
             # Frontier nodes: I-nodes with an edge into a P-node ("P-edges").
@@ -280,3 +290,30 @@ def conflicts(
     return out
 
 
+
+
+def activation_ends(g: Graph) -> list[int]:
+    """For a graph whose stage inputs get no gradient (a first stage): the nodes where the
+    activation side ends, to be captured like stage inputs so that an input backward has
+    work to do (and can free what only it reads).
+
+    A *parameter chain* is an ``AccumulateGrad`` node, or a node that saves nothing and
+    whose children are all parameter chains (a transpose, an expand, a view of a
+    parameter). The activation side ends at the nodes that are not parameter chains but
+    whose children all are: the first layer's ``AddmmBackward`` (its input got no
+    gradient), an ``EmbeddingBackward``.
+    """
+    kids, nodes = g.kids, g.nodes
+    chain = [False] * len(nodes)
+    ends: list[int] = []
+    for i in g.post:
+        ks = kids[i]
+        below = all(chain[j] for j, _, _ in ks)
+        node = nodes[i]
+        if type(node) is ACCUMULATE_GRAD or (
+            ks and below and not is_custom(node) and not has_saved(node)
+        ):
+            chain[i] = True
+        elif below:
+            ends.append(i)
+    return ends

@@ -19,8 +19,9 @@ from .engine import (
     is_custom,
     leaf_tensor,
     node_kind,
+    release_saved,
 )
-from .graph import Cut, Graph, slot_list
+from .graph import Cut, Graph, activation_ends, slot_list
 
 __all__ = ["backward_full", "backward_input"]
 
@@ -202,11 +203,6 @@ def _split(
     results: list[Tensor | None] = [None] * len(inputs)
     if not outs:
         return results, WeightGradWork()
-    if not req:
-        # Nothing to compute now: the whole backward is weight work.
-        edges = [_edge(o) for o in outs]
-        return results, WeightGradWork([(edges, grads, None)])
-
     root_nodes = [_root_node(o) for o in outs]
     g = Graph([(node, _edge(o).output_nr) for node, o in zip(root_nodes, outs, strict=True)])
     nodes = g.nodes
@@ -231,8 +227,16 @@ def _split(
         fns: list[Callable[[], None]] = []
         return _plain_backward(outs, grads, req, inputs, fns), WeightGradWork([], fns)
     root_idx = [g.index[node] for node in root_nodes]
-    cut = Cut(g, targets, root_idx)
+    # No input gets a gradient (a first stage): the input backward still runs the
+    # activation side down to where it ends (the first layer), so that W holds only what
+    # the weight side reads.
+    ends = tuple(activation_ends(g)) if not req else ()
+    cut = Cut(g, targets, root_idx, ends)
     is_i = cut.is_i
+    if not req and not any(is_i):
+        # Nothing to compute now: the whole backward is weight work.
+        edges = [_edge(o) for o in outs]
+        return results, WeightGradWork([(edges, grads, None)])
 
     # Input pass: roots that reach a target; captures at every frontier input slot.
     in_outs = [o for o, r in zip(outs, root_idx, strict=True) if is_i[r] or targets[r]]
@@ -287,6 +291,14 @@ def _split(
         finally:
             for h in handles:
                 h.remove()
+        # The input pass is done: nodes of the input side that are not frontier nodes
+        # never run again, so the tensors they saved (a GELU's input, attention scores,
+        # a norm's statistics) are freed now; the frontier nodes and the weight side keep
+        # theirs for the weight pass.
+        frontier_ids = {i for i, _ in cut.frontier}
+        for i, node in enumerate(nodes):
+            if is_i[i] and i not in frontier_ids:
+                release_saved(node)
         got = {id(t): res[k] for k, t in enumerate(req)}
         for k, t in enumerate(inputs):
             if isinstance(t, Tensor) and t.requires_grad:
@@ -355,7 +367,19 @@ def _split(
     calls.extend(by_level[level] for level in sorted(by_level, reverse=True))
     if p_roots:
         calls.append((p_roots, p_grads, None))
-    return results, WeightGradWork(calls, fns, keepalive)
+    work = WeightGradWork(calls, fns, keepalive)
+    # Stage inputs whose leaf node no frontier node points to: no node of the deferred
+    # work saved them as they are (only input-side nodes read them, and those are freed).
+    # A custom Function may hand its saved input to deferred work (defer_weight_grad,
+    # WeightGradStore): its inputs are kept too.
+    readers = [i for i, _ in cut.frontier]
+    readers.extend(i for i, node in enumerate(nodes) if is_i[i] and is_custom(node))
+    frontier_kids = {j for i in readers for j, _, _ in g.kids[i]}
+    for t in req:
+        at = g.index.get(get_gradient_edge(t).node)
+        if at is not None and at not in frontier_kids:
+            work._unread.append(t)
+    return results, work
 
 
 def _collector(

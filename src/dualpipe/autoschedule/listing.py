@@ -12,7 +12,7 @@ from ..schedules.actions import Action, Op, Overlap, Step, step_actions
 from ..schedules.dependency import dependency
 from ..schedules.layout import Layout
 from ..schedules.schedule import Schedule
-from ..simulation import Costs, step_duration
+from ..simulation import Costs, step_duration, w_state
 
 __all__ = ["Policy", "list_schedule"]
 
@@ -145,7 +145,7 @@ def list_schedule(
     layout: Layout,
     chunks_per_stream: int,
     costs: Costs,
-    limit: int,
+    limit: float,
     policy: Policy,
     template: Schedule | None = None,
 ) -> tuple[Schedule, float] | None:
@@ -159,7 +159,8 @@ def list_schedule(
     backwards become input-only (``policy.split``) and each ``W`` fills a wait (by
     ``policy.w_gap``) or runs at the end. The memory profile is then the template's.
 
-    Every rank holds at most ``limit`` activations (the simulator's peak metric). A
+    Every rank holds at most ``limit`` memory (the simulator's ``peak_memory``: live
+    activations plus ``costs.w_memory`` per deferred weight gradient). A
     forward that will visit its rank again later (the V's way down) leaves one slot
     free for that return, and with several streams (DualPipe) each stream has its own
     share of the limit, so the oldest micro-batch can always move on and no policy stalls
@@ -185,8 +186,19 @@ def list_schedule(
     streams = layout.num_streams
     # several streams share each rank: each gets a fixed share of the limit, so the oldest
     # micro-batch of every stream always finds room and no policy can stall
-    quota = [limit // streams + (1 if k < limit % streams else 0) for k in range(streams)]
+    if limit == int(limit):
+        whole = int(limit)
+        quota: list[float] = [
+            whole // streams + (1 if k < whole % streams else 0) for k in range(streams)
+        ]
+    else:
+        quota = [limit / streams] * streams
     live_in = [[0] * streams for _ in range(n)]
+    # deferred weight-gradient state held per rank (and per stream), in activations
+    held = [0.0] * n
+    held_in = [[0.0] * streams for _ in range(n)]
+    stage_w = [w_state(costs.w_memory, layout.stage(s.rank, s.phase)) for s in slots]
+    slot_of = {(s.rank, s.phase): i for i, s in enumerate(slots)}
     free_at = [0.0] * n
     deferred: list[deque[tuple[int, int]]] = [deque() for _ in range(n)]
     rows: list[list[Step]] = [[] for _ in range(n)]
@@ -226,15 +238,15 @@ def list_schedule(
         """Memory check for running the next forward of slot ``i`` (alone or in a pair)."""
         slot = slots[i]
         if streams > 1:  # the stream's own share, less the headroom on a first visit
-            used = live_in[r][slot.stream]
+            used = live_in[r][slot.stream] + held_in[r][slot.stream]
             room = quota[slot.stream] - (policy.headroom if slot.first_visit else 0)
             room = max(room, least)
         else:
-            used = live[r]
+            used = live[r] + held[r]
             room = min(limit, entry_cap) if slot.first_visit else limit
         if is_revisit[i] and not paired:
             room -= 1  # keep one slot for the micro-batch's return to this rank
-        return used + 1 <= room
+        return used + 1 <= room + 1e-9
 
     def moves(r: int) -> tuple[float, list[tuple[float, int, int]]]:
         """Rank r's candidate steps as ``(ready time, forward slot, backward slot)`` (-1:
@@ -275,6 +287,9 @@ def list_schedule(
         best = _INF
         if t_cursor[r] < len(order[r]):
             i, j = order[r][t_cursor[r]]
+            if i >= 0 and deferred[r] and live[r] + held[r] + 1 > limit + 1e-9:
+                # the forward fits the limit only once deferred state is freed: a W first
+                return t0, [(t0, -1, -1)]
             best = max(t0, f_arrival(i, r) if i >= 0 else 0.0, b_arrival(j, r) if j >= 0 else 0.0)
             out.append((best, i, j))
         if deferred[r] and best > t0 and (best == _INF or best - t0 >= w_gap):
@@ -313,6 +328,8 @@ def list_schedule(
         )
         if split:
             deferred[r].append((s.phase, mb))
+            held[r] += stage_w[i]
+            held_in[r][s.stream] += stage_w[i]
             return Action(Op.INPUT, s.phase, mb)
         return Action(Op.BACKWARD, s.phase, mb)
 
@@ -338,6 +355,9 @@ def list_schedule(
         touched = {r}
         if fwd < 0 and bwd < 0:
             phase, mb = deferred[r].popleft()
+            k = slot_of[(r, phase)]
+            held[r] -= stage_w[k]
+            held_in[r][slots[k].stream] -= stage_w[k]
             weight = Action(Op.WEIGHT, phase, mb)
             end = t + step_duration(weight, costs)
             rows[r].append(weight)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..schedules.actions import Action, Op, Overlap, Step, step_actions
 from ..schedules.dependency import dependency
 from ..schedules.schedule import Schedule
-from ..simulation import Costs, step_duration
+from ..simulation import Costs, step_duration, w_state
 
 __all__ = ["Compiled", "compile_schedule", "refine"]
 
@@ -34,6 +34,7 @@ class _Item:
     forward: bool
     backward: bool
     defers: int  # +1 for an input-only backward, -1 for a W
+    held: float = 0.0  # deferred weight-gradient state it adds (I) or frees (W, negative)
 
 
 @dataclass
@@ -90,6 +91,10 @@ def compile_schedule(schedule: Schedule, costs: Costs) -> Compiled:
             forward=any(a.op is Op.FORWARD for a in step_actions(step)),
             backward=any(a.op.is_backward for a in step_actions(step)),
             defers=sum(_DEFERS.get(a.op, 0) for a in step_actions(step)),
+            held=sum(
+                _DEFERS.get(a.op, 0) * w_state(costs.w_memory, layout.stage(rank, a.phase))
+                for a in step_actions(step)
+            ),
         )
 
     rows = [[item(r, step) for step in schedule.steps[r]] for r in range(schedule.num_ranks)]
@@ -166,6 +171,21 @@ def peak(row: list[_Item]) -> int:
     return top
 
 
+def memory_peak(row: list[_Item]) -> float:
+    """Most memory on one rank: live activations plus deferred weight-gradient state
+    (as :func:`dualpipe.simulation.peak_memory`)."""
+    live = top = 0.0
+    for it in row:
+        if it.forward:
+            live += 1.0
+            top = max(top, live)
+        if it.backward:
+            live -= 1.0
+        live += it.held
+        top = max(top, live)
+    return top
+
+
 def deferred_peak(row: list[_Item]) -> int:
     """Most weight gradients deferred at once on one rank."""
     pending = top = 0
@@ -209,14 +229,15 @@ def _pair_parts(item: _Item) -> tuple[Action, Action] | None:
 def refine(
     schedule: Schedule,
     costs: Costs,
-    limit: int,
+    limit: float,
     max_evals: int,
     allow_pairs: bool = True,
     max_deferred: int | None = None,
 ) -> tuple[Schedule, float]:
     """Improve ``schedule`` by local search with at most ``max_evals`` simulations; return
     the best order found and its simulated makespan. Every rank keeps at most ``limit``
-    activations and ``max_deferred`` deferred weight gradients (None: no bound).
+    memory (activations and deferred weight-gradient state, :func:`memory_peak`) and
+    ``max_deferred`` deferred weight gradients (None: no bound).
     ``allow_pairs``: moves may form overlapped pairs (worth it only when ``fb < f + b``)."""
     compiled = compile_schedule(schedule, costs)
     rows = compiled.rows
@@ -281,7 +302,7 @@ def refine(
             for first, width, new in candidates(r, k):
                 old = row[first : first + width]
                 row[first : first + width] = new
-                if peak(row) <= limit and (
+                if memory_peak(row) <= limit + 1e-9 and (
                     max_deferred is None or deferred_peak(row) <= max_deferred
                 ):
                     evals += 1

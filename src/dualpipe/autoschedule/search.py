@@ -13,7 +13,7 @@ from ..errors import ScheduleError
 from ..schedules import Op, generate, schedule_names, validate
 from ..schedules.layout import Layout, dualpipe_layout, dualpipev_layout
 from ..schedules.schedule import Schedule
-from ..simulation import Costs, peak_activations, simulate
+from ..simulation import Costs, peak_memory, simulate
 from .listing import Policy, list_schedule
 from .refine import refine
 
@@ -54,7 +54,8 @@ def deferred_peak(schedule: Schedule) -> int:
 def activation_limit(layout: Layout) -> int:
     """The default per-rank limit: ``PP + 1`` stage activations, ``PP`` the number of model
     stages (DualPipeV's and DualPipe's peak in the simulator's metric: micro-batches whose
-    forward has started and whose backward has not finished, per stage held)."""
+    forward has started and whose backward has not finished, per stage held; with the
+    default ``w_memory`` their deferred weight-gradient state adds nothing to it)."""
     return layout.num_stages + 1
 
 
@@ -65,8 +66,8 @@ class AutoSchedule:
     Attributes:
         schedule: the best schedule found (validated), named ``auto``.
         makespan: its simulated step time.
-        peak: its largest per-rank peak of activations (``<= limit``).
-        limit: the per-rank activation limit searched under.
+        peak: its largest per-rank peak of activations.
+        limit: the per-rank memory limit searched under, in stage activations.
         deferred: its :func:`deferred_peak` (``<= max_deferred`` when that was given).
         origin: which candidate it came from (a seed, a seed with its weight gradients
             re-placed, or a policy), and ``+ local search`` when that improved it.
@@ -74,17 +75,28 @@ class AutoSchedule:
             seed does not exist for these sizes or exceeds the limit.
         candidates: how many schedules were built and simulated.
         seconds: wall time of the search.
+        memory: its largest per-rank peak memory (``<= limit``): activations plus the
+            state of deferred weight gradients, ``w_memory`` each
+            (:func:`dualpipe.simulation.peak_memory`).
+        w_memory: the state per deferred weight gradient searched with (``costs.w_memory``).
     """
 
     schedule: Schedule
     makespan: float
     peak: int
-    limit: int
+    limit: float
     deferred: int
     origin: str
     seeds: dict[str, float | None] = field(default_factory=dict)
     candidates: int = 0
     seconds: float = 0.0
+    memory: float = 0.0
+    w_memory: float | tuple[float, ...] = 0.0
+
+
+def _memory(schedule: Schedule, costs: Costs) -> float:
+    """The schedule's largest per-rank peak memory under ``costs.w_memory``."""
+    return max(peak_memory(schedule, r, costs.w_memory) for r in range(schedule.num_ranks))
 
 
 def _policies(costs: Costs, max_deferred: int | None) -> list[Policy]:
@@ -121,14 +133,16 @@ def search(
     num_chunks: int,
     costs: Costs,
     *,
-    limit: int | None = None,
+    limit: float | None = None,
     layout: str = "v",
     max_deferred: int | None = None,
     refine_evals: int = 300,
 ) -> AutoSchedule:
     """Find the schedule with the shortest simulated step on ``layout`` under ``costs``
-    with at most ``limit`` activations per rank (default :func:`activation_limit`) and,
-    if given, at most ``max_deferred`` deferred weight gradients per rank.
+    with at most ``limit`` memory per rank (default :func:`activation_limit`) and,
+    if given, at most ``max_deferred`` deferred weight gradients per rank. Memory counts
+    stage activations and the state of deferred weight gradients, ``costs.w_memory`` of
+    an activation each (:func:`dualpipe.simulation.peak_memory`).
 
     ``num_chunks`` counts all micro-batches (even for the ``dualpipe`` layout, half per
     direction). ``refine_evals`` bounds the local search (simulations per candidate
@@ -153,20 +167,21 @@ def search(
     revisits = any(len({r for r, _ in p}) < len(p) for p in place.paths)
     floor = 2 if revisits else place.num_streams
     if cap < floor:
-        raise ValueError(f"the {layout} layout needs an activation limit >= {floor}, got {cap}")
+        raise ValueError(f"the {layout} layout needs a memory limit >= {floor}, got {cap:g}")
 
     found: list[tuple[float, str, Schedule]] = []
     seeds: dict[str, float | None] = {}
     built = 0
 
     def keep(schedule: Schedule, makespan: float, origin: str) -> None:
-        found.append((makespan, origin, schedule))
+        if _memory(schedule, costs) <= cap + 1e-9:
+            found.append((makespan, origin, schedule))
 
     for name in (x for x in SEEDS[layout] if x in schedule_names()):
         seed = _named(name, num_ranks, num_chunks)
         if (
             seed is None
-            or max(peak_activations(seed, r) for r in range(num_ranks)) > cap
+            or _memory(seed, costs) > cap + 1e-9
             or (max_deferred is not None and deferred_peak(seed) > max_deferred)
         ):
             seeds[name] = None
@@ -188,7 +203,7 @@ def search(
         if res is not None:
             keep(res[0], res[1], "1F1B on the layout" if policy is ONE_F_ONE_B else str(policy))
     if not found:
-        raise ValueError(f"no schedule fits an activation limit of {cap} per rank")
+        raise ValueError(f"no schedule fits a memory limit of {cap:g} per rank")
 
     found.sort(key=lambda x: x[0])
     best_makespan, best_origin, best = found[0]
@@ -225,6 +240,8 @@ def search(
         seeds=seeds,
         candidates=built,
         seconds=time.perf_counter() - t0,
+        memory=max(result.peak_memory, default=0.0),
+        w_memory=costs.w_memory,
     )
 
 
@@ -233,7 +250,7 @@ def autoschedule(
     num_chunks: int,
     costs: Costs,
     *,
-    limit: int | None = None,
+    limit: float | None = None,
     layout: str = "v",
     max_deferred: int | None = None,
 ) -> Schedule:

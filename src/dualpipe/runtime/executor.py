@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import partial
 
+import torch
 from torch import nn
 
 from ..errors import ActionFailure, RemoteFailure
@@ -17,6 +19,7 @@ from ..transport.protocol import Stamp
 from .declared import Declared
 from .extension import Extension
 from .kernels import DEFAULT_KERNELS, Kernels
+from .memory import MemoryProbe
 from .plan import LOOKAHEAD, ExecutionPlan, build_plan
 from .record import StepRecord
 from .run import StepData, StepResult, StepRun
@@ -94,10 +97,12 @@ class Executor:
         return plan
 
     def run(
-        self, schedule: Schedule, data: StepData, step: int = 0, record: bool = False
+        self, schedule: Schedule, data: StepData, step: int = 0, record: bool | str = False
     ) -> StepResult:
         """Execute this rank's list of ``schedule`` once, as step number ``step`` (every
-        rank counts steps alike). On failure the step is abandoned (:meth:`abandon`)."""
+        rank counts steps alike). On failure the step is abandoned (:meth:`abandon`).
+        ``record``: keep a :class:`StepRecord` (True: with memory samples on CUDA;
+        ``"memory"``: on CPU too)."""
         self.transport.begin_step(step)
         try:
             return self._run(schedule, data, step, record)
@@ -118,7 +123,7 @@ class Executor:
         self.transport.post_error(f"rank {self.rank}: {what}: {exc}")
         self.abandon(exc)
 
-    def _run(self, schedule: Schedule, data: StepData, number: int, record: bool
+    def _run(self, schedule: Schedule, data: StepData, number: int, record: bool | str
              ) -> StepResult:
         known = self._known.get((schedule, data.training)) if self.static_shapes else None
         plan = self.plan(schedule, data.training, headers=known is None)
@@ -137,34 +142,59 @@ class Executor:
         for ext in self.extensions:
             self._guard(run, f"{ext.name}: before the step",
                         partial(ext.before_step, data.training))
+        sample = record == "memory" or self.transport.device.type == "cuda"
+        probe = self._probe(data) if trace is not None and sample else None
         steps = plan.steps
-        for i, step in enumerate(steps):
-            # 1. post what is due and wait for the step's inputs before its clock starts
-            #    (a timeout or a disagreeing stamp is reported like a failing action)
-            self._guard(run, step.label, partial(run.receive, step))
-            # 2. compute (plug-ins' work around it, e.g. gathering parameters, included)
-            t0 = time.perf_counter()
-            for ext in self.extensions:
-                self._guard(run, step.label, partial(ext.before_action, step))
-            self._guard(run, step.label, partial(self.kernels.run, run, step))
-            following = steps[i + 1] if i + 1 < len(steps) else None
-            for ext in self.extensions:
-                self._guard(run, step.label, partial(ext.after_action, step, following))
-            if trace is not None:
-                trace.steps.append((step.label, t0, time.perf_counter()))
-            # 3. plug-ins' work after a module's last gradient work (e.g. reduce-scatter)
-            for module in step.finishes:
+        with probe if probe is not None else nullcontext():
+            for i, step in enumerate(steps):
+                # 1. post what is due and wait for the step's inputs before its clock
+                #    starts (a timeout or a disagreeing stamp is reported like a failing
+                #    action)
+                self._guard(run, step.label, partial(run.receive, step))
+                # 2. compute (plug-ins' work around it, e.g. gathering parameters,
+                #    included)
+                t0 = time.perf_counter()
                 for ext in self.extensions:
-                    self._guard(run, step.label,
-                                partial(ext.after_stage_backward, module))
-        run.mailbox.close()
-        self.transport.drain_sends(f"rank {self.rank}: completion of its sends")
+                    self._guard(run, step.label, partial(ext.before_action, step))
+                self._guard(run, step.label, partial(self.kernels.run, run, step))
+                following = steps[i + 1] if i + 1 < len(steps) else None
+                for ext in self.extensions:
+                    self._guard(run, step.label, partial(ext.after_action, step, following))
+                if trace is not None:
+                    t1 = time.perf_counter()
+                    trace.steps.append((step.label, t0, t1))
+                    if probe is not None:
+                        trace.memory.append((t1, probe.held(self._buffers(run))))
+                # 3. plug-ins' work after a module's last gradient work (e.g.
+                #    reduce-scatter)
+                for module in step.finishes:
+                    for ext in self.extensions:
+                        self._guard(run, step.label,
+                                    partial(ext.after_stage_backward, module))
+            run.mailbox.close()
+            self.transport.drain_sends(f"rank {self.rank}: completion of its sends")
         for ext in self.extensions:
             self._guard(run, f"{ext.name}: after the step",
                         partial(ext.after_step, data.training))
         if self.static_shapes and known is None:
             self._known[(schedule, data.training)] = shapes
-        return run.result()
+        result = run.result()
+        if trace is not None and probe is not None:
+            del run
+            trace.memory.append((time.perf_counter(), probe.held()))
+        return result
+
+    def _buffers(self, run: StepRun) -> list[torch.Tensor]:
+        """Message buffers and local hand-offs a recorded step leaves out of its memory."""
+        out = run.mailbox.buffers()
+        out.extend(self.transport.sends_in_flight())
+        out.extend(t for ts in run.local.values() for t in ts)
+        return out
+
+    def _probe(self, data: StepData) -> MemoryProbe:
+        """What samples the memory this rank holds in a recorded step."""
+        batch = [t for mbs in (data.inputs or [], data.labels or []) for mb in mbs for t in mb]
+        return MemoryProbe(self.modules, batch, self.transport.device)
 
     def _guard(self, run: StepRun, label: Action | Overlap | str,
                fn: Callable[[], None]) -> None:

@@ -47,10 +47,13 @@ def input_backward(run: StepRun, a: ActionPlan) -> None:
     if run.split:
         in_grads, work = backward_input(roots, grads, leaves)
         run.deferred[key] = work
+        run.finish_backward(a, leaves, in_grads)
+        # the received inputs only the input side read: free them now, not at W
+        work.release_unread_inputs()
     else:
         in_grads = backward_full(roots, grads, leaves)
         run.deferred[key] = None
-    run.finish_backward(a, leaves, in_grads)
+        run.finish_backward(a, leaves, in_grads)
 
 
 def weight(run: StepRun, a: ActionPlan) -> None:

@@ -183,6 +183,14 @@ class Mailbox:
             self._issue(self._plan.index[msg] + 1, block=True)
         self._finish(msg)
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor the mailbox holds now: sends not yet issued, receives posted or
+        arrived and not yet taken (what a recorded step leaves out of its memory)."""
+        out = [t for ts in self._waiting.values() for t in ts]
+        out.extend(t for _, ts in self._pending.values() for t in ts)
+        out.extend(t for ts in self._arrived.values() for t in ts)
+        return out
+
     def take(self, msg: Message) -> list[torch.Tensor]:
         """The tensors of payload ``msg`` (waiting for them if needed); handed over once."""
         self.complete(msg)

@@ -396,7 +396,7 @@ class Pipeline(nn.Module):
         criterion: Callable[..., torch.Tensor] | None = None,
         labels: Sequence[torch.Tensor | None] | None = (),
         return_outputs: bool = False,
-        record: bool = False,
+        record: bool | str = False,
         broadcast_loss: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | tuple[torch.Tensor, ...] | None]:
         """Run one step: forward and backward of every micro-batch (or forward only
@@ -415,14 +415,19 @@ class Pipeline(nn.Module):
         Gradients equal those of the sum (or, with ``loss_reduction="mean"``, the mean) of
         the per-micro-batch losses.
         ``record=True`` keeps a measured timeline in :attr:`last_record` (see
-        :meth:`gather_timeline`). ``broadcast_loss=True`` (collective) returns every
-        micro-batch's loss of the step (all streams, stream 0's first, as float32) on every
-        rank.
+        :meth:`gather_timeline`), with the memory held after every action on CUDA (the
+        allocator's statistics); ``record="memory"`` samples the memory on CPU too
+        (every storage the step creates followed until freed: a Python call per
+        operation, so that step's times are inflated on CPU). ``broadcast_loss=True``
+        (collective) returns every micro-batch's loss of the step (all streams, stream 0's
+        first, as float32) on every rank.
         """
         if self.closed:
             raise PipelineError("this pipeline is closed")
         self._step_number += 1
         try:
+            if record not in (False, True, "memory"):
+                raise ValueError(f"record must be False, True or 'memory', got {record!r}")
             schedule, data = self._prepare(inputs, num_chunks, criterion, labels, return_outputs)
         except (ValueError, ScheduleError) as exc:
             # tell the other ranks at once instead of letting them wait for a timeout

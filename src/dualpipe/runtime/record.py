@@ -35,7 +35,10 @@ class StepRecord:
     ``steps`` holds ``(step, start, end)`` for every executed step (actions or pairs),
     ``waits`` holds ``(label, start, end)`` for the time spent blocked on receives,
     ``parts`` the part-level events of stages written as parts (computation parts,
-    communications in flight, waits on them, weight work filling them).
+    communications in flight, waits on them, weight work filling them), ``memory``
+    ``(time, bytes)`` held after every step and at the step's end (saved activations,
+    deferred weight-gradient state and the buffers of messages; see
+    :class:`dualpipe.runtime.memory.MemoryProbe`).
     """
 
     origin: float
@@ -43,3 +46,4 @@ class StepRecord:
     steps: list[tuple[Action | Overlap, float, float]] = field(default_factory=list)
     waits: list[tuple[str, float, float]] = field(default_factory=list)
     parts: list[PartEvent] = field(default_factory=list)
+    memory: list[tuple[float, int]] = field(default_factory=list)

@@ -17,7 +17,8 @@ __all__ = ["MeasuredTimeline", "gather_timeline", "measured_costs"]
 def _local_rows(record: StepRecord, rank: int) -> list:
     steps = [(str(s), a - record.origin, b - record.origin) for s, a, b in record.steps]
     waits = [(label, a - record.origin, b - record.origin) for label, a, b in record.waits]
-    return [record.wall, rank, steps, waits]
+    memory = [(t - record.origin, held) for t, held in record.memory]
+    return [record.wall, rank, steps, waits, memory]
 
 
 def gather_timeline(
@@ -37,7 +38,8 @@ def gather_timeline(
     origin = min(p[0] for p in everything)
     steps: list[list[TimedStep]] = [[] for _ in everything]
     waits: list[list[TimedWait]] = [[] for _ in everything]
-    for wall, r, rows, wrows in everything:
+    memory: list[list[tuple[float, int]]] = [[] for _ in everything]
+    for wall, r, rows, wrows, mrows in everything:
         shift = (wall - origin) * 1000.0
         steps[r] = [
             TimedStep(r, parse_step(tok), shift + a * 1000.0, shift + b * 1000.0)
@@ -46,4 +48,5 @@ def gather_timeline(
         waits[r] = [
             TimedWait(r, label, shift + a * 1000.0, shift + b * 1000.0) for label, a, b in wrows
         ]
-    return MeasuredTimeline(schedule, steps, waits)
+        memory[r] = [(shift + t * 1000.0, held) for t, held in mrows]
+    return MeasuredTimeline(schedule, steps, waits, memory)

@@ -174,6 +174,11 @@ class BaseTransport:
         self._sends = [p for p in self._sends if not p.done]
         return sum(t.nbytes for p in self._sends for t in (p.keep or ()))
 
+    def sends_in_flight(self) -> list[torch.Tensor]:
+        """The buffers of sends not yet delivered."""
+        self._sends = [p for p in self._sends if not p.done]
+        return [t for p in self._sends for t in (p.keep or ())]
+
     def drain_sends(self, what: str) -> None:
         """Wait until every send has been delivered."""
         for pending in self._sends:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..schedules.actions import Op
 from ..schedules.schedule import Schedule
@@ -45,6 +45,7 @@ def render_png(
     *,
     time_unit: str | None = None,
     dpi: int = 130,
+    memory: Sequence[Sequence[tuple[float, float]]] | None = None,
 ) -> None:
     """Draw ``timeline`` to a PNG file at ``path``.
 
@@ -56,6 +57,9 @@ def render_png(
         waits: optional per-rank waits, drawn as thin grey bars.
         time_unit: unit of the times for the axis label (e.g. ``"ms"``).
         dpi: resolution.
+        memory: optional per-rank ``(time, bytes)`` samples (a measured step's memory
+            held after every action): drawn as one memory row per rank in a panel
+            under the timeline, each rank's peak written at its right end.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -91,7 +95,9 @@ def render_png(
     legend_rows = -(-n_entries // ncol) if n_entries else 0
     top_in, axis_in, legend_in = 0.5, 0.48, 0.12 + 0.2 * legend_rows
     plot_h_in = 0.36 * rows + 0.2
-    fig_h_in = plot_h_in + top_in + legend_in + axis_in
+    has_memory = memory is not None and any(memory)
+    mem_h_in = plot_h_in + 0.25 if has_memory else 0.0
+    fig_h_in = plot_h_in + top_in + legend_in + axis_in + mem_h_in
     pt_per_unit = plot_w_in * 72.0 / span
 
     fig = Figure(figsize=(fig_w_in, fig_h_in), dpi=dpi)
@@ -99,11 +105,22 @@ def render_png(
     ax = fig.add_axes(
         (
             left_in / fig_w_in,
-            (legend_in + axis_in) / fig_h_in,
+            (legend_in + axis_in + mem_h_in) / fig_h_in,
             plot_w_in / fig_w_in,
             plot_h_in / fig_h_in,
         )
     )
+    if has_memory:
+        assert memory is not None
+        mem_ax = fig.add_axes(
+            (
+                left_in / fig_w_in,
+                (legend_in + axis_in) / fig_h_in,
+                plot_w_in / fig_w_in,
+                (mem_h_in - 0.25) / fig_h_in,
+            )
+        )
+        _draw_memory(mem_ax, memory, rows, t0, span)
 
     if waits is not None:
         for row, row_waits in enumerate(waits):
@@ -167,7 +184,8 @@ def render_png(
     ax.set_yticklabels([f"rank {r}" for r in range(rows)], fontsize=8)
     ax.tick_params(axis="y", length=0)
     ax.tick_params(axis="x", labelsize=8)
-    ax.set_xlabel(f"time ({time_unit})" if time_unit else "time", fontsize=9)
+    label_ax = mem_ax if has_memory else ax
+    label_ax.set_xlabel(f"time ({time_unit})" if time_unit else "time", fontsize=9)
     ax.grid(axis="x", color="#DDDDDD", linewidth=0.6, zorder=0)
     ax.set_axisbelow(True)
     for side in ("top", "right", "left"):
@@ -215,3 +233,36 @@ def render_png(
             borderpad=0.0,
         )
     fig.savefig(os.fspath(path), dpi=dpi)
+
+
+_MEMORY_FILL = "#8FB8DE"
+"""Fill colour of the memory rows."""
+
+
+def _draw_memory(
+    ax: Any, memory: Sequence[Sequence[tuple[float, float]]], rows: int, t0: float, span: float
+) -> None:
+    """One row per rank: the bytes held as a step curve, scaled to the largest peak of
+    any rank, with the rank's peak in MiB at the right."""
+    top = max((b for row in memory for _, b in row), default=0.0) or 1.0
+    for r, row in enumerate(memory):
+        if not row:
+            continue
+        xs = [t0] + [t for t, _ in row]
+        ys = [0.0] + [b for _, b in row]
+        base = r + 0.42
+        scaled = [base - 0.84 * y / top for y in ys]
+        ax.fill_between(xs, scaled, base, step="post", color=_MEMORY_FILL, linewidth=0, zorder=2)
+        ax.step(xs, scaled, where="post", color="#2B5D8A", linewidth=0.8, zorder=3)
+        peak = max(ys)
+        ax.text(t0 + span, r, f" {peak / 2**20:.2f} MiB", fontsize=7, va="center",
+                ha="left", color="#2B5D8A")
+    ax.set_xlim(t0, t0 + span)
+    ax.set_ylim(rows - 0.5, -0.5)
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels([f"memory {r}" for r in range(rows)], fontsize=8)
+    ax.tick_params(axis="y", length=0)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(axis="x", color="#DDDDDD", linewidth=0.6, zorder=0)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)

@@ -66,6 +66,8 @@ def compare_table(
         ``devices``, ``num_chunks``, ``makespan``, ``bubble`` (simulated, max over
         ranks), ``bubble_formula`` (the seed formula's value, None where the seed has
         none), ``formula``, ``params_per_device``, ``activations`` (simulated peak),
+        ``memory`` (simulated peak memory: activations plus deferred weight-gradient
+        state, ``costs.w_memory`` per deferred ``W``),
         ``activations_formula`` (value or None), ``activations_formula_text``,
         ``costs`` and ``skipped`` (``[(name, reason)]`` of the left-out methods).
 
@@ -100,6 +102,7 @@ def compare_table(
                 "formula": formula,
                 "params_per_device": max(len(s) for s in layout.rank_stages),
                 "activations": max(result.peak_activations),
+                "memory": max(result.peak_memory),
                 "activations_formula": (pp + 1 if act_text == "PP+1" else pp) if act_text else None,
                 "activations_formula_text": act_text,
                 "costs": {
@@ -108,6 +111,7 @@ def compare_table(
                     "w": costs.w,
                     "fb": costs.pair,
                     "comm": costs.comm,
+                    "w_memory": costs.w_memory,
                 },
             }
         )
@@ -168,6 +172,7 @@ def format_compare_table(rows: list[dict[str, Any]]) -> str:
         "Params/device",
         "Activations/device (sim)",
         "Activations (seed)",
+        "Memory/device (sim)",
         "#Devices",
     ]
     body = []
@@ -185,6 +190,7 @@ def format_compare_table(rows: list[dict[str, Any]]) -> str:
                 f"{row['params_per_device']}×",
                 f"{row['activations']}{act_mark}",
                 f"{row['activations_formula_text']} = {act_formula}" if act_formula else "—",
+                _num(row["memory"]),
                 f"{row['devices']} ({'PP/2' if row['devices'] * 2 == pp else 'PP'})",
             ]
         )
@@ -208,7 +214,9 @@ def format_compare_table(rows: list[dict[str, Any]]) -> str:
         " (micro-batch, stage) forward results held on one device awaiting their backward, in one"
         " stage's activations for one micro-batch. Every method cuts the model into the same PP"
         " stages, so a DualPipeV device, holding two of them, counts both in that unit: the"
-        " simulator's peak_activations is used as is.",
+        " simulator's peak_activations is used as is. Memory = peak activations plus the state"
+        " deferred weight gradients hold between their I and their W, "
+        f"{_w_text(c.get('w_memory', 0.0))} activation per deferred W (--w-memory), same unit.",
     ]
     out.extend(_differences(rows))
     for label, reason in first.get("skipped", []):
@@ -221,6 +229,12 @@ def format_compare_table(rows: list[dict[str, Any]]) -> str:
                 f" {row['activations_formula_text']} = {row['activations_formula']}."
             )
     return "\n".join(_wrap(x) for x in out)
+
+
+def _w_text(w_memory: Any) -> str:
+    if isinstance(w_memory, (list, tuple)):
+        return ",".join(_num(x) for x in w_memory)
+    return _num(w_memory)
 
 
 def _wrap(text: str, width: int = 100) -> str:
