@@ -6,6 +6,7 @@ import queue
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,26 +36,28 @@ class LargeMessages:
         self._issue = issue
         self._limit = limit
         self._send = send
-        self._jobs: queue.SimpleQueue[tuple[list[torch.Tensor], int, int, GlooPending] | None]
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
         name = f"dualpipe-{'send-to' if send else 'recv-from'}-{peer}"
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, tensors: list[torch.Tensor], peer: int, tag: int,
                pending: GlooPending) -> None:
-        self._jobs.put((tensors, peer, tag, pending))
+        self._jobs.put([tensors, peer, tag, pending])
 
     def _loop(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            self._run(*job)
-            del job  # a delivered message's tensors must not wait here for the next one
+            self._run(job)
 
-    def _run(self, tensors: list[torch.Tensor], peer: int, tag: int,
-             pending: GlooPending) -> None:
+    def _run(self, job: list[Any]) -> None:
+        """Post (a send) and complete one message. The thread lets go of the message's
+        tensors before it marks the message delivered: whoever waited for it may then
+        expect them freed."""
+        tensors, peer, tag, pending = job
+        job.clear()
         if self._send:
             try:
                 pending.works = self._issue(tensors, peer, tag, True)
@@ -62,6 +65,7 @@ class LargeMessages:
                 pending.error = exc
                 pending.mark_done()
                 return
+        del tensors
         pending.complete(self._limit)
 
     def close(self, wait: float) -> bool:
