@@ -130,6 +130,33 @@ class _Spec:
             self.rotary[device] = self.rotary_factory().to(device)
         return self.rotary[device]
 
+    def attention_inputs(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any, Callable[[int], Any]]:
+        """What ``*Model.forward`` hands its decoder layers: position ids, the rotary
+        ``(cos, sin)`` and, per decoder layer (1-based pipeline layer index), its mask,
+        made by HF's own mask functions once per kind."""
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
+
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        position_embeddings = self.rotary_on(hidden.device)(hidden, position_ids)
+        masks: dict[str, Any] = {}
+
+        def mask_of(layer: int) -> Any:
+            kind = self.mask_kind(layer - 1)
+            if kind not in masks:
+                make = (create_sliding_window_causal_mask if kind == "sliding_attention"
+                        else create_causal_mask)
+                masks[kind] = make(config=self.config, inputs_embeds=hidden,
+                                   attention_mask=mask, past_key_values=None,
+                                   position_ids=position_ids)
+            return masks[kind]
+
+        return position_ids, position_embeddings, mask_of
+
 
 class _Head(nn.Module):
     """The model's final norm and output projection (one pipeline layer)."""
@@ -216,35 +243,14 @@ class CausalLMStage(StageModule):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the decoder layers as ``*Model.forward`` does (same positions, rotary and
         masks), adding each router's share to the load-balancing sums."""
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
-
         spec = self._spec
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        position_embeddings = spec.rotary_on(hidden.device)(hidden, position_ids)
-        masks: dict[str, Any] = {}
+        position_ids, position_embeddings, mask_of = spec.attention_inputs(hidden, mask)
         for i, layer in decoders:
-            kind = spec.mask_kind(i - 1)
-            if kind not in masks:
-                make = (
-                    create_sliding_window_causal_mask
-                    if kind == "sliding_attention"
-                    else create_causal_mask
-                )
-                masks[kind] = make(
-                    config=spec.config,
-                    inputs_embeds=hidden,
-                    attention_mask=mask,
-                    past_key_values=None,
-                    position_ids=position_ids,
-                )
             self._captured = [] if spec.aux is not None else None
             try:
                 out = layer(
                     hidden,
-                    attention_mask=masks[kind],
+                    attention_mask=mask_of(i),
                     position_ids=position_ids,
                     past_key_values=None,
                     use_cache=False,

@@ -84,35 +84,21 @@ class ExpertParallelStage(PartedStage, CausalLMStage):
     def _decoders_parts(
         self, hidden: Tensor, decoders: list[tuple[int, nn.Module]]
     ) -> Generator[Any, Any, Tensor]:
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
-
-        spec = self._spec
         # constants without gradient: safe to keep across the parts
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        position_embeddings = spec.rotary_on(hidden.device)(hidden, position_ids)
-        masks: dict[str, Any] = {}
-        for i, layer in decoders:
-            kind = spec.mask_kind(i - 1)
-            if kind not in masks:
-                make = (create_sliding_window_causal_mask if kind == "sliding_attention"
-                        else create_causal_mask)
-                masks[kind] = make(config=spec.config, inputs_embeds=hidden,
-                                   attention_mask=None, past_key_values=None,
-                                   position_ids=position_ids)
+        position_ids, position_embeddings, mask_of = self._spec.attention_inputs(hidden, None)
+        masks = [mask_of(i) for i, _ in decoders]  # all made before the first part ends
+        for (_, layer), mask in zip(decoders, masks, strict=True):
             block = _sparse_block(layer)
             layer = _any(layer)
             if block is None:
-                hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
+                hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
                                past_key_values=None, use_cache=False,
                                position_embeddings=position_embeddings)
                 continue
             # the decoder layer's forward, with its MoE block's experts spread
             residual = hidden
             h = layer.input_layernorm(hidden)
-            h, _ = layer.self_attn(hidden_states=h, attention_mask=masks[kind],
+            h, _ = layer.self_attn(hidden_states=h, attention_mask=mask,
                                    position_ids=position_ids, past_key_values=None,
                                    position_embeddings=position_embeddings)
             hidden = residual + h
