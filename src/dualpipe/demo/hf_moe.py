@@ -158,11 +158,7 @@ def train_hf_moe_rank(rank: int, world: int, opts: MoEOptions) -> MoERankResult:
                 dist.all_gather_object(gathered, mine)
                 checks += gathered
             if rank == 0:
-                done = [c for c in checks if c is not None]
-                result.grad_check = GradCheck(all(c.ok for c in done),
-                                              max(c.max_abs_diff for c in done),
-                                              all(c.losses_equal for c in done),
-                                              [m for c in done for m in c.messages])
+                result.grad_check = GradCheck.combine(checks)
                 loss_rel = abs(loss - ref_loss) / abs(ref_loss)
                 result.check_detail = (
                     f"loss {loss:.6f} vs HF's forward(labels=...) {ref_loss:.6f}, rel "

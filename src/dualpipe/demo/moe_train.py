@@ -160,11 +160,7 @@ def train_moe_rank(rank: int, world: int, opts: MoEOptions) -> MoERankResult:
             checks: list[GradCheck | None] = [None] * world
             dist.all_gather_object(checks, check)
             if rank == 0:
-                done = [c for c in checks if c is not None]
-                result.grad_check = GradCheck(all(c.ok for c in done),
-                                              max(c.max_abs_diff for c in done),
-                                              all(c.losses_equal for c in done),
-                                              [m for c in done for m in c.messages])
+                result.grad_check = GradCheck.combine(checks)
         # the expert-parallel ranks are data-parallel for everything but the experts
         for p in shared:
             if p.grad is not None:

@@ -97,6 +97,13 @@ class GradCheck:
     losses_equal: bool
     messages: list[str] = field(default_factory=list)
 
+    @classmethod
+    def combine(cls, checks: Sequence[GradCheck | None]) -> GradCheck:
+        """One outcome from several processes' (``None``: a process that checked nothing)."""
+        done = [c for c in checks if c is not None]
+        return cls(all(c.ok for c in done), max(c.max_abs_diff for c in done),
+                   all(c.losses_equal for c in done), [m for c in done for m in c.messages])
+
 
 @dataclass
 class RankResult:
