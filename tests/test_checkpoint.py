@@ -54,3 +54,22 @@ def test_wrapped_stages_save_layer_keys_and_load_at_another_size(tmp_path: Path)
     assert _merged(saved, "params") == loaded["params"]
     assert _merged(saved, "optim") == loaded["optim"]
     assert len(loaded["optim"]) == 3 * 8 * 6  # type: ignore[arg-type]
+
+
+def test_fsdp2_stages_save_and_load_into_another_pipeline_and_data_parallel_size(
+        tmp_path: Path) -> None:
+    """2 data-parallel x 2 pipeline ranks with FSDP2 (sharded DTensor parameters and
+    optimizer state) save; 4 plain pipeline ranks (no data parallelism) load: every full
+    parameter and optimizer tensor equal."""
+    from .training_workers import fsdp_checkpoint_run
+
+    path = str(tmp_path / "fsdp")
+    saved = run_distributed(fsdp_checkpoint_run, 4, path, True, timeout=180)
+    loaded = run_distributed(fsdp_checkpoint_run, 4, path, False, timeout=180)
+    for pp_rank in (0, 1):  # the second replica holds the same full tensors as the first
+        for key in ("params", "optim"):
+            assert saved[2 + pp_rank][key] == saved[pp_rank][key]
+    saved_params, loaded_params = _merged(saved, "params"), _merged(loaded, "params")
+    assert len(saved_params) == 8 * 6 and saved_params == loaded_params
+    saved_optim, loaded_optim = _merged(saved, "optim"), _merged(loaded, "optim")
+    assert len(saved_optim) == 3 * 8 * 6 and saved_optim == loaded_optim

@@ -394,3 +394,55 @@ def _inner(layer: nn.Module) -> nn.Module:
         if isinstance(inner, nn.Module):
             return _inner(inner)
     return layer
+
+
+def fsdp_checkpoint_run(rank: int, world: int, path: str, save: bool) -> dict[str, object]:
+    """Save on 2 data-parallel x 2 pipeline ranks with every stage ``fully_shard``-ed over
+    the data-parallel dimension (after one training step), or load on ``world`` plain
+    DualPipeV ranks. Returns the full parameters by layer key and the full optimizer state
+    (DTensor shards gathered) after the save, or right after the load."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from dualpipe import checkpoint
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    layers = build_layers(seed=11 if save else 99)
+    if save:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+        pp_group, pp_rank = mesh.get_group("pp"), mesh.get_local_rank("pp")
+        mine = split_model(layers, "dualpipev", rank=pp_rank, num_ranks=2, group=pp_group)
+        for stage in mine:
+            fully_shard(stage, mesh=mesh["dp"])
+        pipe = Pipeline(mine, "dualpipev", process_group=pp_group, timeout=60)
+    else:
+        pp_group = None
+        mine = split_model(layers, "dualpipev")
+        pipe = Pipeline(mine, "dualpipev", timeout=60)
+    optimizer = torch.optim.AdamW(unique(mine), lr=1e-2)
+    if save:
+        chunks = 4
+        (x,), y = make_batch("mlp", 4 * chunks, seed=5)
+        replica = dist.get_rank() // 2
+        x, y = x.chunk(2)[replica], y.chunk(2)[replica]
+        inputs, labels = my_share(pipe, x, y)
+        pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+        optimizer.step()
+        optimizer.zero_grad()
+        checkpoint.save(path, pipe, optimizer)
+    else:
+        checkpoint.load(path, pipe, optimizer)
+    state = checkpoint.optimizer_state_dict(pipe, optimizer)
+    out = {
+        "params": {f"{i}.{name}": full(p.detach()).reshape(-1).tolist()
+                   for stage in mine for i, layer in zip(stage.layer_ids, stage, strict=True)
+                   for name, p in layer.named_parameters()},
+        "optim": {k: full(v).reshape(-1).tolist() for k, v in state.items()
+                  if isinstance(v, torch.Tensor)},
+    }
+    pipe.close()
+    return out
