@@ -100,5 +100,10 @@ def token_mean(rank: int, world: int, schedule: str, dp: int) -> list[float]:
         assert losses is not None and pipe.last_token_count is not None
         valid = int(sum((lab != -100).sum() for lab in labels))
         assert pipe.last_token_count == valid, (pipe.last_token_count, valid)
+    if schedule == "dualpipe":  # the two ends swap counts: the store keeps only the last
+        pipe.step(*((xs[start[0]],) if start else ()), num_chunks=chunks,
+                  criterion=_sum_ce, labels=(ys[end[0]],) if end else ())
+        assert pipe.transport._read(f"tokens/1/{pp_rank}") is None
+        assert pipe.transport._read(f"tokens/2/{pp_rank}") is not None
     pipe.close()
     return out

@@ -534,6 +534,9 @@ class Pipeline(nn.Module):
                 f"tokens/{self._step_number}", str(mine).encode(), others,
                 "the other stream end's label count")
             total += sum(int(v) for v in notes.values())
+            # the other end read this rank's previous count before it could send anything
+            # of that step, so before this step began here: free it
+            self.transport.forget_note(f"tokens/{self._step_number - 1}")
         if self.data_group is not None:
             buf = torch.tensor([float(total)], dtype=torch.float64, device=self.device)
             dist.all_reduce(buf, group=self.data_group)

@@ -87,6 +87,10 @@ class BaseTransport:
         """A note, or None if not (yet) there."""
         raise NotImplementedError
 
+    def _forget(self, name: str) -> None:
+        """Delete a note this rank left (no error if it is not there)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release what the transport holds (threads); idempotent."""
 
@@ -200,6 +204,11 @@ class BaseTransport:
         self.wait(outgoing, what)
         self._sends.remove(outgoing)
         return other
+
+    def forget_note(self, name: str) -> None:
+        """Delete what this rank left under ``name`` with :meth:`swap_notes` (once every
+        peer has read it), so a long job does not grow the store."""
+        self._forget(f"{name}/{self.rank}")
 
     def swap_notes(self, name: str, value: bytes, peers: Sequence[int], what: str
                    ) -> dict[int, bytes]:

@@ -230,6 +230,9 @@ class LocalTransport(BaseTransport):
     def _read(self, name: str) -> bytes | None:
         return self.network.notes.get(f"{self.pipeline}/{name}")
 
+    def _forget(self, name: str) -> None:
+        self.network.notes.pop(f"{self.pipeline}/{name}", None)
+
     def _publish_error(self, message: str) -> None:
         if self.network.error is None:
             self.network.error = message

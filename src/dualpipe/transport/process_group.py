@@ -235,6 +235,13 @@ class Transport(BaseTransport):
         except Exception:  # noqa: BLE001 - the store's host is gone: nothing to read
             return None
 
+    def _forget(self, name: str) -> None:
+        if self.store is not None:
+            try:
+                self.store.delete_key(f"{self.key}/{name}")
+            except Exception:  # noqa: BLE001, S110 - nothing to free on a gone store
+                pass
+
     def close(self) -> None:
         """Stop the failure-watch and large-message threads and drop the group."""
         if self._watch is not None:
