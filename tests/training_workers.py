@@ -376,14 +376,28 @@ def wrapped_checkpoint_run(rank: int, world: int, path: str, save: bool) -> dict
         checkpoint.save(path, pipe, optimizer)
     else:
         checkpoint.load(path, pipe, optimizer)
+    return {"keys": sorted(checkpoint.stage_state_dict(pipe)),
+            **_state_report(pipe, optimizer, mine)}
+
+
+def _state_report(pipe: Pipeline, optimizer: torch.optim.Optimizer,
+                  mine: list[StageModule]) -> dict[str, object]:
+    """The parameters by layer key and the optimizer state under the checkpoint's keys,
+    as flat lists (DTensor shards gathered into full tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    from dualpipe import checkpoint
+
+    def flat(t: torch.Tensor) -> list[float]:
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        return full.detach().reshape(-1).tolist()
+
     state = checkpoint.optimizer_state_dict(pipe, optimizer)
     return {
-        "keys": sorted(checkpoint.stage_state_dict(pipe)),
-        "optim": {k: v.reshape(-1).tolist() for k, v in state.items()
-                  if isinstance(v, torch.Tensor)},
-        "params": {f"{i}.{name}": p.detach().reshape(-1).tolist()
+        "params": {f"{i}.{name}": flat(p)
                    for stage in mine for i, layer in zip(stage.layer_ids, stage, strict=True)
                    for name, p in _inner(layer).named_parameters()},
+        "optim": {k: flat(v) for k, v in state.items() if isinstance(v, torch.Tensor)},
     }
 
 
@@ -404,12 +418,8 @@ def fsdp_checkpoint_run(rank: int, world: int, path: str, save: bool) -> dict[st
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     from dualpipe import checkpoint
-
-    def full(t: torch.Tensor) -> torch.Tensor:
-        return t.full_tensor() if isinstance(t, DTensor) else t
 
     layers = build_layers(seed=11 if save else 99)
     if save:
@@ -436,13 +446,6 @@ def fsdp_checkpoint_run(rank: int, world: int, path: str, save: bool) -> dict[st
         checkpoint.save(path, pipe, optimizer)
     else:
         checkpoint.load(path, pipe, optimizer)
-    state = checkpoint.optimizer_state_dict(pipe, optimizer)
-    out = {
-        "params": {f"{i}.{name}": full(p.detach()).reshape(-1).tolist()
-                   for stage in mine for i, layer in zip(stage.layer_ids, stage, strict=True)
-                   for name, p in layer.named_parameters()},
-        "optim": {k: full(v).reshape(-1).tolist() for k, v in state.items()
-                  if isinstance(v, torch.Tensor)},
-    }
+    out = _state_report(pipe, optimizer, mine)
     pipe.close()
     return out
