@@ -226,7 +226,7 @@ class BaseTransport:
                         found[peer] = note
             if len(found) == len(peers):
                 return found
-            self.check_error(fresh=True)
+            self.check_error()  # a polling loop: the backend decides how often it asks
             if time.monotonic() > deadline:
                 missing = sorted(set(peers) - set(found))
                 raise StepTimeout(f"timed out after {self.timeout:.1f} s waiting for {what} "
