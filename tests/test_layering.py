@@ -15,7 +15,7 @@ ROOT = Path(dualpipe.__file__).parent
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("dualpipe.errors",)),
     ("schedules", ("dualpipe.schedules",)),
-    ("analysis", ("dualpipe.partcosts", "dualpipe.simulation", "dualpipe.viz",
+    ("analysis", ("dualpipe.partcosts", "dualpipe.simulation", "dualpipe.pairing", "dualpipe.viz",
                   "dualpipe.measured", "dualpipe.autoschedule")),
     ("autograd", ("dualpipe.autograd",)),
     ("transport", ("dualpipe.transport",)),

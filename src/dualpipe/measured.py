@@ -7,7 +7,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
-from .schedules.actions import Overlap
+from .schedules.actions import Overlap, PairKind
 from .schedules.schedule import Schedule
 from .simulation import Costs, TimedStep
 from .viz import TimedWait, render_png, write_trace
@@ -80,10 +80,13 @@ def measured_costs(timeline: MeasuredTimeline) -> Costs:
     """Median per-action times of a measured step, as simulator costs (ms).
 
     ``w`` comes from W actions, ``b`` from full backwards (or ``I`` + ``w``), ``fb``
-    from pairs; missing kinds fall back to sums of the others."""
+    from F+B pairs (pairs of two forwards or two backwards are left out); missing kinds
+    fall back to sums of the others."""
     times: dict[str, list[float]] = {"F": [], "B": [], "I": [], "W": [], "FB": []}
     for row in timeline.steps:
         for t in row:
+            if isinstance(t.step, Overlap) and t.step.kind is not PairKind.FB:
+                continue
             key = "FB" if isinstance(t.step, Overlap) else t.step.op.value
             times[key].append(t.end - t.start)
 

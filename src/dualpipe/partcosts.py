@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PartCosts", "PartInterval", "pair_intervals", "parse_parts"]
+__all__ = ["PartCosts", "PartInterval", "WeightItem", "CHAINS", "pair_intervals", "interleave",
+           "parse_parts"]
 
 
 @dataclass(frozen=True)
@@ -80,55 +81,112 @@ class PartCosts:
         return max((iv.end for iv in pair_intervals(self, full_backward)), default=0.0)
 
 
+CHAINS = ("F", "B", "I")
+"""What one micro-batch of a step runs part by part: a forward, a full backward, an
+input-only backward."""
+
+
+@dataclass
+class WeightItem:
+    """One part's deferred weight-gradient work, waiting on a rank: ``owner`` names the
+    action whose ``W`` would run it (e.g. ``(phase, chunk)``), ``time`` its cost."""
+
+    owner: object
+    time: float
+
+
 def pair_intervals(costs: PartCosts, full_backward: bool = True) -> list[PartInterval]:
-    """The intervals of one F&B pair in the engine's order: one step of the backward, one
-    of the forward, and so on; a step waits for its own micro-batch's communication,
-    running finished parts' weight-gradient work meanwhile (and after the last step)
-    when the backward is full; with an input-only backward the weight work is left
-    to the later W."""
+    """The intervals of one F&B pair in the engine's order (:func:`interleave` of the
+    backward, then the forward)."""
+    return interleave(costs, ("B" if full_backward else "I", "F"))
+
+
+def interleave(costs: PartCosts, chains: tuple[str, ...],
+               pool: list[WeightItem] | None = None,
+               owners: tuple[object, ...] | None = None) -> list[PartInterval]:
+    """The intervals of one step whose ``chains`` (each ``"F"``, ``"B"`` or ``"I"``, one
+    per micro-batch: one chain for a single action, two for a pair) run as the engine
+    runs them: one part of each chain in turn, in the order given (a pair's backward
+    first); a part waits for its own micro-batch's communication, and while it waits the
+    oldest pending weight work runs.
+
+    Pending weight work: without a ``pool``, the parts of full backwards (``"B"``) only,
+    whatever is left running at the end (an ``"I"`` keeps its weight work for its
+    ``W``). With a ``pool`` (a rank's deferred work, oldest first, as
+    :func:`dualpipe.simulation.simulate` keeps it): the pool's items first, then every
+    part's weight work as its backward part finishes; the items of ``"I"`` chains
+    (owned by ``owners[i]``) that did not run stay in the pool, the pool's items that ran
+    are removed from it. Communications run one at a time in launch order on one link.
+
+    Labels: ``F1`` (forward part 1), ``B2`` (backward part 2), ``W2`` (its weight work),
+    ``F0>`` / ``B2>`` (the communication after that part); the second chain of a kind is
+    primed (``F'1``), weight work of the pool is ``W*``."""
+    for chain in chains:
+        if chain not in CHAINS:
+            raise ValueError(f"a chain is one of {', '.join(CHAINS)}, got {chain!r}")
     n = len(costs.f)
     out: list[PartInterval] = []
     now = 0.0
     link = 0.0  # when the communication link is free
-    weights: list[int] = []
-    ready = {"B": 0.0, "F": 0.0}
-    steps = {"B": 0, "F": 0}
+    filling = pool is not None
+    waiting: list[WeightItem] = pool if pool is not None else []
+    names: list[str] = []
+    for chain in chains:
+        letter = "B" if chain == "I" else chain
+        names.append(letter + "'" * sum(1 for x in names if x[0] == letter))
+    ready = [0.0] * len(chains)
+    steps = [0] * len(chains)
+    made: list[tuple[str, WeightItem]] = []
+    mine: dict[int, str] = {}  # id of an item made in this step -> its label
+
+    def fill_one() -> None:
+        nonlocal now
+        item = waiting.pop(0)
+        out.append(PartInterval("compute", mine.get(id(item), "W*"), now, now + item.time))
+        now += item.time
 
     def compute(label: str, time: float, after: float) -> None:
         nonlocal now
-        while full_backward and weights and now < after:
-            k = weights.pop(0)
-            out.append(PartInterval("compute", f"W{k}", now, now + costs.w[k]))
-            now += costs.w[k]
+        while waiting and now < after:
+            fill_one()
         now = max(now, after)
         out.append(PartInterval("compute", label, now, now + time))
         now += time
 
-    def launch(chain: str, label: str, time: float) -> None:
+    def launch(chain: int, label: str, time: float) -> None:
         nonlocal link
         start = max(now, link)
         link = start + time
         out.append(PartInterval("comm", label, start, link))
         ready[chain] = link
 
-    while steps["B"] < n or steps["F"] < n:
-        if steps["B"] < n:
-            k = n - 1 - steps["B"]
-            compute(f"B{k}", costs.b[k], ready["B"])
-            weights.append(k)
-            if k > 0:
-                launch("B", f"B{k}>", costs.b_comm[k - 1])
-            steps["B"] += 1
-        if steps["F"] < n:
-            k = steps["F"]
-            compute(f"F{k}", costs.f[k], ready["F"])
-            if k < n - 1:
-                launch("F", f"F{k}>", costs.f_comm[k])
-            steps["F"] += 1
-    if full_backward:
-        for k in weights:
-            out.append(PartInterval("compute", f"W{k}", now, now + costs.w[k]))
-            now += costs.w[k]
+    while any(k < n for k in steps):
+        for c, chain in enumerate(chains):
+            if steps[c] >= n:
+                continue
+            name = names[c]
+            if chain == "F":
+                k = steps[c]
+                compute(f"{name}{k}", costs.f[k], ready[c])
+                if k < n - 1:
+                    launch(c, f"{name}{k}>", costs.f_comm[k])
+            else:
+                k = n - 1 - steps[c]
+                compute(f"{name}{k}", costs.b[k], ready[c])
+                if chain == "B" or filling:
+                    owner = owners[c] if owners is not None and chain == "I" else None
+                    item = WeightItem(owner, costs.w[k])
+                    mine[id(item)] = f"W{name[1:]}{k}"
+                    made.append((chain, item))
+                    waiting.append(item)
+                if k > 0:
+                    launch(c, f"{name}{k}>", costs.b_comm[k - 1])
+            steps[c] += 1
+    for chain, item in made:  # a full backward ends with its weight work done
+        if chain == "B" and any(x is item for x in waiting):
+            waiting[:] = [x for x in waiting if x is not item]
+            out.append(PartInterval("compute", mine[id(item)], now, now + item.time))
+            now += item.time
     return out
 
 

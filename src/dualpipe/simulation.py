@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import ScheduleError
-from .partcosts import PartCosts
-from .schedules.actions import Action, Op, Overlap, Step, step_actions
+from .partcosts import PartCosts, WeightItem, interleave
+from .schedules.actions import Action, Op, Overlap, PairKind, Step, step_actions
 from .schedules.dependency import dependency
 from .schedules.schedule import Schedule
 
 __all__ = [
-    "Costs", "TimedStep", "SimResult", "simulate", "step_duration", "seed_bubble",
+    "Costs", "TimedStep", "SimResult", "simulate", "step_duration", "chains", "seed_bubble",
     "peak_activations", "peak_memory", "w_state", "DEFAULT_W_MEMORY",
 ]
 
@@ -90,16 +90,57 @@ class Costs:
         return self.pair - self.w
 
 
+def chains(step: Step) -> tuple[str, ...]:
+    """What a step runs part by part, in the engine's order (:func:`interleave`'s
+    ``chains``): a pair's backward first, else the pair's order; ``()`` for a ``W``."""
+    letters = [a.op.value for a in step_actions(step) if a.op is not Op.WEIGHT]
+    if isinstance(step, Overlap) and step.kind is PairKind.FB:
+        letters.reverse()
+    return tuple(letters)
+
+
 def step_duration(step: Step, costs: Costs) -> float:
-    """Time a step takes under ``costs``."""
+    """Time a step takes under ``costs`` on its own (no weight work of earlier steps
+    filling its waits: that is :func:`simulate`'s, which knows what is pending)."""
+    if costs.parts is not None and not (isinstance(step, Action) and step.op is Op.WEIGHT):
+        return max((iv.end for iv in interleave(costs.parts, chains(step))), default=0.0)
     if isinstance(step, Overlap):
-        return costs.pair_input if step.backward.op is Op.INPUT else costs.pair
+        if step.kind is PairKind.FB:
+            return costs.pair_input if step.second.op is Op.INPUT else costs.pair
+        return sum(step_duration(a, costs) for a in step_actions(step))
     return {
         Op.FORWARD: costs.f,
         Op.BACKWARD: costs.b,
         Op.INPUT: costs.b - costs.w,
         Op.WEIGHT: costs.w,
     }[step.op]
+
+
+class _Pending:
+    """A rank's deferred weight work under per-part costs: what an ``I`` left (one item
+    per part), run by its ``W`` or, earlier, in the waits of the rank's parted steps."""
+
+    def __init__(self, parts: PartCosts) -> None:
+        self.parts = parts
+        self.items: list[WeightItem] = []
+
+    def duration(self, step: Step) -> float:
+        """Time of ``step``, taking (and leaving) pending items as the engine does."""
+        if isinstance(step, Action) and step.op is Op.WEIGHT:
+            key = (step.phase, step.chunk)
+            mine = [it for it in self.items if it.owner == key]
+            self.items = [it for it in self.items if it.owner != key]
+            return sum(it.time for it in mine)
+        owners = tuple((a.phase, a.chunk) for a in _engine_order(step))
+        ivs = interleave(self.parts, chains(step), self.items, owners)
+        return max((iv.end for iv in ivs), default=0.0)
+
+
+def _engine_order(step: Step) -> tuple[Action, ...]:
+    acts = step_actions(step)
+    if isinstance(step, Overlap) and step.kind is PairKind.FB:
+        return acts[::-1]
+    return acts
 
 
 @dataclass(frozen=True)
@@ -169,6 +210,7 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     cursor = [0] * n
     free_at = [0.0] * n
     timeline: list[list[TimedStep]] = [[] for _ in range(n)]
+    pending = [_Pending(costs.parts) for _ in range(n)] if costs.parts is not None else None
 
     def ready_time(rank: int, action: Action) -> float | None:
         need = dependency(layout, rank, action)
@@ -189,7 +231,8 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
                 if any(t is None for t in times):
                     break
                 start = max([free_at[rank], *[t for t in times if t is not None]])
-                end = start + step_duration(step, costs)
+                end = start + (pending[rank].duration(step) if pending is not None
+                               else step_duration(step, costs))
                 for a in step_actions(step):
                     if a.op is Op.FORWARD:
                         done_f[_key(schedule, rank, a)] = (end, rank)

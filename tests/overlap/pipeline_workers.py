@@ -121,7 +121,7 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
         if a.startswith("B part") and b.startswith("F part") and c.startswith("B part"):
             interleaved += 1
     if ckpt == "hook":  # every full-backward pair went to the hook, none interleaved
-        pairs = sum(isinstance(s, Overlap) and s.backward.op is Op.BACKWARD
+        pairs = sum(isinstance(s, Overlap) and s.second.op is Op.BACKWARD
                     for s in generate(schedule, 2, chunks).steps[pp_rank])
         assert HookedMoEStage.calls == pairs > 0 and interleaved == 0
         return -1

@@ -74,5 +74,5 @@ def overlapped(rank: int, world: int, schedule: str, num_chunks: int) -> tuple[i
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
     assert pipe.executor.last_plan is not None
     pipe_steps = pipe.executor.last_plan.schedule.steps[rank]
-    pairs = sum(isinstance(s, Overlap) and s.backward.op is Op.BACKWARD for s in pipe_steps)
+    pairs = sum(isinstance(s, Overlap) and s.second.op is Op.BACKWARD for s in pipe_steps)
     return calls, pairs

@@ -28,7 +28,7 @@ def test_steps_pairs_and_receive_posting() -> None:
     schedule = generate("dualpipev", 2, 6)
     plan = build_plan(schedule, 0, True, True, lookahead=2)
     assert [str(s.label) for s in plan.steps] == [str(s) for s in schedule.steps[0]]
-    assert {s.kind.value for s in plan.steps} == {"F", "B", "I", "W", "FB"}
+    assert {s.kind.value for s in plan.steps} == {"F", "B", "I", "W", "pair"}
     start = 0
     for step in plan.steps:
         # every message a step needs is due by then, and due counts only grow

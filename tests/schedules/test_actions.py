@@ -12,6 +12,7 @@ from dualpipe.schedules import (
     Action,
     Op,
     Overlap,
+    PairKind,
     Schedule,
     format_step,
     generate,
@@ -50,6 +51,9 @@ CASES = [
         ("F12.345", Action(Op.FORWARD, 12, 345)),
         ("F0.2+I1.0", Overlap(Action(Op.FORWARD, 0, 2), Action(Op.INPUT, 1, 0))),
         ("F1.7+B0.5", Overlap(Action(Op.FORWARD, 1, 7), Action(Op.BACKWARD, 0, 5))),
+        ("F0.1+F0.2", Overlap(Action(Op.FORWARD, 0, 1), Action(Op.FORWARD, 0, 2))),
+        ("I0.8+I0.9", Overlap(Action(Op.INPUT, 0, 8), Action(Op.INPUT, 0, 9))),
+        ("B1.3+I0.2", Overlap(Action(Op.BACKWARD, 1, 3), Action(Op.INPUT, 0, 2))),
     ],
 )
 def test_parse_and_format_round_trip(token: str, expected: Action | Overlap) -> None:
@@ -78,11 +82,11 @@ def test_parse_and_format_round_trip(token: str, expected: Action | Overlap) -> 
         "F0.1+",
         "+B0.1",
         "F0.1+B0.2+B0.3",
-        "F0.1+F0.2",  # second half must be a backward
-        "F0.1+W0.2",
-        "B0.1+F0.2",  # first half must be a forward
+        "F0.1+F0.1",  # an action with itself
+        "F0.1+W0.2",  # a W never pairs
+        "B0.1+F0.2",  # a forward and a backward: forward first
         "W0.1+B0.2",
-        "I0.1+I0.2",
+        "I0.1+W0.1",
     ],
 )
 def test_bad_tokens_raise_value_error(token: str) -> None:
@@ -103,12 +107,22 @@ def test_negative_ids_are_rejected() -> None:
 
 def test_overlap_halves_are_checked() -> None:
     fwd, bwd = Action(Op.FORWARD, 0, 1), Action(Op.INPUT, 1, 0)
-    with pytest.raises(ValueError, match="forward"):
+    with pytest.raises(ValueError, match="itself"):
         Overlap(bwd, bwd)
-    with pytest.raises(ValueError, match="B or I"):
+    with pytest.raises(ValueError, match="W does not pair"):
         Overlap(fwd, Action(Op.WEIGHT, 1, 0))
-    with pytest.raises(ValueError, match="B or I"):
-        Overlap(fwd, fwd)
+    with pytest.raises(ValueError, match="forward first"):
+        Overlap(bwd, fwd)
+
+
+def test_pair_kinds() -> None:
+    f0, f1 = Action(Op.FORWARD, 0, 1), Action(Op.FORWARD, 1, 0)
+    b, i = Action(Op.BACKWARD, 1, 0), Action(Op.INPUT, 0, 2)
+    assert Overlap(f0, b).kind is PairKind.FB
+    assert Overlap(f0, i).kind is PairKind.FB
+    assert Overlap(f0, f1).kind is PairKind.FF
+    assert Overlap(b, i).kind is PairKind.BB
+    assert Overlap(i, b).kind is PairKind.BB
 
 
 def test_op_kinds() -> None:

@@ -179,7 +179,7 @@ def step_table(h: int, half: int, main: int, split: bool) -> list[tuple[int, lis
 
 def shape(step: Step) -> str:
     if isinstance(step, Overlap):
-        return f"{shape(step.forward)}+{shape(step.backward)}"
+        return f"{shape(step.first)}+{shape(step.second)}"
     return "W" if step.op is Op.WEIGHT else f"{step.op.value}{step.phase}"
 
 
@@ -218,7 +218,7 @@ def expected_counts(h: int, half: int, main: int, split: bool) -> dict[str, int]
 
 def counts(steps: tuple[Step, ...]) -> dict[str, int]:
     singles = [s for s in steps if not isinstance(s, Overlap)]
-    backs = [s.backward for s in steps if isinstance(s, Overlap)] + singles
+    backs = [s.second for s in steps if isinstance(s, Overlap)] + singles
     return {
         "pairs": sum(isinstance(s, Overlap) for s in steps),
         "I": sum(a.op is Op.INPUT for a in backs),

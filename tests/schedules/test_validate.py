@@ -402,7 +402,7 @@ def test_pairs_keep_their_order() -> None:
     pair = generate("dualpipe", 2, 4).steps[0][4]
     assert isinstance(pair, Overlap) and str(pair) == "F1.1+B0.0"
     with pytest.raises(ValueError):
-        Overlap(pair.backward, pair.forward)
+        Overlap(pair.second, pair.first)
 
 
 NEW = ("zbv", "v-half", "v-min", "interleaved-1f1b")

@@ -45,8 +45,8 @@ def test_every_step_label_at_its_start_column() -> None:
             step = timed.step
             if isinstance(step, Overlap):
                 label = (
-                    f"{_letter(schedule, rank, step.forward)}{step.forward.chunk}+"
-                    f"{_letter(schedule, rank, step.backward)}{step.backward.chunk}"
+                    f"{_letter(schedule, rank, step.first)}{step.first.chunk}+"
+                    f"{_letter(schedule, rank, step.second)}{step.second.chunk}"
                 )
             else:
                 label = f"{_letter(schedule, rank, step)}{step.chunk}"

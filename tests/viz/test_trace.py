@@ -34,8 +34,8 @@ def test_one_event_per_action_with_times_in_microseconds() -> None:
             if isinstance(timed.step, Overlap):
                 fwd, bwd = next(events), next(events)
                 assert (fwd["name"], bwd["name"]) == (
-                    str(timed.step.forward),
-                    str(timed.step.backward),
+                    str(timed.step.first),
+                    str(timed.step.second),
                 )
                 assert fwd["ts"] == pytest.approx(start)
                 assert fwd["ts"] + fwd["dur"] == pytest.approx(bwd["ts"])  # adjacent halves

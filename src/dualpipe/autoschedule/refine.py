@@ -223,7 +223,7 @@ def _critical(compiled: Compiled, ev: _Eval) -> list[tuple[int, int]]:
 
 def _pair_parts(item: _Item) -> tuple[Action, Action] | None:
     step = item.step
-    return (step.forward, step.backward) if isinstance(step, Overlap) else None
+    return (step.first, step.second) if isinstance(step, Overlap) else None
 
 
 def refine(

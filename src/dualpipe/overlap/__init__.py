@@ -1,5 +1,5 @@
-"""The overlap engine: stages written as computation and communication parts, and F&B
-pairs that hide one micro-batch's communication under the other's computation."""
+"""The overlap engine: stages written as computation and communication parts, and pairs
+that hide one micro-batch's communication under the other's computation."""
 
 from ..runtime.record import PartEvent
 from .asynccomm import AsyncComm, CommCall, InFlight
@@ -11,6 +11,7 @@ from .engine import (
     WeightWorks,
     run_backward,
     run_forward,
+    run_interleaved,
     run_pair,
 )
 from .parted import PartedStage
@@ -36,6 +37,7 @@ __all__ = [
     "is_parted",
     "run_backward",
     "run_forward",
+    "run_interleaved",
     "run_pair",
 ]
 

@@ -28,6 +28,8 @@ __all__ = [
     "run_forward",
     "run_backward",
     "run_pair",
+    "run_interleaved",
+    "Task",
 ]
 
 
@@ -354,14 +356,28 @@ def run_backward(record: ForwardTask, roots: Sequence[Tensor | GradientEdge],
     return task
 
 
-def run_pair(forward: ForwardTask, backward: BackwardTask, fill_weight: bool = True) -> None:
-    """Run an F&B pair: one thread alternates between the backward's next part and the
-    forward's next part (the backward first), each launching its communication and
-    waiting for it only before that micro-batch's next part. While a wait would block,
-    the backward's deferred weight-gradient work (``split`` backwards) runs instead.
+Task = ForwardTask | BackwardTask
+"""One micro-batch's forward or backward through a stage, part by part."""
+
+
+def run_interleaved(tasks: Sequence[Task], filler: Callable[[], bool] | None = None) -> None:
+    """Run ``tasks`` (one micro-batch each) on one thread, one part of each unfinished
+    task in turn, in the order given: each part launches its communication and waits
+    for one only before that micro-batch's next part; while a wait would block,
+    ``filler`` runs (e.g. deferred weight-gradient work).
 
     The launch order of communications depends on the stages' structure only, so it is
     the same on every rank of a group (as collectives require)."""
+    while not all(t.done for t in tasks):
+        for task in tasks:
+            if not task.done:
+                task.step(filler)
+
+
+def run_pair(forward: ForwardTask, backward: BackwardTask, fill_weight: bool = True) -> None:
+    """Run an F&B pair: :func:`run_interleaved` of the backward, then the forward (the
+    order of DeepSeek's overlap). While a wait would block, the backward's deferred
+    weight-gradient work (``split`` backwards) runs instead when ``fill_weight``."""
     waiter = backward.waiter
 
     def fill() -> bool:
@@ -371,9 +387,4 @@ def run_pair(forward: ForwardTask, backward: BackwardTask, fill_weight: bool = T
         waiter.log(f"{backward.label} weight", "weight", t0, time.perf_counter())
         return True
 
-    filler = fill if fill_weight else None
-    while not (forward.done and backward.done):
-        if not backward.done:
-            backward.step(filler)
-        if not forward.done:
-            forward.step(filler)
+    run_interleaved((backward, forward), fill if fill_weight else None)

@@ -1,8 +1,11 @@
-"""The overlap engine's extension of the runtime: parted stages run part by part and
-their F&B pairs interleave; every other stage goes to the table's own kernels."""
+"""The overlap engine's extension of the runtime: parted stages run part by part, their
+pairs interleave and pending weight work fills their waits; other stages go to the
+table's own kernels."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -13,7 +16,7 @@ from ..runtime.kernels import ActionKernel, Kernels, PairKernel
 from ..runtime.plan import ActionPlan
 from ..runtime.run import StepRun
 from ..schedules.actions import Op
-from .engine import BackwardTask, ForwardTask, Waiter, run_pair
+from .engine import BackwardTask, ForwardTask, Task, Waiter, WeightWorks, run_interleaved
 from .parted import PartedStage
 
 __all__ = ["is_parted", "OverlapExtension"]
@@ -75,8 +78,8 @@ def _input_grads(task: BackwardTask, leaves: list[Tensor]) -> list[Tensor | None
     return [by_id.get(id(leaf)) for leaf in leaves]
 
 
-def _start_forward(run: StepRun, a: ActionPlan) -> ForwardTask:
-    return ForwardTask(run.module(a), run.forward_inputs(a), _waiter(run))
+def _start_forward(run: StepRun, a: ActionPlan, label: str = "F") -> ForwardTask:
+    return ForwardTask(run.module(a), run.forward_inputs(a), _waiter(run), label)
 
 
 def _finish_forward(run: StepRun, a: ActionPlan, task: ForwardTask) -> None:
@@ -86,10 +89,13 @@ def _finish_forward(run: StepRun, a: ActionPlan, task: ForwardTask) -> None:
 
 
 def _start_backward(run: StepRun, a: ActionPlan, record: ForwardTask,
-                    split: bool) -> tuple[BackwardTask, list[Tensor]]:
+                    label: str = "B") -> tuple[BackwardTask, list[Tensor]]:
+    """A parted backward; with the split on, per part input-only (the weight work kept:
+    it fills waits, and a full ``B`` runs what is left when it ends)."""
     grads = run.output_grads(a)
     roots, leaves = run.pop_saved(a)
-    return BackwardTask(record, roots, grads, _waiter(run), split=split), leaves
+    task = BackwardTask(record, roots, grads, _waiter(run), split=run.split, label=label)
+    return task, leaves
 
 
 def _finish_backward(run: StepRun, a: ActionPlan, task: BackwardTask,
@@ -101,43 +107,79 @@ def _finish_backward(run: StepRun, a: ActionPlan, task: BackwardTask,
     run.finish_backward(a, leaves, _input_grads(task, leaves))
 
 
+def _filler(run: StepRun, tasks: Sequence[Task]) -> Callable[[], bool]:
+    """What runs while a part waits: the oldest weight-gradient work pending on this
+    rank — parted ``I``s' deferred work (its ``W`` then finds less to do), then the
+    work of this step's own backwards — one part's work per call."""
+    waiter = tasks[0].waiter
+
+    def fill() -> bool:
+        t0 = time.perf_counter()
+        sources = [w for w in run.deferred.values() if isinstance(w, WeightWorks)]
+        sources += [t.weight for t in tasks if isinstance(t, BackwardTask)]
+        for works in sources:
+            if works.run_one():
+                waiter.log("weight", "weight", t0, time.perf_counter())
+                return True
+        return False
+
+    return fill
+
+
 def _forward(fallback: ActionKernel, run: StepRun, a: ActionPlan) -> None:
     """``F`` of a parted stage: its parts in order, each communication waited for
-    before the next part."""
+    before the next part (pending weight work filling the waits)."""
     if not is_parted(run.module(a)):
         fallback(run, a)
         return
     task = _start_forward(run, a)
-    task.finish()
+    task.finish(_filler(run, (task,)))
     _finish_forward(run, a, task)
 
 
 def _backward(fallback: ActionKernel, run: StepRun, a: ActionPlan) -> None:
     """``B`` or ``I`` of a parted stage: each part's backward, last part first (input-only
-    per part for an ``I`` with the split on, the weight work kept for its ``W``)."""
+    per part with the split on, the weight work kept for waits and the ``W``)."""
     record = _records(run).pop(_key(a), None)
     if record is None:
         fallback(run, a)
         return
-    task, leaves = _start_backward(run, a, record, run.split and a.action.op is Op.INPUT)
-    task.finish()
+    task, leaves = _start_backward(run, a, record)
+    task.finish(_filler(run, (task,)))
     _finish_backward(run, a, task, leaves)
 
 
-def _pair(fallback: PairKernel, kernels: Kernels, run: StepRun, fwd: ActionPlan,
-          bwd: ActionPlan) -> None:
-    """``F+B`` whose backward is a parted stage's: the two interleaved
-    (:func:`~dualpipe.overlap.run_pair`); a full backward splits per part when the split
-    is on, so its weight work fills the waits. A stage class with its own
-    ``overlapped_forward_backward``, or an ordinary backward, goes to ``fallback``."""
-    own: Any = getattr(type(run.module(fwd)), "overlapped_forward_backward", None)
+def _pair(fallback: PairKernel, kernels: Kernels, run: StepRun, first: ActionPlan,
+          second: ActionPlan) -> None:
+    """A pair whose two halves are parted stages' (``F+B``, ``F+F``, ``B+B``): the two
+    interleaved (:func:`~dualpipe.overlap.run_interleaved`; a backward's parts first in
+    ``F+B``, as DeepSeek's overlap orders them), pending weight work filling the waits.
+    A stage class with its own ``overlapped_forward_backward``, or a half that is not a
+    parted stage's, goes to ``fallback`` (each half alone)."""
+    own: Any = getattr(type(run.module(first)), "overlapped_forward_backward", None)
     records = _records(run)
-    if own is not None or _key(bwd) not in records:
-        fallback(kernels, run, fwd, bwd)
+    halves = (first, second)
+    parted = all(is_parted(run.module(a)) if a.action.op is Op.FORWARD else _key(a) in records
+                 for a in halves)
+    fb = first.action.op is Op.FORWARD and second.action.op is not Op.FORWARD
+    if not parted or (own is not None and fb):
+        fallback(kernels, run, first, second)
         return
-    record = records.pop(_key(bwd))
-    forward = _start_forward(run, fwd)
-    backward, leaves = _start_backward(run, bwd, record, run.split)
-    run_pair(forward, backward, fill_weight=bwd.action.op is Op.BACKWARD)
-    _finish_forward(run, fwd, forward)
-    _finish_backward(run, bwd, backward, leaves)
+    letter = "F" if first.action.op is Op.FORWARD else "B"
+    labels = ("F", "B") if fb else (letter, letter + "'")  # names in the part events
+    tasks: list[Task] = []
+    leaves: list[list[Tensor]] = []
+    for a, label in zip(halves, labels, strict=True):
+        if a.action.op is Op.FORWARD:
+            tasks.append(_start_forward(run, a, label))
+            leaves.append([])
+        else:
+            backward, kept = _start_backward(run, a, records.pop(_key(a)), label)
+            tasks.append(backward)
+            leaves.append(kept)
+    run_interleaved(tasks[::-1] if fb else tasks, _filler(run, tasks))
+    for a, task, kept in zip(halves, tasks, leaves, strict=True):
+        if isinstance(task, ForwardTask):
+            _finish_forward(run, a, task)
+        else:
+            _finish_backward(run, a, task, kept)

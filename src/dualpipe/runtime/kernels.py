@@ -63,18 +63,18 @@ def weight(run: StepRun, a: ActionPlan) -> None:
         work.run()
 
 
-def pair(kernels: Kernels, run: StepRun, fwd: ActionPlan, bwd: ActionPlan) -> None:
-    """``F+B``: the stage's ``overlapped_forward_backward`` when its class defines one
-    (and the backward is a full ``B``); otherwise the forward, then the backward, each
-    through the table and named in errors by its own action."""
-    fb = getattr(type(run.module(fwd)), "overlapped_forward_backward", None)
-    if fb is None or bwd.action.op is not Op.BACKWARD:
-        run.label = fwd.action
-        kernels.forward(run, fwd)
-        run.label = bwd.action
-        kernels.action(bwd.action.op)(run, bwd)
+def pair(kernels: Kernels, run: StepRun, first: ActionPlan, second: ActionPlan) -> None:
+    """A pair (``F+B``, ``F+F``, ``B+B``...): for ``F+B``, the stage's
+    ``overlapped_forward_backward`` when its class defines one (and the backward is a
+    full ``B``); otherwise the first action, then the second, each through the table and
+    named in errors by its own action (plug-ins interleave their parts)."""
+    fb = getattr(type(run.module(first)), "overlapped_forward_backward", None)
+    if fb is None or first.action.op is not Op.FORWARD or second.action.op is not Op.BACKWARD:
+        for a in (first, second):
+            run.label = a.action
+            kernels.action(a.action.op)(run, a)
         return
-    _overlapped(run, fb, fwd, bwd)
+    _overlapped(run, fb, first, second)
 
 
 def _overlapped(run: StepRun, fb: Callable[..., Any], fwd: ActionPlan, bwd: ActionPlan) -> None:
@@ -127,8 +127,8 @@ class Kernels:
     def run(self, run: StepRun, step: PlannedStep) -> None:
         """Run one planned step."""
         if step.kind is StepKind.PAIR:
-            fwd, bwd = step.actions
-            self.pair(self, run, fwd, bwd)
+            first, second = step.actions
+            self.pair(self, run, first, second)
         else:
             (a,) = step.actions
             self.action(a.action.op)(run, a)

@@ -39,7 +39,7 @@ class StepKind(enum.Enum):
     BACKWARD = "B"
     INPUT = "I"
     WEIGHT = "W"
-    PAIR = "FB"  # an overlapped forward and backward
+    PAIR = "pair"  # two actions overlapped (F+B, F+F or B+B)
 
     @classmethod
     def of(cls, op: Op) -> StepKind:
@@ -52,7 +52,7 @@ class ActionPlan:
     """One action of this rank with everything its handler needs.
 
     Attributes:
-        index: position in the rank's flattened action list (pairs: forward first).
+        index: position in the rank's flattened action list (a pair: its first, then second).
         action: the action.
         module: index of the module it runs in the rank's module tuple.
         stream, position: the path and the position on it computed here.

@@ -3,7 +3,16 @@
 # The generator modules register their schedules on import; the registry fixes the
 # order listings show (registry.LISTING_ORDER), so the import order does not matter.
 from ..errors import ScheduleError
-from .actions import Action, Op, Overlap, Step, format_step, parse_step, step_actions
+from .actions import (
+    Action,
+    Op,
+    Overlap,
+    PairKind,
+    Step,
+    format_step,
+    parse_step,
+    step_actions,
+)
 from .controllable import v_half, v_min
 from .dependency import Dependency, dependency
 from .generators import dualpipe, dualpipev, gpipe, one_f_one_b, zb1p
@@ -26,6 +35,7 @@ __all__ = [
     "Action",
     "Op",
     "Overlap",
+    "PairKind",
     "Step",
     "format_step",
     "parse_step",

@@ -6,7 +6,8 @@ import enum
 import re
 from dataclasses import dataclass
 
-__all__ = ["Op", "Action", "Overlap", "Step", "parse_step", "format_step", "step_actions"]
+__all__ = ["Op", "Action", "Overlap", "PairKind", "Step", "parse_step", "format_step",
+           "step_actions"]
 
 
 class Op(str, enum.Enum):
@@ -39,21 +40,43 @@ class Action:
         return f"{self.op.value}{self.phase}.{self.chunk}"
 
 
+class PairKind(str, enum.Enum):
+    """What an overlapped pair interleaves (docs/schedules.md, "Pairs")."""
+
+    FB = "FB"  # a forward and a backward (B or I) of two micro-batches: the steady state
+    FF = "FF"  # two forwards: the warm-up
+    BB = "BB"  # two backwards (B or I, any mix): the cool-down
+
+
 @dataclass(frozen=True, slots=True)
 class Overlap:
-    """A forward and a backward issued as one pair (``FB`` in docs/schedules.md)."""
+    """Two actions of one rank issued as one pair, their parts interleaved (``F0.3+B1.1``,
+    ``F0.1+F0.2``, ``I0.8+I0.9``): a forward then a backward (:attr:`PairKind.FB`), two
+    forwards (``FF``) or two backwards (``BB``). A ``W`` never pairs: deferred weight work
+    fills the waits of any action instead."""
 
-    forward: Action
-    backward: Action
+    first: Action
+    second: Action
 
     def __post_init__(self) -> None:
-        if self.forward.op is not Op.FORWARD:
-            raise ValueError(f"first half of a pair must be a forward, got {self.forward}")
-        if not self.backward.op.is_backward:
-            raise ValueError(f"second half of a pair must be B or I, got {self.backward}")
+        a, b = self.first, self.second
+        if a.op is Op.WEIGHT or b.op is Op.WEIGHT:
+            raise ValueError(f"a W does not pair (weight work fills waits): {a}+{b}")
+        if a.op.is_backward and b.op is Op.FORWARD:
+            raise ValueError(f"a pair of a forward and a backward is written forward first: "
+                             f"{b}+{a}, not {a}+{b}")
+        if a == b:
+            raise ValueError(f"a pair of one action with itself: {a}+{b}")
+
+    @property
+    def kind(self) -> PairKind:
+        """Which of the three kinds of pair this is."""
+        if self.first.op is Op.FORWARD:
+            return PairKind.FF if self.second.op is Op.FORWARD else PairKind.FB
+        return PairKind.BB
 
     def __str__(self) -> str:
-        return f"{self.forward}+{self.backward}"
+        return f"{self.first}+{self.second}"
 
 
 Step = Action | Overlap
@@ -83,7 +106,7 @@ def format_step(step: Step) -> str:
 
 
 def step_actions(step: Step) -> tuple[Action, ...]:
-    """The actions of a step in issue order (one, or forward then backward for a pair)."""
+    """The actions of a step in issue order (one, or a pair's first then second)."""
     if isinstance(step, Overlap):
-        return (step.forward, step.backward)
+        return (step.first, step.second)
     return (step,)

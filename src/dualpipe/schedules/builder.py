@@ -80,11 +80,11 @@ def drop_chunks(steps: list[Step], num_chunks: int) -> tuple[Step, ...]:
     kept: list[Step] = []
     for step in steps:
         if isinstance(step, Overlap):
-            fwd, bwd = step.forward.chunk < num_chunks, step.backward.chunk < num_chunks
-            if fwd and bwd:
+            first, second = step.first.chunk < num_chunks, step.second.chunk < num_chunks
+            if first and second:
                 kept.append(step)
-            elif fwd or bwd:
-                kept.append(step.forward if fwd else step.backward)
+            elif first or second:
+                kept.append(step.first if first else step.second)
         elif step.chunk < num_chunks:
             kept.append(step)
     return tuple(kept)

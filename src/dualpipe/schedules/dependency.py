@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .actions import Action, Op
 from .layout import Layout, Position
 
-__all__ = ["Dependency", "dependency"]
+__all__ = ["Dependency", "dependency", "needs_result"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +56,16 @@ def dependency(layout: Layout, rank: int, action: Action) -> Dependency | None:
             return Dependency(Op.FORWARD, stream, index, action.chunk, path[index])
         return Dependency(Op.BACKWARD, stream, index + 1, action.chunk, path[index + 1])
     return Dependency(Op.INPUT, stream, index, action.chunk, path[index])
+
+
+def needs_result(layout: Layout, rank: int, action: Action, other: Action) -> bool:
+    """Whether ``action`` on ``rank`` needs the result of ``other``, run on the same rank
+    (then the two cannot overlap as one pair)."""
+    try:
+        dep = dependency(layout, rank, action)
+    except ValueError:
+        return False  # a phase this rank does not hold: the validator reports it
+    if dep is None or dep.op is Op.INPUT or other.op is Op.WEIGHT:
+        return False
+    made = Op.FORWARD if other.op is Op.FORWARD else Op.BACKWARD
+    return dep.position == (rank, other.phase) and dep.chunk == other.chunk and dep.op is made

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 
 from ..errors import ScheduleError
-from .actions import Action, Op, Overlap, Step
+from .actions import Action, Op, Overlap, PairKind, Step, step_actions
 from .layout import Layout
 from .schedule import Schedule
 
@@ -42,10 +42,12 @@ def to_torch_actions(schedule: Schedule) -> list[list[str]]:
     for rank, steps in enumerate(schedule.steps):
         row = []
         for step in steps:
-            if isinstance(step, Overlap):
-                fwd = _action_text(layout, rank, step.forward)
-                bwd = _action_text(layout, rank, step.backward)
+            if isinstance(step, Overlap) and step.kind is PairKind.FB:
+                fwd = _action_text(layout, rank, step.first)
+                bwd = _action_text(layout, rank, step.second)
                 row.append(f"({fwd};{bwd})OVERLAP_F_B")
+            elif isinstance(step, Overlap):  # F+F, B+B: torch's format has no such pair
+                row.extend(_action_text(layout, rank, a) for a in step_actions(step))
             else:
                 row.append(_action_text(layout, rank, step))
         rows.append(row)

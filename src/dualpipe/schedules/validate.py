@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ScheduleError
 from .actions import Action, Op, Overlap, Step, step_actions
-from .dependency import dependency
+from .dependency import dependency, needs_result
 from .schedule import Schedule
 
 __all__ = ["problems", "validate"]
@@ -161,17 +161,24 @@ def problems(schedule: Schedule) -> list[str]:
                 f"{site.at()}: weight gradient of I{phase}.{chunk} is never run (no later W)"
             )
 
-    # (e) a pair of one micro-batch at one position.
+    # (e) a pair of one micro-batch at one position, or of two actions one of which
+    #     needs the other's result (both halves start together).
+    layout = schedule.layout
     for rank, steps in enumerate(schedule.steps):
         for index, step in enumerate(steps):
-            if (
-                isinstance(step, Overlap)
-                and step.forward.phase == step.backward.phase
-                and step.forward.chunk == step.backward.chunk
-            ):
+            if not isinstance(step, Overlap):
+                continue
+            a, b = step.first, step.second
+            if a.op is Op.FORWARD and b.op.is_backward and (a.phase, a.chunk) == (
+                    b.phase, b.chunk):
                 found.append(
                     f"rank {rank} step {index} ({step}): a pair of the forward and backward of "
                     "the same micro-batch at the same position cannot overlap"
+                )
+            elif needs_result(layout, rank, b, a) or needs_result(layout, rank, a, b):
+                found.append(
+                    f"rank {rank} step {index} ({step}): one half needs the other's result, "
+                    "so the two cannot overlap (write them as two steps)"
                 )
 
     # (d) replay with non-blocking sends: who waits for what.

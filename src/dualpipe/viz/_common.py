@@ -131,8 +131,8 @@ def segments(row: int, timed: TimedStep, schedule: Schedule) -> list[Segment]:
     if isinstance(step, Overlap):
         mid = (timed.start + timed.end) / 2
         return [
-            make(step.forward, timed.start, mid, step, 1),
-            make(step.backward, mid, timed.end, step, 2),
+            make(step.first, timed.start, mid, step, 1),
+            make(step.second, mid, timed.end, step, 2),
         ]
     return [make(step, timed.start, timed.end, None, 0)]
 

@@ -30,10 +30,10 @@ def _labels(schedule: Schedule, timed: TimedStep) -> tuple[str, ...]:
     """Labels of a step, longest first: the first that fits its run is drawn."""
     step, rank = timed.step, timed.rank
     if isinstance(step, Overlap):
-        f, b = _letter(schedule, rank, step.forward), _letter(schedule, rank, step.backward)
+        f, b = _letter(schedule, rank, step.first), _letter(schedule, rank, step.second)
         return (
-            f"{f}{step.forward.chunk}+{b}{step.backward.chunk}",
-            f"{f}{step.forward.chunk}{b}{step.backward.chunk}",
+            f"{f}{step.first.chunk}+{b}{step.second.chunk}",
+            f"{f}{step.first.chunk}{b}{step.second.chunk}",
             f"{f}+{b}",
             f"{f}{b}",
             f,
