@@ -35,17 +35,19 @@ class HookedMoEStage(OriginalHook, MoEStage):
 
 
 def pipeline_cases(rank: int, world: int,
-                   cases: list[tuple[str, int, str | None, bool]]) -> list[int]:
-    """:func:`moe_pipeline` for each ``(schedule, chunks, ckpt, train)``: how many
-    interleaved pairs each training step showed."""
+                   cases: list[tuple[str, int, str | None, bool, bool | None]]
+                   ) -> list[tuple[int, list[str]]]:
+    """:func:`moe_pipeline` for each ``(schedule, chunks, ckpt, train, pairs)``: how many
+    interleaved pairs each training step showed, and the kinds of pair it ran."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     return [moe_pipeline(rank, mesh, *case) for case in cases]
 
 
 def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: str | None,
-                 train: bool) -> int:
+                 train: bool, pairs: bool | None) -> tuple[int, list[str]]:
     """One step on the pipeline vs every expert-parallel shard on one process; the
-    number of places where a forward part ran between two backward parts."""
+    number of places where a part of one micro-batch ran between two parts of another
+    in one pair (``B F B``, ``F F' F``, ``B B' B``), and the kinds of pair in the step."""
     pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
     pp_rank, ep_rank = rank // 2, rank % 2
     layout = layout_for(schedule, 2)
@@ -54,7 +56,7 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
     stages = [cls(ep, ckpt=None if ckpt == "hook" else ckpt) for _ in range(layout.num_stages)]
     HookedMoEStage.calls = 0
     mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[pp_rank]]
-    pipe = Pipeline(mine, schedule, process_group=pp, timeout=60)
+    pipe = Pipeline(mine, schedule, process_group=pp, timeout=60, pairs=pairs)
     streams = layout.num_streams
     per = chunks // streams
     x, y = _data(ep_rank, chunks)
@@ -99,8 +101,11 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
     own_losses, own = reference([ep_rank])
     if end:
         assert torch.equal(loss, torch.stack(own_losses[0])), (loss, own_losses)
+    plan = pipe.executor.last_plan
+    assert plan is not None
+    kinds = sorted({s.kind.value for s in plan.schedule.steps[pp_rank] if isinstance(s, Overlap)})
     if not train:
-        return 0
+        return 0, kinds
     _, every = reference([0, 1])
     for k, module in zip(layout.rank_stages[pp_rank], mine, strict=True):
         for name, p in module.named_parameters():
@@ -116,16 +121,17 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
     parts = pipe.executor.last_record.parts if pipe.executor.last_record is not None else []
     # pairs interleaved: a forward part ran between two backward parts of one pair
     interleaved = 0
-    labels = [e.label for e in parts if e.kind == "compute"]
+    labels = [e.label.rsplit(" ", 1)[0] for e in parts if e.kind == "compute"]
     for a, b, c in zip(labels, labels[1:], labels[2:], strict=False):
-        if a.startswith("B part") and b.startswith("F part") and c.startswith("B part"):
+        if a == c != b and (a, b) in (("B part", "F part"), ("F part", "F' part"),
+                                       ("B part", "B' part")):
             interleaved += 1
     if ckpt == "hook":  # every full-backward pair went to the hook, none interleaved
         pairs = sum(isinstance(s, Overlap) and s.second.op is Op.BACKWARD
                     for s in generate(schedule, 2, chunks).steps[pp_rank])
         assert HookedMoEStage.calls == pairs > 0 and interleaved == 0
-        return -1
-    return interleaved
+        return -1, kinds
+    return interleaved, kinds
 
 
 

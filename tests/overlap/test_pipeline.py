@@ -7,23 +7,29 @@ from dualpipe.testing import run_distributed
 from .pipeline_workers import failure_reaches_the_job, pipeline_cases
 
 CASES = [
-    ("dualpipev", 6, None, True),
-    ("dualpipev", 4, "reentrant", True),
-    ("dualpipe", 4, "nonreentrant", True),
-    ("dualpipev", 4, None, False),  # inference under torch.no_grad()
-    ("dualpipev", 4, "hook", True),  # the class's own overlapped_forward_backward wins
+    ("dualpipev", 6, None, True, None),  # pairs: F&B, and F&F / B&B where faster
+    ("dualpipev", 6, None, True, False),  # F&B pairs only
+    ("dualpipev", 4, "reentrant", True, None),
+    ("dualpipe", 4, "nonreentrant", True, None),
+    ("dualpipe", 6, None, True, None),
+    ("dualpipev", 4, None, False, None),  # inference under torch.no_grad()
+    ("dualpipev", 4, "hook", True, None),  # the class's own overlapped_forward_backward wins
 ]
 
 
 def test_steps_are_exact_and_pairs_interleaved() -> None:
-    results = run_distributed(pipeline_cases, 4, CASES, timeout=180)
-    for per_rank in results:
+    results = run_distributed(pipeline_cases, 4, CASES, timeout=240)
+    for rank, per_rank in enumerate(results):
         assert len(per_rank) == len(CASES)
-        for (_, _, ckpt, train), interleaved in zip(CASES, per_rank, strict=True):
+        for (name, _, ckpt, train, pairs), (interleaved, kinds) in zip(
+                CASES, per_rank, strict=True):
             if ckpt == "hook":
                 assert interleaved == -1  # checked on the ranks: hook calls == pairs
+                assert kinds == ["FB"]  # no plug-in runs F&F / B&B pairs: none made
             else:
                 assert interleaved > 0 if train else interleaved == 0
+                # every rank of these pipelines runs a pair of two forwards in the warm-up
+                assert "FF" in kinds if pairs is None else kinds == ["FB"], (name, rank, kinds)
 
 
 def test_a_failure_reaches_every_pipeline_of_the_job() -> None:

@@ -31,8 +31,8 @@ class _Item:
     dur: float
     needs: tuple[tuple[int, float], ...]
     makes: tuple[int, ...]
-    forward: bool
-    backward: bool
+    forwards: int  # forwards it starts (two in an F+F pair)
+    backwards: int  # micro-batches it releases (B or I; two in a B+B pair)
     defers: int  # +1 for an input-only backward, -1 for a W
     held: float = 0.0  # deferred weight-gradient state it adds (I) or frees (W, negative)
 
@@ -88,8 +88,8 @@ def compile_schedule(schedule: Schedule, costs: Costs) -> Compiled:
             dur=step_duration(step, costs),
             needs=tuple(x for x in needs if x[0] not in own),
             makes=tuple(makes),
-            forward=any(a.op is Op.FORWARD for a in step_actions(step)),
-            backward=any(a.op.is_backward for a in step_actions(step)),
+            forwards=sum(a.op is Op.FORWARD for a in step_actions(step)),
+            backwards=sum(a.op.is_backward for a in step_actions(step)),
             defers=sum(_DEFERS.get(a.op, 0) for a in step_actions(step)),
             held=sum(
                 _DEFERS.get(a.op, 0) * w_state(costs.w_memory, layout.stage(rank, a.phase))
@@ -163,11 +163,10 @@ def peak(row: list[_Item]) -> int:
     """Most live activations on one rank (a pair's forward counts before its backward)."""
     live = top = 0
     for it in row:
-        if it.forward:
-            live += 1
+        if it.forwards:
+            live += it.forwards
             top = max(top, live)
-        if it.backward:
-            live -= 1
+        live -= it.backwards
     return top
 
 
@@ -176,11 +175,10 @@ def memory_peak(row: list[_Item]) -> float:
     (as :func:`dualpipe.simulation.peak_memory`)."""
     live = top = 0.0
     for it in row:
-        if it.forward:
-            live += 1.0
+        if it.forwards:
+            live += it.forwards
             top = max(top, live)
-        if it.backward:
-            live -= 1.0
+        live -= it.backwards
         live += it.held
         top = max(top, live)
     return top

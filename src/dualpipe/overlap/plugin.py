@@ -38,6 +38,7 @@ class OverlapExtension(Extension):
     """Takes the ``F``, ``B``, ``I`` and pair kernels for parted stages."""
 
     name = "overlap"
+    pairs = True
 
     def kernels(self, table: Kernels) -> Kernels:
         return table.replace(

@@ -57,6 +57,11 @@ class Extension:
     name = "extension"
     """Shown in errors and listings."""
 
+    pairs = False
+    """Whether this plug-in runs a pair of two forwards or two backwards faster than its
+    halves one after the other (the overlap engine does): then a pipeline with
+    ``pairs=None`` makes such pairs (:func:`dualpipe.pairing.pair_steps`)."""
+
     def kernels(self, table: Kernels) -> Kernels:
         """The dispatch table with this plug-in's kernels in (``table.replace(...)``)."""
         return table

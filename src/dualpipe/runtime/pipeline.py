@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import PipelineError, ScheduleError
+from ..pairing import pair_steps
+from ..partcosts import PartCosts
 from ..schedules.generators import generate
 from ..schedules.layout import dualpipe_layout
 from ..schedules.registry import layout_for
@@ -183,6 +185,13 @@ class Pipeline(nn.Module):
         extensions: plug-ins of your own (:class:`~dualpipe.runtime.extension.Extension`),
             run after those the registered plug-ins provide (the overlap engine for stages
             written as parts, ...).
+        pairs: also overlap two forwards (warm-up) or two backwards (cool-down) of a rank
+            as one pair wherever that makes the simulated step faster
+            (:func:`dualpipe.pairing.pair_steps`; named schedules only, a schedule you pass
+            runs as written). Default (``None``): on when a plug-in on any rank runs such
+            pairs faster (the overlap engine, for stages written as parts).
+        part_costs: the per-part costs ``pairs`` decides by (default
+            :data:`dualpipe.pairing.NOMINAL_PARTS`), e.g. measured with ``dualpipe pair``.
     """
 
     def __init__(
@@ -202,6 +211,8 @@ class Pipeline(nn.Module):
         ignore_index: int = -100,
         data_group: dist.ProcessGroup | None = None,
         extensions: Sequence[Extension] = (),
+        pairs: bool | None = None,
+        part_costs: PartCosts | None = None,
     ) -> None:
         super().__init__()
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -225,6 +236,8 @@ class Pipeline(nn.Module):
         self.num_ranks = size
         self.rank = to_group.index(group_rank)
         self._fixed: Schedule | None = None
+        self._pairs = pairs
+        self._part_costs = part_costs
         if isinstance(schedule, Schedule):
             if schedule.num_ranks != size:
                 raise ScheduleError(
@@ -294,7 +307,10 @@ class Pipeline(nn.Module):
                     "loss_reduction": loss_reduction,
                     "ignore_index": ignore_index,
                     "extensions": "ok" if refusal is None else f"refused: {refusal}",
+                    "pairs": pairs,
+                    "part_costs": part_costs,
                 },
+                {"pairs": any(ext.pairs for ext in self.extensions)},
             )
         except PipelineError:
             self.close()
@@ -314,15 +330,20 @@ class Pipeline(nn.Module):
             )
             self.mirrored.check(mirrored_weights)
 
-    def _handshake(self, group_rank: int, config: dict[str, Any]) -> PipelineIdentity:
-        """Agree with the other ranks on who this pipeline is and on its configuration."""
+    def _handshake(self, group_rank: int, config: dict[str, Any],
+                   votes: dict[str, bool]) -> PipelineIdentity:
+        """Agree with the other ranks on who this pipeline is and on its configuration;
+        settle what the ranks' ``votes`` decide (e.g. whether to pair steps)."""
         pg = self.group if self.group is not None else dist.distributed_c10d._get_default_group()
         ranks = dist.get_process_group_ranks(pg)
         store = self.transport.store
         if store is None:  # no store to meet in: nothing to compare, one pipeline per group
-            identity = PipelineIdentity(pg.group_name, tuple(ranks), 0)
+            identity, tally = PipelineIdentity(pg.group_name, tuple(ranks), 0), votes
         else:
-            identity = handshake(store, pg.group_name, ranks, group_rank, config, self.timeout)
+            identity, tally = handshake(store, pg.group_name, ranks, group_rank, config,
+                                        self.timeout, votes)
+        if self._pairs is None:
+            self._pairs = tally.get("pairs", False)
         self.transport.key = identity.key
         self.transport.pipeline = identity.number
         return identity
@@ -371,7 +392,10 @@ class Pipeline(nn.Module):
                 )
             return self._fixed
         if num_chunks not in self._schedules:
-            self._schedules[num_chunks] = generate(self.schedule_name, self.num_ranks, num_chunks)
+            schedule = generate(self.schedule_name, self.num_ranks, num_chunks)
+            if self._pairs:
+                schedule = pair_steps(schedule, self._part_costs)
+            self._schedules[num_chunks] = schedule
         return self._schedules[num_chunks]
 
     def _ends(self) -> tuple[int | None, int | None]:

@@ -80,19 +80,21 @@ def handshake(
     pipeline_rank: int,
     config: Mapping[str, Any],
     timeout: float,
-) -> PipelineIdentity:
+    votes: Mapping[str, bool] | None = None,
+) -> tuple[PipelineIdentity, dict[str, bool]]:
     """Agree on the pipeline's identity and compare ``config`` across its ranks.
 
     Every rank of the group calls it once per pipeline it builds. Raises one clear
     :class:`PipelineError` on every rank when the configurations differ (naming the
     field, the values and the ranks) or when a rank does not build the pipeline
-    within ``timeout`` seconds."""
+    within ``timeout`` seconds. ``votes`` may differ between ranks: the result says, per
+    key, whether any rank voted for it (the same on every rank)."""
     base = PipelineIdentity(group, tuple(ranks), 0).key.rsplit("/", 1)[0]
     arrival = store.add(f"{base}/built", 1) - 1
     number = arrival // len(ranks)
     identity = PipelineIdentity(group, tuple(ranks), number)
     store.set(f"{identity.key}/config/{pipeline_rank}",
-              base64.b64encode(pickle.dumps(dict(config))).decode())
+              base64.b64encode(pickle.dumps((dict(config), dict(votes or {})))).decode())
     keys = [f"{identity.key}/config/{r}" for r in range(len(ranks))]
     deadline = time.monotonic() + timeout
     while not store.check(keys):
@@ -104,11 +106,16 @@ def handshake(
                 "in the same order)"
             )
         time.sleep(0.01)
-    configs = [pickle.loads(base64.b64decode(store.get(k))) for k in keys]
+    sent = [pickle.loads(base64.b64decode(store.get(k))) for k in keys]
+    configs = [c for c, _ in sent]
     message = disagreement(dict(enumerate(configs)), f"pipeline construction ({identity.key})")
     if message is not None:
         raise PipelineError(message)
-    return identity
+    tally: dict[str, bool] = {}
+    for _, vote in sent:
+        for key, value in vote.items():
+            tally[key] = tally.get(key, False) or bool(value)
+    return identity, tally
 
 
 @dataclass(frozen=True)
