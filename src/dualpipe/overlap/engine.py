@@ -46,8 +46,10 @@ class Waiter:
         self.check = check
         self.events = events
 
-    def log(self, label: str, kind: str, start: float, end: float) -> None:
-        if self.events is not None:
+    def log(self, label: str, kind: str, start: float, end: float | None) -> None:
+        """Record an interval in :attr:`events` (when a list); ``end=None``: the interval's
+        end is unknown (an untimed communication) and nothing is recorded."""
+        if self.events is not None and end is not None:
             self.events.append(PartEvent(label, kind, start, end))
 
     def wait(self, pending: InFlight, what: str,
@@ -72,10 +74,11 @@ class Waiter:
         return pending.wait()
 
 
-def _completed(pending: InFlight) -> float:
-    """When ``pending`` completed (its handles' report, else now: when it was seen)."""
-    done = pending.completed_at
-    return done if done is not None else time.perf_counter()
+def _completed(pending: InFlight) -> float | None:
+    """When ``pending`` (waited for) completed, as its handles' futures reported it;
+    ``None`` for an untimed one (``InFlight(..., timed=False)``): its interval is not
+    recorded rather than ended when the engine happened to look."""
+    return pending.completed_at
 
 
 def _leaf(t: Any, grad: bool) -> Any:
