@@ -32,15 +32,18 @@ inside the window is not counted; one that started inside it counts from its sta
 
 ``--overlap`` measures instead what the overlap engine's waits cost: DualPipeV over
 parted MoE-style stages (:class:`bench_overlap.SleepMoEStage`, PP = 2 x EP = 2, 4
-processes), run twice in one run on fresh processes each time, the engine's waiter
-checking for failures the old way (every poll asks the store:
-``check_error(fresh=True)``, selected by ``dualpipe.overlap.plugin._FRESH_CHECKS``, a
-flag for this benchmark only) and the cheap way (the default: the failure watch's
-finding). Per rank and step it prints the main thread's CPU, the CPU and wall time
-spent inside the waiter's waits (filler weight work left out), every thread's CPU, the
-main thread's voluntary and involuntary switches, the store requests of the main
-thread and of the other threads (the store wrapped in a counter) and the failure checks
-made (calls of the transport's ``check_error``), then after / before per run.
+processes), in one run on fresh processes each time, the engine's waiter as it was
+(polling each communication with naps of 20-200 us, every poll asking the store for
+failures: ``check_error(fresh=True)``), with the cheap check (the failure watch's
+finding) but still polling, and as it is now (the cheap check, blocking on the
+communication's futures between checks). The modes are selected by
+``dualpipe.overlap.plugin._FRESH_CHECKS`` and ``Waiter._block``, flags for this
+benchmark only (:data:`OVERLAP_MODES`). Per rank and step it prints the main thread's
+CPU, the CPU and wall time spent inside the waiter's waits (filler weight work left
+out), every thread's CPU, the main thread's voluntary and involuntary switches, the
+store requests of the main thread and of the other threads (the store wrapped in a
+counter) and the failure checks made (calls of the transport's ``check_error``), then
+each mode against the first, per run.
 """
 
 from __future__ import annotations
@@ -289,9 +292,15 @@ def render(results: list[Result], header: list[str], markdown: bool) -> str:
 
 # ----------------------------------------------------------------------------- --overlap
 
-OVERLAP_MODES = {"before: every poll asks": True, "after: cheap check": False}
-"""Row label -> ``dualpipe.overlap.plugin._FRESH_CHECKS`` (the waiter's check asks the
-store at every poll, as before the failure watch made it cheap, or not)."""
+OVERLAP_MODES: dict[str, tuple[bool, bool]] = {
+    "before: store asked per poll": (True, False),
+    "cheap check, polling": (False, False),
+    "after: cheap check, blocking": (False, True),
+}
+"""Row label -> (``dualpipe.overlap.plugin._FRESH_CHECKS``: the waiter's check asks the
+store at every poll, as before the failure watch made it cheap; ``Waiter._block``: the
+waiter blocks on the communication's futures instead of polling it with naps). The first
+mode is the waiter before issue 21, the last the default now."""
 
 
 class CountingStore:
@@ -361,11 +370,13 @@ def overlap_worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
     from torch.distributed.device_mesh import init_device_mesh
 
     from dualpipe.overlap import plugin
+    from dualpipe.overlap.engine import Waiter
     from dualpipe.runtime.pipeline import Pipeline
     from dualpipe.schedules.registry import layout_for
 
     del world
     plugin._FRESH_CHECKS = cfg["fresh"]
+    Waiter._block = cfg["block"]
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
     pp_rank = rank // 2
@@ -461,11 +472,13 @@ OVERLAP_COLUMNS = [("ms", "ms/step", ".1f"), ("main_cpu", "main cpu ms/step", ".
 """Key of :meth:`OverlapResult.row`, header, format."""
 
 
-def run_overlap(fresh: bool, label: str, args: argparse.Namespace) -> OverlapResult:
-    """Run one mode on 4 fresh processes; errors become the result's error."""
+def run_overlap(label: str, args: argparse.Namespace) -> OverlapResult:
+    """Run one mode of :data:`OVERLAP_MODES` on 4 fresh processes; errors become the
+    result's error."""
     result = OverlapResult(label, args.steps)
     cols = 256
-    cfg = {"fresh": fresh, "f": args.f, "b": args.b, "w": args.w, "topk": args.topk,
+    fresh, block = OVERLAP_MODES[label]
+    cfg = {"fresh": fresh, "block": block, "f": args.f, "b": args.b, "w": args.w, "topk": args.topk,
            "cols": cols, "rows": max(1, args.kib * 256 // cols), "chunks": args.chunks,
            "warmup": args.warmup, "steps": args.steps, "timeout": args.timeout}
     # generous: 4 processes on few cores, every part serialised, 20 ms per part of slack
@@ -497,23 +510,23 @@ def overlap_table(results: list[OverlapResult], markdown: bool) -> str:
 
 
 def overlap_ratios(results: list[OverlapResult]) -> list[str]:
-    """After / before, per run, of the main thread's CPU and store requests."""
+    """Per run, each later mode against the first (before): the waiter's CPU, the main
+    thread's CPU and store requests, the step time."""
     lines = []
-    labels = list(OVERLAP_MODES)
-    for i in range(0, len(results) - 1, len(labels)):
-        before, after = results[i], results[i + 1]
-        if before.error or after.error:
-            continue
-        run = i // len(labels) + 1
-        lines.append(
-            f"run {run}: waiter CPU per step after/before "
-            f"{after.mean('waiter_cpu') / before.mean('waiter_cpu'):.2f} "
-            f"({before.mean('waiter_cpu'):.2f} -> {after.mean('waiter_cpu'):.2f} ms); "
-            f"main-thread CPU per step after/before "
-            f"{after.mean('main_cpu') / before.mean('main_cpu'):.2f}; main-thread store "
-            f"requests per step {before.mean('store_main'):.1f} -> "
-            f"{after.mean('store_main'):.1f}; step time after/before "
-            f"{after.mean('ms') / before.mean('ms'):.2f}")
+    n = len(OVERLAP_MODES)
+    for i in range(0, len(results) - n + 1, n):
+        before = results[i]
+        for after in results[i + 1:i + n]:
+            if before.error or after.error:
+                continue
+            lines.append(
+                f"run {i // n + 1}, {after.label} / {before.label}: waiter CPU per step "
+                f"{after.mean('waiter_cpu') / before.mean('waiter_cpu'):.2f} "
+                f"({before.mean('waiter_cpu'):.2f} -> {after.mean('waiter_cpu'):.2f} ms), "
+                f"main-thread CPU {after.mean('main_cpu') / before.mean('main_cpu'):.2f}, "
+                f"main-thread store requests {before.mean('store_main'):.1f} -> "
+                f"{after.mean('store_main'):.1f}, step time "
+                f"{after.mean('ms') / before.mean('ms'):.2f}")
     return lines
 
 
@@ -525,15 +538,15 @@ def main_overlap(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         f"compute F={args.f:g} B={args.b:g} W={args.w:g} ms per part, gloo all-to-alls of "
         f"{args.topk} x {args.kib} KiB), PP=2 x EP=2 on 4 processes, {args.chunks} "
         f"micro-batches; {args.steps} timed steps back to back after {args.warmup} "
-        f"warm-up; {args.repeats} run(s) of both modes, alternated",
+        f"warm-up; {args.repeats} run(s) of the {len(OVERLAP_MODES)} modes in turn",
         f"at start: {_load()}",
     ]
     for line in header:
         print(line, flush=True)
     results = []
     for _ in range(args.repeats):
-        for label, fresh in OVERLAP_MODES.items():
-            result = run_overlap(fresh, label, args)
+        for label in OVERLAP_MODES:
+            result = run_overlap(label, args)
             results.append(result)
             print(f"  {label}: " + (f"ERROR {result.error}" if result.error
                                     else f"{result.mean('ms'):.1f} ms/step, main thread "
@@ -581,9 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a rank waits for a message (default 60)")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
     p.add_argument("--overlap", action="store_true",
-                   help="instead: the overlap engine's waits, its failure check asking the "
-                        "store at every poll (before) vs the cheap check (after), side by "
-                        "side on PP=2 x EP=2 (4 processes); uses --chunks, --steps, "
+                   help="instead: the overlap engine's waits as they were (polling, the "
+                        "store asked at every poll), with the cheap failure check, and "
+                        "blocking on the futures (now), side by side on PP=2 x EP=2 (4 "
+                        "processes); uses --chunks, --steps, "
                         "--warmup, --f/--b/--w (per computation part), --kib, --topk, "
                         "--repeats")
     p.add_argument("--kib", type=int, default=64,
@@ -592,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--overlap: all-to-all volume as a multiple of the activation "
                         "(default 4)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="--overlap: runs of both modes, alternated (default 1)")
+                   help="--overlap: runs of the modes in turn (default 1)")
     return p
 
 

@@ -148,3 +148,30 @@ def test_work_with_nothing_to_wait_for_completed_when_made() -> None:
     done = pending.completed_at
     assert done is not None and before <= done <= time.perf_counter()
     assert InFlight([], lambda: (), timed=False).completed_at is None
+
+
+def test_the_waiter_blocks_on_the_futures_and_wakes_when_they_complete() -> None:
+    checks = [0]
+
+    def check() -> None:
+        checks[0] += 1
+
+    handle = _FutureHandle(0.3)
+    pending = InFlight([handle], lambda: ())
+    cpu = time.thread_time()
+    Waiter(timeout=10, check=check).wait(pending, "a comm")
+    woke = time.perf_counter()
+    cpu = time.thread_time() - cpu
+    assert handle.done_at is not None
+    assert 0.0 <= woke - handle.done_at < 0.1, woke - handle.done_at
+    # blocked between checks every check_period (0.01 s), not polling every 20-200 us
+    assert 5 <= checks[0] <= 0.3 / Waiter.check_period + 10, checks[0]
+    assert cpu < 0.1, cpu
+    # untimed: nothing to block on (settle says so at once), so the waiter polls, and
+    # still ends when the work is done
+    untimed = InFlight([_Handle(0.1)], lambda: (), timed=False)
+    start = time.perf_counter()
+    assert untimed.settle(5.0) is False
+    assert time.perf_counter() - start < 1.0
+    Waiter(timeout=10, check=check).wait(untimed, "x")
+    assert untimed.ready()

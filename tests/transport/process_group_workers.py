@@ -42,18 +42,22 @@ def check_delivered_tensors_released(rank: int, world: int, large: bool) -> list
 
 
 class _CountingStore:
-    """Wraps the process group's store and counts the requests made through it."""
+    """Wraps the process group's store and counts the requests made through it (all, and
+    those of the main thread in ``main``)."""
 
     def __init__(self, store) -> None:  # noqa: ANN001
-        self.store, self.requests = store, 0
+        self.store, self.requests, self.main = store, 0, 0
 
     def __getattr__(self, name: str):  # noqa: ANN204
+        import threading
+
         attr = getattr(self.store, name)
         if not callable(attr):
             return attr
 
         def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             self.requests += 1
+            self.main += threading.current_thread() is threading.main_thread()
             return attr(*args, **kwargs)
 
         return counted
@@ -115,11 +119,12 @@ def waiting_part_polls_cheaply(rank: int, world: int, fresh: bool) -> dict[str, 
     poll asks the store, the control).
 
     Rank 0 runs the stage part by part; rank 1 joins the first all-to-all 0.5 s late (so
-    rank 0's waiter polls for ~0.5 s) and, instead of joining the second, posts a failure
+    rank 0's waiter waits ~0.5 s) and, instead of joining the second, posts a failure
     0.5 s later, then joins it once rank 0 raised (so nothing is left in flight). Rank 0
-    returns the polls and the store requests (every thread's: the failure watch's
-    included) of the first wait, its seconds, and the seconds from the failure to rank
-    0's waiter raising :class:`RemoteFailure`; rank 1 returns ``{}``."""
+    returns, for the first wait, the waiter's failure checks (``polls``), the store
+    requests of every thread (the failure watch's included) and of the main thread (the
+    waiter's), and its seconds; and the seconds from the failure to rank 0's waiter
+    raising :class:`RemoteFailure`. Rank 1 returns ``{}``."""
     import time
     from collections.abc import Generator
     from datetime import timedelta
@@ -181,7 +186,7 @@ def waiting_part_polls_cheaply(rank: int, world: int, fresh: bool) -> dict[str, 
     start = time.perf_counter()
     task.step()  # waits ~0.5 s for it, runs part 1, launches the second
     first = {"polls": float(polls[0]), "requests": float(counting.requests),
-             "seconds": time.perf_counter() - start}
+             "main_requests": float(counting.main), "seconds": time.perf_counter() - start}
     try:
         task.step()  # waits for the second, which rank 1 never joins before failing
         raise AssertionError("the wait did not end in the peer's failure")

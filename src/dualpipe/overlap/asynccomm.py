@@ -7,6 +7,7 @@ a :class:`InFlight`; the engine waits on it only when the next part needs the re
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -66,7 +67,7 @@ class InFlight:
     """
 
     __slots__ = ("_works", "_finish", "_result", "device_side", "timed", "_futures",
-                 "_done_at")
+                 "_done_at", "_all_done")
 
     def __init__(self, works: Sequence[Any], finish: Callable[[], tuple[Tensor, ...]],
                  device_side: bool = False, timed: bool = True) -> None:
@@ -80,6 +81,7 @@ class InFlight:
         """Whether :attr:`completed_at` tells when the work completed (see the class)."""
         self._futures: list[Any] = []
         self._done_at: list[float] = []
+        self._all_done = threading.Event()  # set when every future completed
         if not timed:
             return
         if not self._works:  # nothing to wait for: done when made
@@ -92,6 +94,17 @@ class InFlight:
 
     def _note(self, _future: Any) -> None:
         self._done_at.append(time.perf_counter())
+        if len(self._done_at) == len(self._futures):
+            self._all_done.set()
+
+    def settle(self, seconds: float) -> bool:
+        """Block the calling thread, without using the CPU, until the handles' futures
+        completed or ``seconds`` passed; ``False`` at once when there is nothing to block
+        on (not :attr:`timed`, or no handles): then poll :meth:`ready` instead."""
+        if not self._futures:
+            return False
+        self._all_done.wait(seconds)
+        return True
 
     @property
     def completed_at(self) -> float | None:
@@ -102,10 +115,12 @@ class InFlight:
         return None
 
     def ready(self) -> bool:
-        """Whether waiting now would not block the host. Handles must report completion
-        through ``is_completed()`` without a ``wait()`` (gloo's all-to-all, all-reduce and
-        all-gather do; its reduce-scatter does not)."""
-        return (self.device_side or self._result is not None
+        """Whether waiting now would not block the host: the handles' futures completed
+        (a handle may report ``is_completed()`` a moment later: its thread still runs
+        the futures' callbacks), or every handle reports ``is_completed()``. Handles must
+        report completion that way without a ``wait()`` (gloo's all-to-all, all-reduce
+        and all-gather do; its reduce-scatter does not)."""
+        return (self.device_side or self._result is not None or self._all_done.is_set()
                 or all(w.is_completed() for w in self._works))
 
     def wait(self) -> tuple[Tensor, ...]:
