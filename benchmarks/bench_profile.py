@@ -32,18 +32,19 @@ inside the window is not counted; one that started inside it counts from its sta
 
 ``--overlap`` measures instead what the overlap engine's waits cost: DualPipeV over
 parted MoE-style stages (:class:`bench_overlap.SleepMoEStage`, PP = 2 x EP = 2, 4
-processes), in one run on fresh processes each time, the engine's waiter as it was
-(polling each communication with naps of 20-200 us, every poll asking the store for
-failures: ``check_error(fresh=True)``), with the cheap check (the failure watch's
-finding) but still polling, and as it is now (the cheap check, blocking on the
-communication's futures between checks). The modes are selected by
+processes), on the same processes in rounds of ``--steps`` steps per mode (so a change
+of the machine's load touches every mode alike): the engine's waiter as it was (polling
+each communication with naps of 20-200 us, every poll asking the store for failures:
+``check_error(fresh=True)``), with the cheap check (the failure watch's finding) but
+still polling, and as it is now (the cheap check, blocking on the communication's
+futures between checks). The modes are selected by
 ``dualpipe.overlap.plugin._FRESH_CHECKS`` and ``Waiter._block``, flags for this
 benchmark only (:data:`OVERLAP_MODES`). Per rank and step it prints the main thread's
 CPU, the CPU and wall time spent inside the waiter's waits (filler weight work left
 out), every thread's CPU, the main thread's voluntary and involuntary switches, the
 store requests of the main thread and of the other threads (the store wrapped in a
 counter) and the failure checks made (calls of the transport's ``check_error``), then
-each mode against the first, per run.
+each mode against the first, per round.
 """
 
 from __future__ import annotations
@@ -359,13 +360,15 @@ def _time_waiter() -> dict[str, float]:
     return spent
 
 
-def overlap_worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def overlap_worker(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """One of 4 processes (2 pipeline x 2 expert-parallel ranks): DualPipeV over
-    :class:`bench_overlap.SleepMoEStage` stages (parted: the overlap engine runs them),
-    with the waiter checking failures the old way (``cfg["fresh"]``) or the cheap way.
-    Counts the store requests (through :class:`CountingStore`) and the failure checks
-    (calls of the transport's ``check_error``: the waiter's polls, the transport's own
-    waits) of the timed steps, and samples every thread around them."""
+    :class:`bench_overlap.SleepMoEStage` stages (parted: the overlap engine runs them).
+    After ``cfg["warmup"]`` steps, ``cfg["repeats"]`` rounds, each running
+    ``cfg["steps"]`` steps in every mode of :data:`OVERLAP_MODES` in turn, on the same
+    processes and pipeline (the modes' flags are read at every action and wait). For
+    each round and mode: the store requests (through :class:`CountingStore`), the failure
+    checks (calls of the transport's ``check_error``: the waiter's, the transport's own
+    waits'), the waiter's CPU and wall time, and every thread's counters."""
     import bench_overlap
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -375,8 +378,6 @@ def overlap_worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
     from dualpipe.schedules.registry import layout_for
 
     del world
-    plugin._FRESH_CHECKS = cfg["fresh"]
-    Waiter._block = cfg["block"]
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
     pp_rank = rank // 2
@@ -408,36 +409,42 @@ def overlap_worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
         else:
             pipe.step(num_chunks=chunks)
 
+    out: list[dict[str, Any]] = []
     try:
         for _ in range(cfg["warmup"]):
             step()
-        dist.barrier()
-        store.main = store.other = checks[0] = 0
-        waiting["cpu"] = waiting["wall"] = 0.0
-        before = sample_threads()
-        t0 = time.perf_counter()
-        for _ in range(cfg["steps"]):
-            step()
-        seconds = time.perf_counter() - t0
-        after = sample_threads()
-        counts = {"store_main": store.main, "store_other": store.other,
-                  "checks": checks[0], "waiter_cpu_ms": waiting["cpu"] * 1000.0,
-                  "waiter_ms": waiting["wall"] * 1000.0}
+        for _ in range(cfg["repeats"]):
+            for label, (fresh, block) in OVERLAP_MODES.items():
+                plugin._FRESH_CHECKS, Waiter._block = fresh, block
+                dist.barrier()
+                store.main = store.other = checks[0] = 0
+                waiting["cpu"] = waiting["wall"] = 0.0
+                before = sample_threads()
+                t0 = time.perf_counter()
+                for _ in range(cfg["steps"]):
+                    step()
+                seconds = time.perf_counter() - t0
+                after = sample_threads()
+                out.append({"label": label, "seconds": seconds,
+                            "groups": group_deltas(before, after),
+                            "store_main": store.main, "store_other": store.other,
+                            "checks": checks[0], "waiter_cpu_ms": waiting["cpu"] * 1000.0,
+                            "waiter_ms": waiting["wall"] * 1000.0})
         dist.barrier()
     finally:
         transport.store = store.store
         pipe.close()
-    return {"seconds": seconds, "groups": group_deltas(before, after), **counts}
+    return out
 
 
 @dataclass
 class OverlapResult:
-    """One mode of the waiter's check on the 4 processes."""
+    """One mode in one round, on the 4 processes."""
 
     label: str
+    round: int
     steps: int
     per_rank: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
 
     def row(self, r: dict[str, Any]) -> dict[str, float]:
         """Per step, for one rank's measurements."""
@@ -472,55 +479,49 @@ OVERLAP_COLUMNS = [("ms", "ms/step", ".1f"), ("main_cpu", "main cpu ms/step", ".
 """Key of :meth:`OverlapResult.row`, header, format."""
 
 
-def run_overlap(label: str, args: argparse.Namespace) -> OverlapResult:
-    """Run one mode of :data:`OVERLAP_MODES` on 4 fresh processes; errors become the
-    result's error."""
-    result = OverlapResult(label, args.steps)
+def run_overlap(args: argparse.Namespace) -> list[OverlapResult]:
+    """Every round and mode on 4 fresh processes (one launch)."""
     cols = 256
-    fresh, block = OVERLAP_MODES[label]
-    cfg = {"fresh": fresh, "block": block, "f": args.f, "b": args.b, "w": args.w, "topk": args.topk,
-           "cols": cols, "rows": max(1, args.kib * 256 // cols), "chunks": args.chunks,
-           "warmup": args.warmup, "steps": args.steps, "timeout": args.timeout}
-    # generous: 4 processes on few cores, every part serialised, 20 ms per part of slack
-    step_ms = args.chunks * 2 * (6 * (args.f + args.b + args.w) + 80.0)
-    budget = 90.0 + 4.0 * (args.warmup + args.steps) * step_ms / 1000.0
-    try:
-        result.per_rank = bench_launch.launch(overlap_worker, 4, cfg, timeout=budget)
-    except Exception as exc:  # noqa: BLE001 - reported as an error row
-        result.error = _short_error(exc)
-    return result
+    cfg = {"f": args.f, "b": args.b, "w": args.w, "topk": args.topk, "cols": cols,
+           "rows": max(1, args.kib * 256 // cols), "chunks": args.chunks,
+           "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
+           "timeout": args.timeout}
+    # generous: 4 processes on few cores, every part serialised, 40 ms per part of slack
+    step_ms = args.chunks * 2 * (6 * (args.f + args.b + args.w) + 160.0)
+    steps = args.warmup + args.steps * args.repeats * len(OVERLAP_MODES)
+    per_rank = bench_launch.launch(overlap_worker, 4, cfg,
+                                   timeout=90.0 + 4.0 * steps * step_ms / 1000.0)
+    results = []
+    for i, first in enumerate(per_rank[0]):
+        results.append(OverlapResult(first["label"], i // len(OVERLAP_MODES) + 1, args.steps,
+                                     [r[i] for r in per_rank]))
+    return results
 
 
 def overlap_table(results: list[OverlapResult], markdown: bool) -> str:
-    """One row per mode and rank, then the mean over ranks per mode."""
-    headers = ["run", "mode", "rank", *(h for _, h, _ in OVERLAP_COLUMNS)]
+    """One row per round, mode and rank, and the mean over ranks."""
+    headers = ["round", "mode", "rank", *(h for _, h, _ in OVERLAP_COLUMNS)]
     rows = []
-    for i, res in enumerate(results):
-        if res.error:
-            rows.append([str(i // len(OVERLAP_MODES) + 1), res.label, "ERROR", res.error]
-                        + ["-"] * (len(headers) - 4))
-            continue
+    for res in results:
         for rank, r in enumerate(res.per_rank):
             row = res.row(r)
-            rows.append([str(i // len(OVERLAP_MODES) + 1), res.label, str(rank),
+            rows.append([str(res.round), res.label, str(rank),
                          *(format(row[k], fmt) for k, _, fmt in OVERLAP_COLUMNS)])
-        rows.append([str(i // len(OVERLAP_MODES) + 1), res.label, "mean",
+        rows.append([str(res.round), res.label, "mean",
                      *(format(res.mean(k), fmt) for k, _, fmt in OVERLAP_COLUMNS)])
     return _table(headers, rows, markdown)
 
 
 def overlap_ratios(results: list[OverlapResult]) -> list[str]:
-    """Per run, each later mode against the first (before): the waiter's CPU, the main
-    thread's CPU and store requests, the step time."""
+    """Per round, each later mode against the first (before): the waiter's CPU, the main
+    thread's CPU and store requests, the step time (means over ranks)."""
     lines = []
     n = len(OVERLAP_MODES)
     for i in range(0, len(results) - n + 1, n):
         before = results[i]
         for after in results[i + 1:i + n]:
-            if before.error or after.error:
-                continue
             lines.append(
-                f"run {i // n + 1}, {after.label} / {before.label}: waiter CPU per step "
+                f"round {before.round}, {after.label} / {before.label}: waiter CPU per step "
                 f"{after.mean('waiter_cpu') / before.mean('waiter_cpu'):.2f} "
                 f"({before.mean('waiter_cpu'):.2f} -> {after.mean('waiter_cpu'):.2f} ms), "
                 f"main-thread CPU {after.mean('main_cpu') / before.mean('main_cpu'):.2f}, "
@@ -531,41 +532,35 @@ def overlap_ratios(results: list[OverlapResult]) -> list[str]:
 
 
 def main_overlap(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    """``--overlap``: the two modes of the waiter's failure check, side by side."""
+    """``--overlap``: the modes of the engine's waits, side by side on the same processes."""
     header = [
         *run_header("bench_profile.py", argv),
         f"DualPipeV over parted MoE-style stages (bench_overlap.SleepMoEStage: sleeping "
         f"compute F={args.f:g} B={args.b:g} W={args.w:g} ms per part, gloo all-to-alls of "
         f"{args.topk} x {args.kib} KiB), PP=2 x EP=2 on 4 processes, {args.chunks} "
-        f"micro-batches; {args.steps} timed steps back to back after {args.warmup} "
-        f"warm-up; {args.repeats} run(s) of the {len(OVERLAP_MODES)} modes in turn",
+        f"micro-batches; after {args.warmup} warm-up steps, {args.repeats} round(s) of "
+        f"{args.steps} steps back to back in each of the {len(OVERLAP_MODES)} modes in "
+        f"turn, on the same processes; per rank and step",
         f"at start: {_load()}",
     ]
     for line in header:
         print(line, flush=True)
-    results = []
-    for _ in range(args.repeats):
-        for label in OVERLAP_MODES:
-            result = run_overlap(label, args)
-            results.append(result)
-            print(f"  {label}: " + (f"ERROR {result.error}" if result.error
-                                    else f"{result.mean('ms'):.1f} ms/step, main thread "
-                                         f"{result.mean('main_cpu'):.2f} ms CPU, "
-                                         f"{result.mean('store_main'):.1f} store requests "
-                                         "per step"), flush=True)
+    try:
+        results = run_overlap(args)
+    except Exception as exc:  # noqa: BLE001 - reported, exit status 1
+        print(f"ERROR {_short_error(exc)}", flush=True)
+        return 1
     header.append(f"at end: {_load()}")
     ratios = overlap_ratios(results)
-    for markdown in (False, True) if args.markdown else (False,):
-        text = "\n".join([*([f"- {h}" for h in header] if markdown else header), "",
-                          overlap_table(results, markdown), "",
-                          *([f"- {r}" for r in ratios] if markdown else ratios)])
-        if markdown:
-            with open(args.markdown, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-            print(f"markdown written to {args.markdown}", flush=True)
-        else:
-            print("\n" + text, flush=True)
-    return 1 if any(r.error for r in results) else 0
+    print("\n" + "\n".join([*header, "", overlap_table(results, False), "", *ratios]),
+          flush=True)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as fh:
+            fh.write("\n".join([*(f"- {h}" for h in header), "",
+                                overlap_table(results, True), "",
+                                *(f"- {r}" for r in ratios)]) + "\n")
+        print(f"markdown written to {args.markdown}", flush=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------- main
@@ -606,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--overlap: all-to-all volume as a multiple of the activation "
                         "(default 4)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="--overlap: runs of the modes in turn (default 1)")
+                   help="--overlap: rounds of the modes in turn (default 1)")
     return p
 
 
