@@ -32,7 +32,7 @@ __all__ = [
 
 
 class Waiter:
-    """How the engine waits: polls a communication, runs filler work meanwhile, calls
+    """How the engine waits for a communication: runs filler work meanwhile, calls
     ``check`` (which may raise, e.g. when another rank failed) and gives up after
     ``timeout`` seconds. ``events``, when a list, receives :class:`PartEvent` records.
 
