@@ -125,7 +125,9 @@ class InFlight:
 
     def wait(self) -> tuple[Tensor, ...]:
         """Block until done; the result tensors (the same tuple on every call). When
-        :attr:`timed`, :attr:`completed_at` is known once this returns.
+        :attr:`timed` and not :attr:`device_side`, :attr:`completed_at` is known once
+        this returns (on the device side the host must not wait for it: the engine then
+        records the communication only if its futures have reported by then).
 
         Raises:
             RuntimeError: a timed handle's future did not complete within
@@ -135,7 +137,7 @@ class InFlight:
             for w in self._works:
                 w.wait()
             self._works = []
-            if self.timed and self.completed_at is None:
+            if self.timed and not self.device_side and self.completed_at is None:
                 self._await_futures()
             self._result = self._finish()
         return self._result
