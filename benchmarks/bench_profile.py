@@ -29,6 +29,22 @@ prints the step time (the slowest rank's timed window / steps), the time per com
 action of the busiest rank, and per thread group the CPU ms, voluntary and involuntary
 switches per step (mean over ranks, and the largest rank's CPU). A thread that ended
 inside the window is not counted; one that started inside it counts from its start.
+
+``--overlap`` measures instead what the overlap engine's waits cost: DualPipeV over
+parted MoE-style stages (:class:`bench_overlap.SleepMoEStage`, PP = 2 x EP = 2, 4
+processes), on the same processes in rounds of ``--steps`` steps per mode (so a change
+of the machine's load touches every mode alike): the engine's waiter as it was (polling
+each communication with naps of 20-200 us, every poll asking the store for failures:
+``check_error(fresh=True)``), with the cheap check (the failure watch's finding) but
+still polling, and as it is now (the cheap check, blocking on the communication's
+futures between checks). The modes are selected by
+``dualpipe.overlap.plugin._FRESH_CHECKS`` and ``Waiter._block``, flags for this
+benchmark only (:data:`OVERLAP_MODES`). Per rank and step it prints the main thread's
+CPU, the CPU and wall time spent inside the waiter's waits (filler weight work left
+out), every thread's CPU, the main thread's voluntary and involuntary switches, the
+store requests of the main thread and of the other threads (the store wrapped in a
+counter) and the failure checks made (calls of the transport's ``check_error``), then
+each mode against the first, per round.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bench_launch
+import bench_stages
 import bench_workers
 import torch.distributed as dist
 from bench_pipelines import _load, _short_error, _table, run_header
@@ -274,6 +291,278 @@ def render(results: list[Result], header: list[str], markdown: bool) -> str:
     return "\n".join(parts)
 
 
+# ----------------------------------------------------------------------------- --overlap
+
+OVERLAP_MODES: dict[str, tuple[bool, bool]] = {
+    "before: store asked per poll": (True, False),
+    "cheap check, polling": (False, False),
+    "after: cheap check, blocking": (False, True),
+}
+"""Row label -> (``dualpipe.overlap.plugin._FRESH_CHECKS``: the waiter's check asks the
+store at every poll, as before the failure watch made it cheap; ``Waiter._block``: the
+waiter blocks on the communication's futures instead of polling it with naps). The first
+mode is the waiter before issue 21, the last the default now."""
+
+
+class CountingStore:
+    """Wraps the process group's store: counts the requests made through it, those of
+    the main thread and those of other threads (the failure watch) apart."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.main = 0
+        self.other = 0
+        self._main = threading.main_thread().ident
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.store, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == self._main:
+                self.main += 1
+            else:
+                self.other += 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+def _time_waiter() -> dict[str, float]:
+    """Make every :meth:`Waiter.wait <dualpipe.overlap.engine.Waiter.wait>` of this
+    process add its thread CPU time (``time.thread_time``: polls, failure checks, store
+    requests; the filler work it runs meanwhile, weight gradients, left out) and its
+    wall time to the returned dict's ``cpu`` and ``wall`` (seconds)."""
+    from dualpipe.overlap.engine import Waiter
+
+    spent = {"cpu": 0.0, "wall": 0.0}
+    original = Waiter.wait
+
+    def wait(self: Waiter, pending: Any, what: str, filler: Any = None) -> Any:
+        inner = [0.0]
+
+        def timed_filler() -> bool:
+            start = time.thread_time()
+            try:
+                return bool(filler())
+            finally:
+                inner[0] += time.thread_time() - start
+
+        cpu, wall = time.thread_time(), time.perf_counter()
+        try:
+            return original(self, pending, what, None if filler is None else timed_filler)
+        finally:
+            spent["cpu"] += time.thread_time() - cpu - inner[0]
+            spent["wall"] += time.perf_counter() - wall
+
+    Waiter.wait = wait  # type: ignore[method-assign]
+    return spent
+
+
+def overlap_worker(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One of 4 processes (2 pipeline x 2 expert-parallel ranks): DualPipeV over
+    :class:`bench_overlap.SleepMoEStage` stages (parted: the overlap engine runs them).
+    After ``cfg["warmup"]`` steps, ``cfg["repeats"]`` rounds, each running
+    ``cfg["steps"]`` steps in every mode of :data:`OVERLAP_MODES` in turn, on the same
+    processes and pipeline (the modes' flags are read at every action and wait). For
+    each round and mode: the store requests (through :class:`CountingStore`), the failure
+    checks (calls of the transport's ``check_error``: the waiter's, the transport's own
+    waits'), the waiter's CPU and wall time, and every thread's counters."""
+    import bench_overlap
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dualpipe.overlap import plugin
+    from dualpipe.overlap.engine import Waiter
+    from dualpipe.runtime.pipeline import Pipeline
+    from dualpipe.schedules.registry import layout_for
+
+    del world
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+    pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
+    pp_rank = rank // 2
+    stages = bench_overlap._stages(cfg, ep)
+    mine: list[Any] = [stages[k] for k in layout_for("dualpipev", 2).rank_stages[pp_rank]]
+    pipe = Pipeline(mine, "dualpipev", process_group=pp, timeout=cfg["timeout"])
+    transport = pipe.transport
+    store = CountingStore(transport.store)
+    transport.store = store  # type: ignore[assignment]
+    checks = [0]
+    check_error = transport.check_error
+
+    def counted_check(fresh: bool = False) -> None:
+        checks[0] += 1
+        check_error(fresh=fresh)
+
+    transport.check_error = counted_check  # type: ignore[method-assign]
+    waiting = _time_waiter()
+    chunks = cfg["chunks"]
+    x = bench_overlap._batch(cfg, chunks * cfg["rows"])
+    y = bench_overlap._batch(cfg, chunks * cfg["rows"])
+
+    def step() -> None:
+        for m in mine:
+            m.zero_grad(set_to_none=True)
+        if pp_rank == 0:
+            pipe.step(x, num_chunks=chunks, criterion=bench_stages.sleep_loss,
+                      labels=(y,))
+        else:
+            pipe.step(num_chunks=chunks)
+
+    out: list[dict[str, Any]] = []
+    try:
+        for _ in range(cfg["warmup"]):
+            step()
+        for _ in range(cfg["repeats"]):
+            for label, (fresh, block) in OVERLAP_MODES.items():
+                plugin._FRESH_CHECKS, Waiter._block = fresh, block
+                dist.barrier()
+                store.main = store.other = checks[0] = 0
+                waiting["cpu"] = waiting["wall"] = 0.0
+                before = sample_threads()
+                t0 = time.perf_counter()
+                for _ in range(cfg["steps"]):
+                    step()
+                seconds = time.perf_counter() - t0
+                after = sample_threads()
+                out.append({"label": label, "seconds": seconds,
+                            "groups": group_deltas(before, after),
+                            "store_main": store.main, "store_other": store.other,
+                            "checks": checks[0], "waiter_cpu_ms": waiting["cpu"] * 1000.0,
+                            "waiter_ms": waiting["wall"] * 1000.0})
+        dist.barrier()
+    finally:
+        transport.store = store.store
+        pipe.close()
+    return out
+
+
+@dataclass
+class OverlapResult:
+    """One mode in one round, on the 4 processes."""
+
+    label: str
+    round: int
+    steps: int
+    per_rank: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self, r: dict[str, Any]) -> dict[str, float]:
+        """Per step, for one rank's measurements."""
+        main = r["groups"]["MainThread"]
+        return {
+            "ms": r["seconds"] * 1000.0 / self.steps,
+            "main_cpu": main["cpu_ms"] / self.steps,
+            "all_cpu": sum(g["cpu_ms"] for g in r["groups"].values()) / self.steps,
+            "main_vol": main["voluntary"] / self.steps,
+            "main_invol": main["involuntary"] / self.steps,
+            "store_main": r["store_main"] / self.steps,
+            "store_other": r["store_other"] / self.steps,
+            "checks": r["checks"] / self.steps,
+            "waiter_cpu": r["waiter_cpu_ms"] / self.steps,
+            "waiter": r["waiter_ms"] / self.steps,
+        }
+
+    def mean(self, key: str) -> float:
+        """``key`` of :meth:`row`, mean over ranks."""
+        return statistics.mean(self.row(r)[key] for r in self.per_rank)
+
+
+OVERLAP_COLUMNS = [("ms", "ms/step", ".1f"), ("main_cpu", "main cpu ms/step", ".2f"),
+                   ("waiter_cpu", "waiter cpu ms/step", ".2f"),
+                   ("waiter", "waiter wall ms/step", ".1f"),
+                   ("all_cpu", "all threads cpu ms/step", ".2f"),
+                   ("main_vol", "main vol cs/step", ".1f"),
+                   ("main_invol", "main invol cs/step", ".1f"),
+                   ("store_main", "store req/step main", ".1f"),
+                   ("store_other", "store req/step other threads", ".1f"),
+                   ("checks", "failure checks/step", ".0f")]
+"""Key of :meth:`OverlapResult.row`, header, format."""
+
+
+def run_overlap(args: argparse.Namespace) -> list[OverlapResult]:
+    """Every round and mode on 4 fresh processes (one launch)."""
+    cols = 256
+    cfg = {"f": args.f, "b": args.b, "w": args.w, "topk": args.topk, "cols": cols,
+           "rows": max(1, args.kib * 256 // cols), "chunks": args.chunks,
+           "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
+           "timeout": args.timeout}
+    # generous: 4 processes on few cores, every part serialised, 40 ms per part of slack
+    step_ms = args.chunks * 2 * (6 * (args.f + args.b + args.w) + 160.0)
+    steps = args.warmup + args.steps * args.repeats * len(OVERLAP_MODES)
+    per_rank = bench_launch.launch(overlap_worker, 4, cfg,
+                                   timeout=90.0 + 4.0 * steps * step_ms / 1000.0)
+    results = []
+    for i, first in enumerate(per_rank[0]):
+        results.append(OverlapResult(first["label"], i // len(OVERLAP_MODES) + 1, args.steps,
+                                     [r[i] for r in per_rank]))
+    return results
+
+
+def overlap_table(results: list[OverlapResult], markdown: bool) -> str:
+    """One row per round, mode and rank, and the mean over ranks."""
+    headers = ["round", "mode", "rank", *(h for _, h, _ in OVERLAP_COLUMNS)]
+    rows = []
+    for res in results:
+        for rank, r in enumerate(res.per_rank):
+            row = res.row(r)
+            rows.append([str(res.round), res.label, str(rank),
+                         *(format(row[k], fmt) for k, _, fmt in OVERLAP_COLUMNS)])
+        rows.append([str(res.round), res.label, "mean",
+                     *(format(res.mean(k), fmt) for k, _, fmt in OVERLAP_COLUMNS)])
+    return _table(headers, rows, markdown)
+
+
+def overlap_ratios(results: list[OverlapResult]) -> list[str]:
+    """Per round, each later mode against the first (before): the waiter's CPU, the main
+    thread's CPU and store requests, the step time (means over ranks)."""
+    lines = []
+    n = len(OVERLAP_MODES)
+    for i in range(0, len(results) - n + 1, n):
+        before = results[i]
+        for after in results[i + 1:i + n]:
+            lines.append(
+                f"round {before.round}, {after.label} / {before.label}: waiter CPU per step "
+                f"{after.mean('waiter_cpu') / before.mean('waiter_cpu'):.2f} "
+                f"({before.mean('waiter_cpu'):.2f} -> {after.mean('waiter_cpu'):.2f} ms), "
+                f"main-thread CPU {after.mean('main_cpu') / before.mean('main_cpu'):.2f}, "
+                f"main-thread store requests {before.mean('store_main'):.1f} -> "
+                f"{after.mean('store_main'):.1f}, step time "
+                f"{after.mean('ms') / before.mean('ms'):.2f}")
+    return lines
+
+
+def main_overlap(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """``--overlap``: the modes of the engine's waits, side by side on the same processes."""
+    header = [
+        *run_header("bench_profile.py", argv),
+        f"DualPipeV over parted MoE-style stages (bench_overlap.SleepMoEStage: sleeping "
+        f"compute F={args.f:g} B={args.b:g} W={args.w:g} ms per part, gloo all-to-alls of "
+        f"{args.topk} x {args.kib} KiB), PP=2 x EP=2 on 4 processes, {args.chunks} "
+        f"micro-batches; after {args.warmup} warm-up steps, {args.repeats} round(s) of "
+        f"{args.steps} steps back to back in each of the {len(OVERLAP_MODES)} modes in "
+        f"turn, on the same processes; per rank and step",
+        f"at start: {_load()}",
+    ]
+    for line in header:
+        print(line, flush=True)
+    try:
+        results = run_overlap(args)
+    except Exception as exc:  # noqa: BLE001 - reported, exit status 1
+        print(f"ERROR {_short_error(exc)}", flush=True)
+        return 1
+    header.append(f"at end: {_load()}")
+    ratios = overlap_ratios(results)
+    print("\n" + "\n".join([*header, "", overlap_table(results, False), "", *ratios]),
+          flush=True)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as fh:
+            fh.write("\n".join([*(f"- {h}" for h in header), "",
+                                overlap_table(results, True), "",
+                                *(f"- {r}" for r in ratios)]) + "\n")
+        print(f"markdown written to {args.markdown}", flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -299,6 +588,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank waits for a message (default 60)")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
+    p.add_argument("--overlap", action="store_true",
+                   help="instead: the overlap engine's waits as they were (polling, the "
+                        "store asked at every poll), with the cheap failure check, and "
+                        "blocking on the futures (now), side by side on PP=2 x EP=2 (4 "
+                        "processes); uses --chunks, --steps, "
+                        "--warmup, --f/--b/--w (per computation part), --kib, --topk, "
+                        "--repeats")
+    p.add_argument("--kib", type=int, default=64,
+                   help="--overlap: activation per micro-batch, KiB of fp32 (default 64)")
+    p.add_argument("--topk", type=int, default=4,
+                   help="--overlap: all-to-all volume as a multiple of the activation "
+                        "(default 4)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="--overlap: rounds of the modes in turn (default 1)")
     return p
 
 
@@ -316,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 1:
         raise SystemExit("--steps and --warmup must be at least 1 (torch sets shapes up "
                          "in its first step)")
+    if args.overlap:
+        return main_overlap(args, argv)
     ranks_list = [int(r) for r in args.ranks.split(",") if r.strip()]
     header = [
         *run_header("bench_profile.py", argv),

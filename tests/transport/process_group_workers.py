@@ -42,18 +42,22 @@ def check_delivered_tensors_released(rank: int, world: int, large: bool) -> list
 
 
 class _CountingStore:
-    """Wraps the process group's store and counts the requests made through it."""
+    """Wraps the process group's store and counts the requests made through it (all, and
+    those of the main thread in ``main``)."""
 
     def __init__(self, store) -> None:  # noqa: ANN001
-        self.store, self.requests = store, 0
+        self.store, self.requests, self.main = store, 0, 0
 
     def __getattr__(self, name: str):  # noqa: ANN204
+        import threading
+
         attr = getattr(self.store, name)
         if not callable(attr):
             return attr
 
         def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             self.requests += 1
+            self.main += threading.current_thread() is threading.main_thread()
             return attr(*args, **kwargs)
 
         return counted
@@ -107,3 +111,91 @@ def polling_costs_no_store_request(rank: int, world: int) -> tuple[int, float]:
     transport.close()
     assert polls > 100, polls
     return counting.requests, noticed - posted
+
+
+def waiting_part_polls_cheaply(rank: int, world: int, fresh: bool) -> dict[str, float]:
+    """The overlap engine's waiter on a parted stage's all-to-all, with the pipeline's
+    failure check (``check_error``, or ``check_error(fresh=True)`` when ``fresh``: every
+    poll asks the store, the control).
+
+    Rank 0 runs the stage part by part; rank 1 joins the first all-to-all 0.5 s late (so
+    rank 0's waiter waits ~0.5 s) and, instead of joining the second, posts a failure
+    0.5 s later, then joins it once rank 0 raised (so nothing is left in flight). Rank 0
+    returns, for the first wait, the waiter's failure checks (``polls``), the store
+    requests of every thread (the failure watch's included) and of the main thread (the
+    waiter's), and its seconds; and the seconds from the failure to rank 0's waiter
+    raising :class:`RemoteFailure`. Rank 1 returns ``{}``."""
+    import time
+    from collections.abc import Generator
+    from datetime import timedelta
+    from typing import Any
+
+    import torch.distributed as dist
+
+    from dualpipe.errors import RemoteFailure
+    from dualpipe.overlap import AllToAll, ForwardTask, PartedStage, Waiter
+
+    transport = Transport(None, [0, 1], rank, torch.device("cpu"), timeout=30.0)
+    transport.key = f"dualpipe/wait-test-{fresh}"
+    transport.begin_step(1)
+    # one message each way starts the failure watch (it starts with the first message)
+    if rank == 0:
+        transport.send([torch.ones(4)], 1, 0)
+        transport.wait(transport.recv([torch.zeros(4)], 1, 1), "a message")
+    else:
+        buf = torch.zeros(4)
+        transport.wait(transport.recv([buf], 0, 0), "a message")
+        transport.send([buf], 0, 1)
+    transport.drain_sends("sends")
+    dist.barrier()
+    store = transport.store
+    assert store is not None
+    if rank == 1:
+        time.sleep(0.5)
+        dist.all_to_all_single(torch.empty(4, 2), torch.ones(4, 2))  # the first, late
+        time.sleep(0.5)
+        store.set(f"{transport.key}/posted-at", str(time.time()))
+        transport.post_error("rank 1 failed on purpose")
+        transport.drain_failed_step(10.0)
+        store.wait([f"{transport.key}/noticed"], timedelta(seconds=20))
+        dist.all_to_all_single(torch.empty(4, 2), torch.ones(4, 2))  # the second
+        dist.barrier()
+        transport.close()
+        return {}
+
+    class TwoExchanges(PartedStage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a2a = AllToAll(None)
+
+        def parts(self, x: torch.Tensor) -> Generator[Any, Any, torch.Tensor]:
+            y = yield self.a2a(x)
+            z = yield self.a2a(2 * y)
+            return z
+
+    polls = [0]
+
+    def check() -> None:
+        polls[0] += 1
+        transport.check_error(fresh=fresh)
+
+    counting = _CountingStore(store)
+    transport.store = counting  # every request from now on is counted, the watch's too
+    task = ForwardTask(TwoExchanges(), (torch.ones(4, 2),), Waiter(timeout=20.0, check=check))
+    task.step()  # part 0, then the first all-to-all
+    start = time.perf_counter()
+    task.step()  # waits ~0.5 s for it, runs part 1, launches the second
+    first = {"polls": float(polls[0]), "requests": float(counting.requests),
+             "main_requests": float(counting.main), "seconds": time.perf_counter() - start}
+    try:
+        task.step()  # waits for the second, which rank 1 never joins before failing
+        raise AssertionError("the wait did not end in the peer's failure")
+    except RemoteFailure as exc:
+        noticed = time.time()
+        assert "rank 1 failed on purpose" in str(exc), exc
+    transport.store = store
+    store.set(f"{transport.key}/noticed", "1")
+    posted = float(store.get(f"{transport.key}/posted-at"))
+    dist.barrier()  # after the second all-to-all (same group, issued in order)
+    transport.close()
+    return {**first, "delay": noticed - posted}

@@ -34,9 +34,22 @@ __all__ = [
 
 
 class Waiter:
-    """How the engine waits: polls a communication, runs filler work meanwhile, calls
+    """How the engine waits for a communication: runs filler work meanwhile, calls
     ``check`` (which may raise, e.g. when another rank failed) and gives up after
-    ``timeout`` seconds. ``events``, when a list, receives :class:`PartEvent` records."""
+    ``timeout`` seconds. ``events``, when a list, receives :class:`PartEvent` records.
+
+    With no filler work left, it blocks on the communication's completion
+    (:meth:`InFlight.settle`: no CPU while blocked), waking at least every
+    :attr:`check_period` seconds to call ``check``; an untimed communication (no futures
+    to block on) is polled with naps of 20-200 us instead."""
+
+    check_period = 0.01
+    """Seconds between two calls of ``check`` while blocked on a communication."""
+
+    _block = True
+    """For benchmarks only (``benchmarks/bench_profile.py --overlap``), not a setting:
+    False polls every communication with naps, as the waiter did before it blocked on
+    the futures, so the two can be measured side by side."""
 
     def __init__(
         self,
@@ -48,14 +61,16 @@ class Waiter:
         self.check = check
         self.events = events
 
-    def log(self, label: str, kind: str, start: float, end: float) -> None:
-        if self.events is not None:
+    def log(self, label: str, kind: str, start: float, end: float | None) -> None:
+        """Record an interval in :attr:`events` (when a list); ``end=None``: the interval's
+        end is unknown (an untimed communication) and nothing is recorded."""
+        if self.events is not None and end is not None:
             self.events.append(PartEvent(label, kind, start, end))
 
     def wait(self, pending: InFlight, what: str,
              filler: Callable[[], bool] | None = None) -> tuple[Tensor, ...]:
         """The result of ``pending``; while it is not ready, run ``filler`` (which returns
-        whether it did something) or sleep briefly."""
+        whether it did something) or block (see the class)."""
         if not pending.ready():
             t0 = time.perf_counter()
             deadline = t0 + self.timeout
@@ -68,16 +83,19 @@ class Waiter:
                 now = time.perf_counter()
                 if now > deadline:
                     raise StepTimeout(f"{what} did not complete within {self.timeout:.0f} s")
-                time.sleep(nap)
-                nap = min(nap * 2, 2e-4)
+                if not (self._block and pending.settle(min(self.check_period,
+                                                           deadline - now))):
+                    time.sleep(nap)
+                    nap = min(nap * 2, 2e-4)
             self.log(what, "wait", t0, time.perf_counter())
         return pending.wait()
 
 
-def _completed(pending: InFlight) -> float:
-    """When ``pending`` completed (its handles' report, else now: when it was seen)."""
-    done = pending.completed_at
-    return done if done is not None else time.perf_counter()
+def _completed(pending: InFlight) -> float | None:
+    """When ``pending`` (waited for) completed, as its handles' futures reported it;
+    ``None`` for an untimed one (``InFlight(..., timed=False)``): its interval is not
+    recorded rather than ended when the engine happened to look."""
+    return pending.completed_at
 
 
 def _leaf(t: Any, grad: bool) -> Any:

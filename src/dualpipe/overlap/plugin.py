@@ -64,11 +64,20 @@ def _key(a: ActionPlan) -> tuple[int, int]:
     return (a.action.phase, a.action.chunk)
 
 
+_FRESH_CHECKS = False
+"""For benchmarks only (``benchmarks/bench_profile.py --overlap``), not a setting: when
+True, every poll of the waiter asks the store for failures
+(``check_error(fresh=True)``, how the waits polled before the failure watch made the
+check cheap), so the two can be measured side by side."""
+
+
 def _waiter(run: StepRun) -> Waiter:
     """Bounded by the pipeline's timeout, failing at once when another rank failed;
     part events go to the step's record when there is one."""
     events = run.record.parts if run.record is not None else None
-    return Waiter(run.transport.timeout, run.transport.check_error, events)
+    check = (partial(run.transport.check_error, fresh=True) if _FRESH_CHECKS
+             else run.transport.check_error)
+    return Waiter(run.transport.timeout, check, events)
 
 
 def _input_grads(task: BackwardTask, leaves: list[Tensor]) -> list[Tensor | None]:

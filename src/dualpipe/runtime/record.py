@@ -15,10 +15,10 @@ class PartEvent:
     plug-in that runs stages part by part reports it.
 
     ``kind`` is ``"compute"`` (a computation part, forward or backward), ``"comm"`` (a
-    communication in flight, from launch until it completed — as its handles report it,
-    else until the engine saw it complete), ``"wait"`` (blocked on a communication,
-    nothing else to do) or ``"weight"`` (deferred weight-gradient work run while a
-    communication was in flight).
+    communication in flight, from launch until it completed, as its handles' futures
+    report it; none for a communication launched untimed, ``InFlight(..., timed=False)``),
+    ``"wait"`` (blocked on a communication, nothing else to do) or ``"weight"``
+    (deferred weight-gradient work run while a communication was in flight).
     """
 
     label: str
