@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from dualpipe.runtime.extension import Extension
 from dualpipe.runtime.pipeline import Pipeline
+from dualpipe.runtime.plan import PlannedStep
 from dualpipe.schedules.actions import Op, Overlap
 from dualpipe.schedules.registry import generate, layout_for
 
@@ -175,3 +177,97 @@ def failure_reaches_the_job(rank: int, world: int) -> tuple[str, float]:
     pipe.close()
     torch.distributed.barrier()  # process 0 hosts the store: it stays until all are done
     return message, elapsed
+
+
+class _Boom(torch.autograd.Function):
+    """Identity whose backward raises while :attr:`_ArmedStage.armed`."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        if _ArmedStage.armed:
+            raise RuntimeError("boom in a pair's backward")
+        return grad
+
+
+class _ArmedStage(MoEStage):
+    """Raises in its first forward part, or in its last part's backward, while armed."""
+
+    armed = False
+
+    def parts(self, x: Tensor):  # noqa: ANN201 - a parts generator
+        if _ArmedStage.armed:
+            raise RuntimeError("boom in a pair's forward")
+        out = yield from super().parts(x)
+        return _Boom.apply(out)
+
+
+class _Arm(Extension):
+    """Arms :class:`_ArmedStage` on this process just before the step ``label`` runs."""
+
+    name = "arm"
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def before_action(self, step: PlannedStep) -> None:
+        _ArmedStage.armed = str(step.label) == self.label
+
+
+def failure_inside_a_pair(rank: int, world: int, kind: str) -> tuple[str, float, list[str]]:
+    """A part raises inside a pair of two forwards (``kind="FF"``: process 2, in
+    ``F1.0+F0.1``) or two backwards (``"BB"``: process 0, in ``B1.2+B0.1`` of a
+    schedule written by hand, while every rank still has work in the step; ``"late"``:
+    in ``I0.2+I0.3``, the step's last). Returns this process's error, how long its step
+    took and the kinds of pair of its schedule."""
+    import time
+
+    from dualpipe.errors import PipelineError
+    from dualpipe.schedules import parse_step
+    from dualpipe.schedules.schedule import Schedule
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+    pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
+    pp_rank, ep_rank = rank // 2, rank % 2
+    layout = layout_for("dualpipev", 2)
+    torch.manual_seed(0)
+    stages = [_ArmedStage(ep) for _ in range(layout.num_stages)]
+    mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[pp_rank]]
+    if kind == "FF":
+        schedule: str | Schedule = "dualpipev"
+        label = "F1.0+F0.1" if rank == 2 else "-"
+    elif kind == "late":  # the last pair of the step, after pipeline rank 1 finished
+        base = generate("dualpipev", 2, 4)
+        row0 = " ".join(str(s) for s in base.steps[0]).replace(
+            "I0.2 W0.2 I0.3 W0.3", "I0.2+I0.3 W0.2 W0.3")
+        rows = (tuple(parse_step(t) for t in row0.split()), base.steps[1])
+        schedule = Schedule("dualpipev", layout, base.chunks_per_stream, rows)
+        label = "I0.2+I0.3" if rank == 0 else "-"
+    else:
+        base = generate("dualpipev", 2, 4)
+        row0 = " ".join(str(s) for s in base.steps[0])
+        assert "B1.2 F1.3+B0.1 B1.3" in row0, row0
+        row0 = row0.replace("B1.2 F1.3+B0.1 B1.3", "B1.2+B0.1 F1.3 B1.3")
+        rows = (tuple(parse_step(t) for t in row0.split()), base.steps[1])
+        schedule = Schedule("dualpipev", layout, base.chunks_per_stream, rows)
+        label = "B1.2+B0.1" if rank == 0 else "-"
+    pipe = Pipeline(mine, schedule, process_group=pp, timeout=60, extensions=[_Arm(label)])
+    x, y = _data(ep_rank, 4)
+    t0 = time.monotonic()
+    try:
+        pipe.step(*((x,) if pp_rank == 0 else ()), num_chunks=4, criterion=_criterion,
+                  labels=(y,) if pp_rank == 0 else ())
+        message = "no error"
+    except PipelineError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    elapsed = time.monotonic() - t0
+    _ArmedStage.armed = False
+    plan = pipe.executor.last_plan
+    kinds = sorted({s.kind.value for s in plan.schedule.steps[pp_rank]
+                    if isinstance(s, Overlap)}) if plan is not None else []
+    pipe.close()
+    torch.distributed.barrier()  # process 0 hosts the store: it stays until all are done
+    return message, elapsed, kinds

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dualpipe.testing import run_distributed
 
-from .pipeline_workers import failure_reaches_the_job, pipeline_cases
+from .pipeline_workers import failure_inside_a_pair, failure_reaches_the_job, pipeline_cases
 
 CASES = [
     ("dualpipev", 6, None, True, None),  # pairs: F&B, and F&F / B&B where faster
@@ -43,3 +45,31 @@ def test_a_failure_reaches_every_pipeline_of_the_job() -> None:
     assert results[2][0].startswith("ActionFailure: rank 1 failed in F")
     for rank in (1, 3):
         assert "process 2 (pipeline rank 1) failed" in results[rank][0], results[rank][0]
+
+
+@pytest.mark.parametrize(("kind", "failed", "label"),
+                         [("FF", 2, "F1.0+F0.1"), ("BB", 0, "B1.2+B0.1")])
+def test_a_failure_inside_a_pair_of_two_forwards_or_two_backwards(
+        kind: str, failed: int, label: str) -> None:
+    # a part raises inside the pair: every process ends its step with one clear error
+    # naming the failed rank and action, within seconds (the timeout is 60 s)
+    results = run_distributed(failure_inside_a_pair, 4, kind, timeout=120)
+    boom = f"boom in a pair's {'forward' if kind == 'FF' else 'backward'}"
+    for rank, (message, elapsed, kinds) in enumerate(results):
+        assert kind in kinds or rank // 2 != failed // 2, (rank, kinds)
+        assert boom in message, (rank, message)
+        assert elapsed < 10.0, (rank, elapsed)
+    own = results[failed][0]
+    assert own.startswith(f"ActionFailure: rank {failed // 2} failed in "), own
+    assert any(half in own for half in label.split("+")), own
+
+
+def test_a_failure_after_some_ranks_finished_the_step_ends_at_once() -> None:
+    # process 0 fails in the step's last pair, after pipeline rank 1 (processes 2, 3)
+    # finished its part: the failed pipeline's ranks drain without waiting for a drain
+    # note from a rank that finished (it said so), so nothing waits 30 s
+    results = run_distributed(failure_inside_a_pair, 4, "late", timeout=120)
+    for rank, (message, elapsed, _) in enumerate(results):
+        assert elapsed < 10.0, (rank, elapsed)
+        if rank in (0, 1):
+            assert "boom in a pair's backward" in message, (rank, message)

@@ -173,6 +173,7 @@ class Executor:
                                     partial(ext.after_stage_backward, module))
             run.mailbox.close()
             self.transport.drain_sends(f"rank {self.rank}: completion of its sends")
+            self.transport.finish_step()
         for ext in self.extensions:
             self._guard(run, f"{ext.name}: after the step",
                         partial(ext.after_step, data.training))

@@ -189,6 +189,20 @@ class BaseTransport:
             self.wait(pending, what)
         self._sends = []
 
+    def finish_step(self) -> None:
+        """Every message of the current step completed on this rank: say so (one note,
+        overwritten each step), so that a rank draining a step that failed after this
+        one finished it does not wait for this rank's drain note."""
+        try:
+            self._publish(f"finished/{self.rank}", str(self.step).encode())
+        except Exception:  # noqa: BLE001, S110 - best effort: a drain then waits longer
+            pass
+
+    def _finished(self, rank: int) -> bool:
+        """Whether ``rank`` said it finished the current step (:meth:`finish_step`)."""
+        note = self._read(f"finished/{rank}")
+        return note is not None and int(note) >= self.step
+
     def exchange(self, tensor: torch.Tensor, peer: int, seq: int, what: str) -> torch.Tensor:
         """Swap a tensor of the same shape with ``peer`` (blocking, with a deadline)."""
         other = torch.empty_like(tensor)
@@ -266,10 +280,12 @@ class BaseTransport:
                 continue
             note = self._read(f"drain/{self.step}/{r}")
             while note is None and time.monotonic() < deadline:
+                if self._finished(r):  # nothing of the step left open on its side
+                    break
                 time.sleep(0.01)
                 note = self._read(f"drain/{self.step}/{r}")
             if note is None:
-                complete = False
+                complete = complete and self._finished(r)
                 continue
             for op in pickle.loads(note):
                 if op.peer != self.rank or (r, op.tag, not op.send) in posted:
