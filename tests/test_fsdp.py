@@ -2,7 +2,8 @@
 parallelism, with the automatic weight-gradient split on: gradients equal one process's
 (per-tensor relative error <= 1e-5, two accumulating steps), and the data-parallel group
 sees exactly one reduction per FSDP2 parameter group and step and at most one all-gather
-(one per use with reshard_after_forward=True)."""
+(one per run of consecutive uses with reshard_after_forward=True, prefetched one step
+ahead or not)."""
 
 from __future__ import annotations
 
@@ -147,6 +148,15 @@ def test_reshard_prefetch_order() -> None:
         assert sum(k == "ag" for k, _ in on["log"]) == sum(k == "ag" for k, _ in off["log"])
         # two stages a rank: some all-gather really ran ahead of another stage's step
         assert any(set(b) - set(a) for a, b in pairwise(on["steps"])), on["steps"]
+
+
+def test_set_prefetch_needs_fsdp_stages() -> None:
+    from torch import nn
+
+    from dualpipe.integrations.fsdp import set_prefetch
+
+    with pytest.raises(ValueError, match="no stage of this pipeline on this rank is wrapped"):
+        set_prefetch(nn.Linear(2, 2), False)
 
 
 def test_user_gradient_accumulation_without_sync() -> None:

@@ -456,7 +456,6 @@ def extension_for(pipeline: PipelineInfo) -> FSDPExtension | None:
     return FSDPExtension(pipeline, stages)
 
 
-
 def set_prefetch(pipeline: nn.Module, enabled: bool) -> None:
     """Turn the prefetch of the resharding stages' all-gathers on (the default) or off
     for ``pipeline`` (a :class:`~dualpipe.Pipeline` whose stages are wrapped in FSDP2),
