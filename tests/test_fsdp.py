@@ -132,10 +132,11 @@ def _check_order(r: dict[str, Any]) -> None:
 
 
 def test_reshard_prefetch_order() -> None:
-    """reshard_after_forward=True under DualPipeV and DualPipe: gradients exact with the
-    prefetch on (the default) and off, the same all-gathers (one per run of consecutive
-    uses of a stage), each issued before the compute of the step ahead of its use with the
-    prefetch on, and only after it with the prefetch off; none left on its way."""
+    """reshard_after_forward=True under DualPipeV and DualPipe with the prefetch on (the
+    default), and DualPipeV with it off: gradients exact, the same all-gathers (one per
+    run of consecutive uses of a stage), each issued before the compute of the step ahead
+    of its use with the prefetch on, and only after it with the prefetch off; none left
+    on its way."""
     reports = run_distributed(run_prefetch_order, 4,
                               [("dualpipev", True), ("dualpipe", True), ("dualpipev", False)],
                               timeout=240)
