@@ -5,6 +5,11 @@ integration) vs torch's ``torch.distributed.pipelining.ScheduleDualPipeV``, with
 
     python benchmarks/bench_compose.py                 # default size
     python benchmarks/bench_compose.py --dim 512 --steps 10
+    python benchmarks/bench_compose.py --reshard       # + reshard_after_forward=True rows
+
+``--reshard`` adds two rows of ours with ``fully_shard(..., reshard_after_forward=True)``
+(parameters freed between uses): the all-gathers prefetched one step ahead (the default)
+and not (``set_prefetch(pipe, False)``).
 
 Both runtimes get the same stages, the same per-replica batches and the gradient of the
 mean loss (ours: ``loss_reduction="mean"``; torch: ``scale_grads=True``); after the first
@@ -78,11 +83,14 @@ def _runner(runtime: str, mine: list[Any], pp_group: Any, x: torch.Tensor, y: to
     import torch.distributed.pipelining as tpp
 
     from dualpipe import Pipeline
+    from dualpipe.integrations.fsdp import set_prefetch
 
     first = dist.get_rank(pp_group) == 0  # DualPipeV: inputs and loss on pipeline rank 0
-    if runtime == "ours":
+    if runtime.startswith("ours"):
         pipe = Pipeline(mine, "dualpipev", process_group=pp_group, loss_reduction="mean",
                         timeout=300)
+        if runtime == "ours-reshard-noprefetch":
+            set_prefetch(pipe, False)
 
         def ours() -> None:
             if first:
@@ -128,7 +136,8 @@ def compose_worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
     for runtime in cfg["runtimes"]:
         mine = split_model(copy.deepcopy(layers), "dualpipev", group=pp_group)
         for stage in mine:
-            fully_shard(stage, mesh=mesh["dp"])
+            fully_shard(stage, mesh=mesh["dp"],
+                        reshard_after_forward=True if "reshard" in runtime else None)
         step, close = _runner(runtime, mine, pp_group, x, y, chunks)
         times, per_step = [], []
         for i in range(cfg["warmup"] + cfg["steps"]):
@@ -157,10 +166,15 @@ def compose_worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
             "rs": statistics.mean(c.get("reduce_scatter_single", 0) for c in per_step) / n,
             "ar": statistics.mean(c.get("all_reduce", 0) for c in per_step) / n,
         }
-    if len(grads) == 2:
-        a, b = grads["ours"], grads["torch"]
-        assert a.keys() == b.keys(), (sorted(a), sorted(b))
-        out["diff"] = max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in a)
+    if "torch" in grads:
+        b = grads["torch"]
+        diffs = []
+        for runtime, a in grads.items():
+            if runtime == "torch":
+                continue
+            assert a.keys() == b.keys(), (runtime, sorted(a), sorted(b))
+            diffs += [float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in a]
+        out["diff"] = max(diffs, default=0.0)
     return out
 
 
@@ -173,7 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--reshard", action="store_true",
+                        help="also ours with reshard_after_forward=True, prefetch on and off")
     args = parser.parse_args(argv)
+    runtimes = ["ours", "torch"]
+    if args.reshard:
+        runtimes += ["ours-reshard", "ours-reshard-noprefetch"]
 
     import bench_compose
     from bench_launch import launch
@@ -181,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = {"dp": 2, "dim": args.dim, "layers": args.layers, "chunks": args.chunks,
            "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
-           "runtimes": ["ours", "torch"]}
+           "runtimes": runtimes}
     results = launch(bench_compose.compose_worker, 4, cfg, timeout=args.timeout)
     for line in run_header("bench_compose.py", argv):
         print(line)
@@ -194,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| runtime | rank | step ms | all-gathers / stage / step | "
           "reduce-scatters / stage / step |")
     print("|---|---|---|---|---|")
-    for runtime in ("ours", "torch"):
+    for runtime in runtimes:
         for rank, r in enumerate(results):
             m = r[runtime]
             print(f"| {runtime} | {rank} | {m['ms']:.1f} | {m['ag']:.2f} | {m['rs']:.2f} |")

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dualpipe.runtime.extension import Extension
+from dualpipe.runtime.kernels import Kernels
 from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.split import StageModule, split_model
 
@@ -254,6 +256,100 @@ def _runs(pipe: Pipeline, chunks: int, training: bool) -> int:
     return runs
 
 
+class _StepLog(Extension):
+    """Logs ``("start", k)`` and ``("end", k)`` around the compute of the rank's k-th step
+    (the dispatch table's entries wrapped; a pair's halves are not logged again)."""
+
+    name = "step-log"
+
+    def __init__(self, log: list[tuple[str, int]]) -> None:
+        self.log = log
+        self.depth = 0
+        self.count = 0
+
+    def kernels(self, table: Kernels) -> Kernels:
+        def wrap(fn: Any) -> Any:
+            def run(*args: Any) -> None:
+                outer = self.depth == 0
+                if outer:
+                    self.log.append(("start", self.count))
+                self.depth += 1
+                try:
+                    fn(*args)
+                finally:
+                    self.depth -= 1
+                if outer:
+                    self.log.append(("end", self.count))
+                    self.count += 1
+            return run
+
+        return table.replace(**{k: wrap(getattr(table, k))
+                                for k in ("forward", "backward", "input", "weight", "pair")})
+
+
+class _TaggedAllGather:
+    """An FSDP2 parameter group's all-gather, logging ``("ag", module)`` when issued."""
+
+    def __init__(self, inner: Any, module: int, log: list[tuple[str, int]]) -> None:
+        self.inner, self.module, self.log = inner, module, log
+
+    def allocate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.allocate(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.log.append(("ag", self.module))
+        return self.inner(*args, **kwargs)
+
+
+def run_prefetch_order(rank: int, world: int, configs: list[tuple[str, bool]]
+                       ) -> list[dict[str, Any]]:
+    """Stages with ``reshard_after_forward=True`` on 2 dp x 2 pp ranks, per ``(schedule,
+    prefetch)``: one training step, gradients checked against one process (raises above
+    1e-5); returns the local modules of each step of the rank's plan and the log of the
+    step: compute start/end of every step and every all-gather issued, by module."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dualpipe.integrations.fsdp import FSDPExtension, set_prefetch
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "pp"))
+    pp_group = mesh.get_group("pp")
+    replica = mesh.get_local_rank("dp")
+    out = []
+    for schedule, prefetch in configs:
+        layers = _layers(seed=5, n=8, tp=False)
+        ref = copy.deepcopy(layers)
+        mine = split_model(layers, schedule, group=pp_group)
+        for stage in mine:
+            fully_shard(stage, mesh=mesh["dp"], reshard_after_forward=True)
+        log: list[tuple[str, int]] = []
+        pipe = Pipeline(mine, schedule, process_group=pp_group, timeout=60,
+                        loss_reduction="mean", extensions=[_StepLog(log)])
+        set_prefetch(pipe, prefetch)
+        (ext,) = [e for e in pipe.extensions if isinstance(e, FSDPExtension)]
+        assert ext.prefetch is prefetch
+        for st in ext.stages:
+            for g in st.groups:
+                g._all_gather_comm = _TaggedAllGather(g._all_gather_comm, st.index, log)
+        chunks = 2 * pipe.num_ranks
+        (x,), y = make_batch("mlp", 2 * 2 * chunks, seed=10)
+        xs, ys = list(x.chunk(2)), list(y.chunk(2))
+        inputs, labels = my_share(pipe, xs[replica], ys[replica])
+        pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+        _reference(ref, xs, ys, chunks)
+        worst = compare_grads(mine, ref, f"{schedule} prefetch={prefetch}")
+        plan = pipe.executor.last_plan
+        assert plan is not None
+        steps = [sorted({a.module for a in s.actions}) for s in plan.steps]
+        pending = [st.index for st in ext.stages for g in st.groups
+                   if g._all_gather_result is not None]
+        pipe.close()
+        out.append({"schedule": schedule, "prefetch": prefetch, "steps": steps, "log": log,
+                    "worst": worst, "pending": pending})
+    dist.barrier()
+    return out
+
+
 def run_refusals(rank: int, world: int) -> list[str]:
     """What the extension refuses, on every rank, with errors that say what to do."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -313,14 +409,17 @@ def run_refusals(rank: int, world: int) -> list[str]:
     return messages
 
 
-def run_failure_then_rebuild(rank: int, world: int) -> str:
+def run_failure_then_rebuild(rank: int, world: int, reshard: bool = False) -> dict[str, Any]:
     """A stage that raises (on pipeline rank 1 of both replicas) fails the step on every
     rank with the rank and action named; a new pipeline over the same FSDP2-wrapped stages
-    and group then trains exactly (FSDP2's state was reset, partial gradients dropped)."""
+    and group then trains exactly (FSDP2's state was reset, partial gradients dropped).
+    ``reshard``: stages with ``reshard_after_forward=True`` (prefetching); returns how many
+    parameter groups had an all-gather on its way when the step failed, and after."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from dualpipe.errors import PipelineError
+    from dualpipe.integrations.fsdp import stage_param_groups
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "pp"))
     pp_group = mesh.get_group("pp")
@@ -329,7 +428,7 @@ def run_failure_then_rebuild(rank: int, world: int) -> str:
     ref = copy.deepcopy(layers)
     mine = split_model(layers, "dualpipev", group=pp_group)
     for stage in mine:
-        fully_shard(stage, mesh=mesh["dp"])
+        fully_shard(stage, mesh=mesh["dp"], reshard_after_forward=True if reshard else None)
     armed = [True]
 
     def boom(module: nn.Module, args: Any) -> None:
@@ -340,6 +439,16 @@ def run_failure_then_rebuild(rank: int, world: int) -> str:
     handle = mine[1].register_forward_pre_hook(boom) if pipe_rank == 1 else None
     pipe = Pipeline(mine, "dualpipev", process_group=pp_group, timeout=60,
                     loss_reduction="mean")
+    groups = [g for m in mine for g in stage_param_groups(m)[2]]
+    pending: list[int] = []
+    for ext in pipe.extensions:  # count the all-gathers on their way when the step fails
+        if ext.name == "fsdp2":
+            failed = ext.step_failed
+
+            def counting(failed: Any = failed) -> None:
+                pending.append(sum(g._all_gather_result is not None for g in groups))
+                failed()
+            ext.step_failed = counting  # type: ignore[method-assign]
     chunks = 2 * pipe.num_ranks
     (x,), y = make_batch("mlp", 2 * 2 * chunks, seed=10)
     xs, ys = list(x.chunk(2)), list(y.chunk(2))
@@ -351,6 +460,7 @@ def run_failure_then_rebuild(rank: int, world: int) -> str:
         message = str(exc)
         assert "rank 1 failed in F1." in message and "boom" in message, message
     pipe.close()
+    pending.append(sum(g._all_gather_result is not None for g in groups))
     armed[0] = False
     if handle is not None:
         handle.remove()
@@ -361,4 +471,4 @@ def run_failure_then_rebuild(rank: int, world: int) -> str:
     compare_grads(mine, ref, "rebuilt after a failure")
     pipe.close()
     dist.barrier()
-    return message
+    return {"message": message, "pending": pending}

@@ -2,17 +2,24 @@
 parallelism, with the automatic weight-gradient split on: gradients equal one process's
 (per-tensor relative error <= 1e-5, two accumulating steps), and the data-parallel group
 sees exactly one reduction per FSDP2 parameter group and step and at most one all-gather
-(one per use with reshard_after_forward=True)."""
+(one per run of consecutive uses with reshard_after_forward=True, prefetched one step
+ahead or not)."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import pytest
 
 from dualpipe.testing import run_distributed
 
-from .fsdp_workers import run_composed, run_failure_then_rebuild, run_refusals
+from .fsdp_workers import (
+    run_composed,
+    run_failure_then_rebuild,
+    run_prefetch_order,
+    run_refusals,
+)
 
 
 def _check_counts(reports: list[list[dict[str, Any]]], *, gather: str = "once",
@@ -90,6 +97,69 @@ def test_reshard_after_every_use() -> None:
                 assert training > r["groups"], r
 
 
+def _windows(log: list[tuple[str, int]]) -> tuple[dict[tuple[str, int], int],
+                                                  list[tuple[int, int]]]:
+    """Positions of the ``("start"|"end", step)`` marks, and ``(position, module)`` of
+    every all-gather in ``log``."""
+    marks = {e: i for i, e in enumerate(log) if e[0] != "ag"}
+    gathers = [(i, m) for i, (kind, m) in enumerate(log) if kind == "ag"]
+    return marks, gathers
+
+
+def _check_order(r: dict[str, Any]) -> None:
+    """Exactly one all-gather per stage a step adds to the previous step's, issued in
+    that step's window: with prefetching after the step two before finished computing
+    and before the previous step started computing (the step's own stages for the first
+    step: before it starts); without, after the previous step finished computing (the
+    first step's: during its compute, by FSDP2's hook)."""
+    marks, gathers = _windows(r["log"])
+    steps = r["steps"]
+    expected = 0
+    for k, now in enumerate(steps):
+        before = set(steps[k - 1]) if k else set()
+        for m in sorted(set(now) - before):
+            expected += 1
+            if r["prefetch"]:
+                lo = marks[("end", k - 2)] if k >= 2 else -1
+                hi = marks[("start", k - 1)] if k >= 1 else marks[("start", 0)]
+            elif k == 0:
+                lo, hi = marks[("start", 0)], marks[("end", 0)]
+            else:
+                lo, hi = marks[("end", k - 1)], marks[("start", k)]
+            hits = [i for i, mm in gathers if mm == m and lo < i < hi]
+            assert len(hits) == 1, (r["schedule"], r["prefetch"], k, m, r["log"])
+    assert len(gathers) == expected, (r["schedule"], r["prefetch"], len(gathers), expected)
+
+
+def test_reshard_prefetch_order() -> None:
+    """reshard_after_forward=True under DualPipeV and DualPipe with the prefetch on (the
+    default), and DualPipeV with it off: gradients exact, the same all-gathers (one per
+    run of consecutive uses of a stage), each issued before the compute of the step ahead
+    of its use with the prefetch on, and only after it with the prefetch off; none left
+    on its way."""
+    reports = run_distributed(run_prefetch_order, 4,
+                              [("dualpipev", True), ("dualpipe", True), ("dualpipev", False)],
+                              timeout=240)
+    for report in reports:
+        for r in report:
+            assert r["worst"] <= 1e-5 and not r["pending"], r
+            _check_order(r)
+        on, _, off = report
+        assert on["steps"] == off["steps"]
+        assert sum(k == "ag" for k, _ in on["log"]) == sum(k == "ag" for k, _ in off["log"])
+        # two stages a rank: some all-gather really ran ahead of another stage's step
+        assert any(set(b) - set(a) for a, b in pairwise(on["steps"])), on["steps"]
+
+
+def test_set_prefetch_needs_fsdp_stages() -> None:
+    from torch import nn
+
+    from dualpipe.integrations.fsdp import set_prefetch
+
+    with pytest.raises(ValueError, match="no stage of this pipeline on this rank is wrapped"):
+        set_prefetch(nn.Linear(2, 2), False)
+
+
 def test_user_gradient_accumulation_without_sync() -> None:
     """The user's set_requires_gradient_sync(False) is honoured across pipeline steps: no
     reduction (and no .grad) in the first step, one reduce-scatter of both steps'
@@ -160,5 +230,15 @@ def test_refusals() -> None:
 
 
 def test_failure_then_rebuild() -> None:
-    messages = run_distributed(run_failure_then_rebuild, 4, timeout=180)
-    assert all("boom" in m for m in messages), messages
+    reports = run_distributed(run_failure_then_rebuild, 4, timeout=180)
+    assert all("boom" in r["message"] for r in reports), reports
+
+
+def test_failure_with_prefetch_pending() -> None:
+    """reshard_after_forward=True: the step fails while all-gathers started ahead are on
+    their way (on some rank); the failure drops them (none left after), and a new
+    pipeline over the same stages trains exactly."""
+    reports = run_distributed(run_failure_then_rebuild, 4, True, timeout=180)
+    assert all("boom" in r["message"] for r in reports), reports
+    assert any(r["pending"][0] > 0 for r in reports), reports
+    assert all(r["pending"][-1] == 0 for r in reports), reports

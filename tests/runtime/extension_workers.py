@@ -15,7 +15,7 @@ from dualpipe.runtime.extension import (
     unregister_extension,
 )
 from dualpipe.runtime.pipeline import Pipeline
-from dualpipe.runtime.plan import PlannedStep
+from dualpipe.runtime.plan import ExecutionPlan, PlannedStep
 from dualpipe.schedules.registry import layout_for
 
 from .models import MLPStage, criterion, make_batch
@@ -29,6 +29,10 @@ class Recorder(Extension):
 
     def after_action(self, step: PlannedStep, following: PlannedStep | None) -> None:
         self.log.append(("step", tuple((a.module, a.action.op.value) for a in step.actions)))
+
+    def step_plan(self, plan: ExecutionPlan) -> None:
+        self.log.append(("step_plan", [tuple((a.module, a.action.op.value) for a in s.actions)
+                                       for s in plan.steps]))
 
     def before_step(self, training: bool) -> None:
         self.log.append(("before_step", training))

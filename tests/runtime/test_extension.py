@@ -17,11 +17,14 @@ def test_hooks_in_order(schedule: str) -> None:
         assert log[0] == ("attach", None) and log[-1] == ("close", None)
         first = log.index(("after_step", True))
         training, inference = log[1 : first + 1], log[first + 1 : -1]
-        assert training[0] == ("before_step", True) and training[-1] == ("after_step", True)
-        assert inference[0] == ("before_step", False)
+        assert training[0][0] == "step_plan" and training[1] == ("before_step", True)
+        assert training[-1] == ("after_step", True)
+        assert inference[0][0] == "step_plan" and inference[1] == ("before_step", False)
         assert inference[-1] == ("after_step", False)
         assert not any(k == "after_stage_backward" for k, _ in inference)
         steps = [v for k, v in training if k == "step"]
+        assert training[0][1] == steps  # the plan's steps are the steps that ran, in order
+        assert inference[0][1] == [v for k, v in inference if k == "step"]
         modules = {m for actions in steps for m, _ in actions}
         done = [v for k, v in training if k == "after_stage_backward"]
         assert sorted(done) == sorted(modules), (done, modules)  # once per module

@@ -20,9 +20,13 @@ weight gradients exist. This extension takes the reduction over:
   gradients of every micro-batch, then the parameters are resharded;
 * a stage whose FSDP2 modules were given ``reshard_after_forward=True`` *explicitly*
   frees its parameters after every action instead, unless the next action of the rank
-  uses the same stage (less memory, one all-gather per use), and the all-gather of the
-  next action's stage is started before that action (FSDP2's hooks wait for it in
-  forwards and input backwards; a ``W`` waits for it before it runs).
+  uses the same stage (less memory, one all-gather per run of consecutive uses). By
+  default the all-gather a step needs is *prefetched*: it is started asynchronously
+  before the compute of the rank's previous step (in schedule order, derived from the
+  rank's plan), so it overlaps that compute, and waited for right before the step's
+  compute (by FSDP2's hooks in forwards and backwards; a ``W``, which runs no module
+  hook, waits before it runs). :func:`set_prefetch` turns this off (the all-gather is
+  then started after the previous step's compute: less memory held, no overlap).
 
 DualPipe's mirrored copies then sum their local gradient shards (both copies hold the
 same shard: checked at construction). Anything this cannot run exactly is refused at
@@ -38,10 +42,10 @@ from typing import Any
 from torch import nn
 
 from ..runtime.extension import Extension, PipelineInfo
-from ..runtime.plan import PlannedStep
+from ..runtime.plan import ExecutionPlan, PlannedStep
 from ..schedules.actions import Op
 
-__all__ = ["FSDPExtension", "extension_for", "stage_param_groups"]
+__all__ = ["FSDPExtension", "extension_for", "set_prefetch", "stage_param_groups"]
 
 
 def _fsdp_api() -> Any:
@@ -198,12 +202,22 @@ class FSDPExtension(Extension):
         self.stages = stages
         self.by_index = {s.index: s for s in stages}
         self.pipeline = pipeline
+        self.prefetch = True
+        """Resharding stages: start the all-gather of the next step before the current
+        step's compute (see :func:`set_prefetch`)."""
         self._training = False
+        self._next: dict[int, PlannedStep | None] = {}
         _refuse(pipeline, self.stages)
         for stage in self.stages:
             self._wants_reshard(stage)  # refuses reshard_after_forward=<int> now
 
     # ------------------------------------------------------------------ hooks
+
+    def step_plan(self, plan: ExecutionPlan) -> None:
+        """Remember which step follows which (the look-ahead of the prefetch)."""
+        steps = plan.steps
+        self._next = {id(s): steps[i + 1] if i + 1 < len(steps) else None
+                      for i, s in enumerate(steps)}
 
     def before_step(self, training: bool) -> None:
         """Take over the reduction of every group (and keep parameters unsharded unless the
@@ -245,8 +259,10 @@ class FSDPExtension(Extension):
     def after_step(self, training: bool) -> None:
         """Restore settings; reshard what inference left unsharded; check every stage
         reduced in a training step."""
+        self._next = {}
         missing = [s.index for s in self.stages if training and not s.reduced]
         for stage in self.stages:
+            _settle(stage)  # (none expected: every prefetch was for an action that ran)
             if not stage.reduced:
                 self._restore(stage)
                 for g in stage.groups:
@@ -259,8 +275,11 @@ class FSDPExtension(Extension):
 
     def step_failed(self) -> None:
         """Restore the user's settings and FSDP2's per-iteration state, and drop the
-        failed step's unreduced gradients (no communication)."""
+        failed step's unreduced gradients (no communication: an all-gather started
+        ahead is dropped, not waited for)."""
+        self._next = {}
         for stage in self.stages:
+            _drop_pending(stage)
             if not stage.reduced and stage.saved:
                 self._restore(stage)
             stage.reduced = False
@@ -276,6 +295,13 @@ class FSDPExtension(Extension):
                     g.reshard()
             except Exception:  # noqa: BLE001
                 pass
+
+    def close(self) -> None:
+        """Drop any all-gather still pending (none after a step that ended; no
+        communication)."""
+        self._next = {}
+        for stage in self.stages:
+            _drop_pending(stage)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -322,32 +348,74 @@ class FSDPExtension(Extension):
         return out
 
     def before_action(self, step: PlannedStep) -> None:
-        """Resharding stages: a ``W`` needs its stage's parameters (FSDP2's hooks do not
-        run for it)."""
-        if not self._training:
+        """Resharding stages: start the all-gathers of this step's stages (normally on
+        their way since the previous step) and, with prefetching, of the stages the next
+        step adds, before this step's compute; a ``W`` waits for its stage's parameters
+        here (FSDP2's hooks do not run for it)."""
+        if not self._resharding():
             return
-        for stage, op in self._modules_of(step):
-            if stage.reshard and op is Op.WEIGHT:
-                for owner in stage.owners:
-                    owner.unshard()  # type: ignore[operator]  # waits for a prefetch
+        mine = self._modules_of(step)
+        if self.prefetch:
+            _start_unshard(mine)
+            following = self._next.get(id(step))
+            if following is not None:
+                here = {id(s) for s, _ in mine}
+                _start_unshard([(s, op) for s, op in self._modules_of(following)
+                                if id(s) not in here])
+        if self._training:
+            for stage, op in mine:
+                if stage.reshard and op is Op.WEIGHT:
+                    for owner in stage.owners:
+                        owner.unshard()  # type: ignore[operator]  # waits for a prefetch
 
     def after_action(self, step: PlannedStep, following: PlannedStep | None) -> None:
         """Resharding stages: free the parameters after every use, unless the following
-        step uses the same stage; start the all-gather of the stages the following step
-        uses (waited for by FSDP2's hooks, or by :meth:`before_action` for a ``W``)."""
-        if not any(stage.reshard for stage in self.stages):
+        step uses the same stage; without prefetching, start the all-gather of the
+        stages the following step uses now."""
+        if not self._resharding():
             return
         upcoming = {id(s) for s, _ in self._modules_of(following)} if following else set()
         for stage, _ in self._modules_of(step):
             if stage.reshard and not stage.reduced and id(stage) not in upcoming:
+                _settle(stage)
                 for g in stage.groups:
                     g.reshard()
-        if following is not None:
-            for stage, _ in self._modules_of(following):
-                if stage.reshard and not stage.reduced:
-                    for g in stage.groups:  # no-op if unsharded or already on its way
-                        g.lazy_init()
-                        g.unshard(async_op=True)
+        if following is not None and not self.prefetch:
+            _start_unshard(self._modules_of(following))
+
+    def _resharding(self) -> bool:
+        return any(stage.reshard for stage in self.stages)
+
+
+def _start_unshard(uses: list[tuple[_Stage, Op]]) -> None:
+    """Start the all-gather of every group of the resharding stages in ``uses`` that is
+    neither unsharded nor on its way (FSDP2's ``unshard(async_op=True)``; waited for by
+    its pre-forward/pre-backward hook or an explicit ``unshard()``)."""
+    seen: set[int] = set()
+    for stage, _ in uses:
+        if not stage.reshard or stage.reduced or id(stage) in seen:
+            continue
+        seen.add(id(stage))
+        for g in stage.groups:
+            if g.is_unsharded or g._all_gather_result is not None:
+                continue
+            g.lazy_init()
+            g.unshard(async_op=True)
+
+
+def _settle(stage: _Stage) -> None:
+    """Finish an all-gather of ``stage`` that no hook waited for (so none is left behind
+    to be mistaken for current parameters later)."""
+    for g in stage.groups:
+        if g._all_gather_result is not None:
+            g.wait_for_unshard()
+
+
+def _drop_pending(stage: _Stage) -> None:
+    """Forget the all-gathers of ``stage`` still on their way without waiting (a failed
+    step: the peers may never join them); their results are never used."""
+    for g in stage.groups:
+        g._all_gather_result = None
 
 
 def _reduce(stage: _Stage) -> None:
@@ -387,3 +455,28 @@ def extension_for(pipeline: PipelineInfo) -> FSDPExtension | None:
         return None
     return FSDPExtension(pipeline, stages)
 
+
+def set_prefetch(pipeline: nn.Module, enabled: bool) -> None:
+    """Turn the prefetch of the resharding stages' all-gathers on (the default) or off
+    for ``pipeline`` (a :class:`~dualpipe.Pipeline` whose stages are wrapped in FSDP2),
+    from its next step on.
+
+    On, the all-gather of a stage the rank's next step needs is started before the
+    current step's compute and overlaps it; the next step's parameters are then held
+    during the current step too. Off, it starts after the current step's compute (less
+    memory held, no overlap). The number of all-gathers is the same either way. Stages
+    that keep their parameters for the whole step (no ``reshard_after_forward=True``)
+    are not affected.
+
+    Raises:
+        ValueError: no stage of ``pipeline`` on this rank is wrapped in FSDP2.
+    """
+    found = [ext for ext in getattr(pipeline, "extensions", ())
+             if isinstance(ext, FSDPExtension)]
+    if not found:
+        raise ValueError(
+            "set_prefetch: no stage of this pipeline on this rank is wrapped in FSDP2 "
+            "(fully_shard); wrap the stage modules before building the pipeline"
+        )
+    for ext in found:
+        ext.prefetch = bool(enabled)

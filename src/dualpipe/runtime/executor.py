@@ -140,6 +140,7 @@ class Executor:
                       self.keep_outputs, stamp, trace)
         self.last_plan, self.last_record = plan, trace
         for ext in self.extensions:
+            self._guard(run, f"{ext.name}: before the step", partial(ext.step_plan, plan))
             self._guard(run, f"{ext.name}: before the step",
                         partial(ext.before_step, data.training))
         sample = record == "memory" or self.transport.device.type == "cuda"

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..schedules.layout import Layout
 from .kernels import Kernels
-from .plan import PlannedStep
+from .plan import ExecutionPlan, PlannedStep
 
 __all__ = ["PipelineInfo", "Extension", "ExtensionFactory", "register_extension",
            "unregister_extension", "registered_extensions", "extensions_for", "BUNDLED"]
@@ -65,6 +65,11 @@ class Extension:
     def kernels(self, table: Kernels) -> Kernels:
         """The dispatch table with this plug-in's kernels in (``table.replace(...)``)."""
         return table
+
+    def step_plan(self, plan: ExecutionPlan) -> None:
+        """At the start of each step, right before :meth:`before_step`: the rank's plan
+        of the step. The ``step`` arguments of the action hooks that follow are
+        ``plan.steps``, in order (e.g. to look further ahead than ``following``)."""
 
     def before_step(self, training: bool) -> None:
         """At the start of each step, before any message of it."""
