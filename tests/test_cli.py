@@ -303,3 +303,28 @@ def test_python_dash_m_dualpipe() -> None:
     assert len(lines) == 4
     assert all(line.startswith(f"rank {r}: ") for r, line in enumerate(lines))
     assert proc.stdout == generate("dualpipe", 4, 8).to_text() + "\n"
+
+
+def test_schedule_with_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "schedule", "dualpipev", "--ranks", "2", "--chunks", "6",
+                       "--pairs")
+    assert code == 0
+    assert out.startswith("rank 0: F0.0 F0.1+F0.2 ")  # nominal parts: warm-up forwards pair
+    code, plain, _ = run(capsys, "schedule", "dualpipev", "--ranks", "2", "--chunks", "6")
+    assert code == 0 and "F0.1+F0.2" not in plain
+    # no communication to hide: nothing to gain, the schedule as generated
+    code, flat, _ = run(capsys, "schedule", "dualpipev", "--ranks", "2", "--chunks", "6",
+                        "--pairs", "--part-f", "1,0,1", "--part-b", "1,0,1", "--part-w", "1,1")
+    assert code == 0 and flat == plain
+
+
+@pytest.mark.parametrize(("kind", "pair", "apart"),
+                         [("FF", 20, 32), ("II", 20, 32), ("BB", 36, 48), ("FB", 24, 40)])
+def test_pair_kinds(capsys: pytest.CaptureFixture[str], kind: str, pair: int,
+                    apart: int) -> None:
+    # parts 4, comm 4, 4, part 0 (forward and backward), weight 4, 4, 0: one forward
+    # alone takes 16, an input-only backward 16, a full backward 24
+    code, out, _ = run(capsys, "pair", "--kind", kind, "--part-f", "4,4,4,4,0",
+                       "--part-b", "4,4,4,4,0", "--part-w", "4,4,0")
+    assert code == 0
+    assert f"pair {pair} vs " in out and f" {apart}; " in out, out

@@ -31,7 +31,7 @@ def test_paired_schedules_are_valid_and_faster(name: str, ranks: int, chunks: in
         before, after = simulate(base, costs).makespan, simulate(paired, costs).makespan
         assert after <= before
         if paired is not base:
-            assert after < before and PairKind.FF in _kinds(paired) | {PairKind.BB}
+            assert after < before and _kinds(paired) & {PairKind.FF, PairKind.BB}
             # the same actions on every rank, in the same order but for moved Ws
             for rank in range(ranks):
                 a = [x for x in base.actions(rank) if x.op is not Op.WEIGHT]

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ScheduleError, UsageError
-from .partcosts import PartCosts, pair_intervals, parse_parts
+from .pairing import pair_steps
+from .partcosts import PartCosts, interleave, parse_parts
 from .schedules import io as schedule_io
 from .schedules.registry import SCHEDULES, generate
 from .schedules.schedule import Schedule
@@ -59,6 +60,10 @@ def _add_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help=f"schedule: {', '.join(SCHEDULES)}")
     p.add_argument("--ranks", type=int, required=True, help="pipeline ranks")
     p.add_argument("--chunks", type=int, required=True, help="micro-batches per step, in all")
+    p.add_argument("--pairs", action="store_true",
+                   help="also pair two forwards (warm-up) or two backwards (cool-down) of a"
+                   " rank wherever the simulated step with the part costs (--part-f/-b/-w;"
+                   " default: three equal parts, two equal communications) gets faster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="also write the schedule as JSON")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("pair", help="one F&B pair of a parted stage, parts interleaved")
+    p = sub.add_parser("pair", help="one pair of a parted stage, parts interleaved")
     _add_parts(p.add_argument_group("part costs"), required=True)
+    p.add_argument("--kind", choices=["FB", "FF", "BB", "II"], default="FB",
+                   help="F&B (default), two forwards, two full backwards, two input-only")
     p.add_argument("--input-only", action="store_true",
                    help="the backward is input-only (its weight work is left to W)")
     p.add_argument("-o", "--output", metavar="FILE", help="draw a PNG to FILE")
@@ -172,7 +179,10 @@ def _costs(args: argparse.Namespace) -> Costs:
 
 
 def _schedule(args: argparse.Namespace) -> Schedule:
-    return generate(args.name, args.ranks, args.chunks)
+    schedule = generate(args.name, args.ranks, args.chunks)
+    if getattr(args, "pairs", False):
+        schedule = pair_steps(schedule, _parts(args), comm=args.comm)
+    return schedule
 
 
 def _num(x: float) -> str:
@@ -355,15 +365,21 @@ def _cmd_pair(args: argparse.Namespace) -> int:
 
     parts = _parts(args)
     assert parts is not None
-    intervals = pair_intervals(parts, full_backward=not args.input_only)
-    pair = parts.pair(full_backward=not args.input_only)
-    back = parts.backward - (parts.weight if args.input_only else 0.0)
+    back = "I" if args.input_only else "B"
+    chains = {"FB": (back, "F"), "FF": ("F", "F"), "BB": ("B", "B"), "II": ("I", "I")}[args.kind]
+    intervals = interleave(parts, chains)
+    pair = max((iv.end for iv in intervals), default=0.0)
+    alone = {"F": parts.forward, "B": parts.backward, "I": parts.backward - parts.weight}
+    apart = sum(alone[c] for c in chains)
     print(render_pair_text(intervals))
-    comm = sum(parts.f_comm) + sum(parts.b_comm)
-    print(f"pair {_num(pair)} vs F then B {_num(parts.forward + back)}; "
-          f"communication {_num(comm)}, hidden {_num(parts.forward + back - pair)}")
+    comm = sum(iv.end - iv.start for iv in intervals if iv.resource == "comm")
+    what = " then ".join(chains[::-1] if args.kind == "FB" else chains)  # issue order
+    print(f"pair {_num(pair)} vs {what} {_num(apart)}; "
+          f"communication {_num(comm)}, hidden {_num(apart - pair)}")
     if args.output:
-        render_pair_png(intervals, args.output, title="one F&B pair, parts interleaved")
+        title = {"FB": "one F&B pair", "FF": "two forwards", "BB": "two backwards",
+                 "II": "two input-only backwards"}[args.kind]
+        render_pair_png(intervals, args.output, title=f"{title}, parts interleaved")
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -35,10 +35,11 @@ class PartCosts:
         b_comm: the backward's communication of each boundary (``n - 1``), in forward
             order (the backward runs them last first).
 
-    A stage's single F costs ``sum(f) + sum(f_comm)``, a full B ``sum(b) + sum(w) +
-    sum(b_comm)``, its W ``sum(w)`` (nothing overlaps outside a pair). A pair's time is
-    what the engine's order gives on one compute resource and one communication link
-    (communications in launch order, one at a time); see :meth:`pair`.
+    :attr:`forward`, :attr:`backward` and :attr:`weight` are the sums (a single F's time
+    when nothing else is pending: ``sum(f) + sum(f_comm)``). A step's time is what the
+    engine's order gives on one compute resource and one communication link
+    (communications in launch order, one at a time, pending weight work in the waits);
+    see :func:`interleave` and :meth:`pair`.
     """
 
     f: tuple[float, ...]

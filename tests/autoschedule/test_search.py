@@ -131,3 +131,18 @@ def test_memory_limit_counts_deferred_weight_state() -> None:
         assert found.memory == max(memory) <= found.limit == 9, w_memory
         assert simulate(found.schedule, Costs(**base, w_memory=w_memory)).peak_memory == memory
     assert search(4, 12, Costs(**base, w_memory=1.5)).deferred < free.deferred
+
+
+def test_part_costs_pair_the_best_schedule() -> None:
+    from dualpipe.partcosts import PartCosts
+    from dualpipe.schedules import Overlap, PairKind
+
+    parts = PartCosts((4.0, 4.0, 0.0), (4.0, 4.0), (4.0, 4.0, 0.0), (4.0, 4.0, 0.0), (4.0, 4.0))
+    costs = Costs(parts=parts)
+    paired = search(2, 10, costs)
+    plain = search(2, 10, costs, pairs=False)
+    kinds = {s.kind for row in paired.schedule.steps for s in row if isinstance(s, Overlap)}
+    assert kinds & {PairKind.FF, PairKind.BB} and "pairs" in paired.origin
+    assert paired.makespan < plain.makespan
+    assert paired.memory <= paired.limit
+    validate(paired.schedule)

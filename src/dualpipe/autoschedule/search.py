@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import ScheduleError
+from ..pairing import pair_steps
 from ..schedules import Op, generate, schedule_names, validate
 from ..schedules.layout import Layout, dualpipe_layout, dualpipev_layout
 from ..schedules.schedule import Schedule
@@ -137,6 +138,7 @@ def search(
     layout: str = "v",
     max_deferred: int | None = None,
     refine_evals: int = 300,
+    pairs: bool | None = None,
 ) -> AutoSchedule:
     """Find the schedule with the shortest simulated step on ``layout`` under ``costs``
     with at most ``limit`` memory per rank (default :func:`activation_limit`) and,
@@ -146,7 +148,9 @@ def search(
 
     ``num_chunks`` counts all micro-batches (even for the ``dualpipe`` layout, half per
     direction). ``refine_evals`` bounds the local search (simulations per candidate
-    refined). The result is never slower than a seed that fits the limit.
+    refined). The result is never slower than a seed that fits the limit. ``pairs``:
+    also pair two forwards or two backwards of a rank where that is faster
+    (:func:`dualpipe.pairing.pair_steps`); default: when ``costs`` has per-part costs.
 
     Raises:
         ValueError: bad sizes, an unknown layout, or a limit no schedule fits.
@@ -227,6 +231,19 @@ def search(
         if value < best_makespan - 1e-9:
             best_makespan, best_origin, best = value, origin + " + local search", better
 
+    if pairs or (pairs is None and costs.parts is not None):
+        # the pairs change the critical path: pair the three best candidates, keep the
+        # fastest of all
+        top = [(best_makespan, best_origin, best)]
+        top += [f for f in found if f[2] is not best][:2]
+        for _, origin, schedule in top:
+            paired = pair_steps(schedule, costs.parts, comm=costs.comm)
+            if paired is schedule or _memory(paired, costs) > cap + 1e-9 or (
+                    max_deferred is not None and deferred_peak(paired) > max_deferred):
+                continue
+            value = simulate(paired, costs).makespan
+            if value < best_makespan - 1e-9:
+                best_makespan, best_origin, best = value, origin + " + F&F/B&B pairs", paired
     auto = Schedule("auto", best.layout, best.chunks_per_stream, best.steps)
     validate(auto)
     result = simulate(auto, costs)
