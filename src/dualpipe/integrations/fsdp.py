@@ -27,10 +27,17 @@ weight gradients exist. This extension takes the reduction over:
 DualPipe's mirrored copies then sum their local gradient shards (both copies hold the
 same shard: checked at construction). Anything this cannot run exactly is refused at
 construction or at the first step with an error that says what to do.
+
+On gloo (CPU) FSDP2's collectives of a step (all-gathers and reductions) are waited for
+with the pipeline's failure check (:func:`dualpipe.transport.guarded.polled_collectives`):
+a failure anywhere in the job ends a collective that waits for a replica that will never
+join it within about a second, with the failed rank's message; that group is then left
+with a collective in flight and refused from then on (build new process groups).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +47,7 @@ from torch import nn
 from ..runtime.extension import Extension, PipelineInfo
 from ..runtime.plan import PlannedStep
 from ..schedules.actions import Op
+from ..transport.guarded import check_group, polled_collectives
 
 __all__ = ["FSDPExtension", "extension_for", "stage_param_groups"]
 
@@ -199,6 +207,9 @@ class FSDPExtension(Extension):
         self.by_index = {s.index: s for s in stages}
         self.pipeline = pipeline
         self._training = False
+        self.transport = getattr(pipeline.pipeline, "transport", None)
+        self.process_groups = _process_groups(stages)
+        self._polled = contextlib.ExitStack()  # the step's collectives: failure-checked
         _refuse(pipeline, self.stages)
         for stage in self.stages:
             self._wants_reshard(stage)  # refuses reshard_after_forward=<int> now
@@ -215,6 +226,13 @@ class FSDPExtension(Extension):
                 "module instead (before building the pipeline)"
             )
         self._training = training
+        if self.transport is not None:
+            for group in self.process_groups:  # one left with a collective in flight
+                check_group(group, self.transport)
+            # a replica that failed never joins: FSDP2's collectives of the step wait with
+            # the job's failure check (gloo; device streams are left alone)
+            self._polled.enter_context(
+                polled_collectives(self.transport, "an FSDP2 collective of the step"))
         for stage in self.stages:
             stage.reduced = False
             stage.saved = [
@@ -240,11 +258,17 @@ class FSDPExtension(Extension):
             return
         stage.reduced = True
         self._restore(stage)
-        _reduce(stage)
+        if self.transport is None:
+            _reduce(stage)
+            return
+        with polled_collectives(self.transport, "FSDP2's gradient reduction of "
+                                f"pipeline.module[{stage_index}]"):
+            _reduce(stage)
 
     def after_step(self, training: bool) -> None:
         """Restore settings; reshard what inference left unsharded; check every stage
         reduced in a training step."""
+        self._polled.close()
         missing = [s.index for s in self.stages if training and not s.reduced]
         for stage in self.stages:
             if not stage.reduced:
@@ -260,6 +284,7 @@ class FSDPExtension(Extension):
     def step_failed(self) -> None:
         """Restore the user's settings and FSDP2's per-iteration state, and drop the
         failed step's unreduced gradients (no communication)."""
+        self._polled.close()
         for stage in self.stages:
             if not stage.reduced and stage.saved:
                 self._restore(stage)
@@ -348,6 +373,19 @@ class FSDPExtension(Extension):
                     for g in stage.groups:  # no-op if unsharded or already on its way
                         g.lazy_init()
                         g.unshard(async_op=True)
+
+
+def _process_groups(stages: list[_Stage]) -> list[Any]:
+    """Every process group the stages' FSDP2 parameter groups communicate on (each once)."""
+    out: list[Any] = []
+    for stage in stages:
+        for g in stage.groups:
+            for name in ("shard_process_group", "reduce_scatter_process_group",
+                         "replicate_process_group"):
+                pg = getattr(g.mesh_info, name, None)
+                if pg is not None and all(pg is not q for q in out):
+                    out.append(pg)
+    return out
 
 
 def _reduce(stage: _Stage) -> None:
