@@ -122,6 +122,17 @@ def _abandon(group: dist.ProcessGroup | None, transport: BaseTransport, what: st
             f"left in flight: {REBUILD}]")
 
 
+def _timeout(group: dist.ProcessGroup | None, transport: BaseTransport) -> float:
+    """The group's own timeout in seconds (its backend's), else the pipeline's."""
+    pg = _pg(group)
+    try:
+        device = transport.device if transport.device.type != "cpu" else torch.device("cpu")
+        seconds = pg._get_backend(device).options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001 - a backend without options: the pipeline's timeout
+        return float(transport.timeout)
+    return float(seconds)
+
+
 def wait_collective(
     work: dist.Work,
     transport: BaseTransport,
@@ -138,10 +149,12 @@ def wait_collective(
     all-reduce and all-gather; not gloo's reduce-scatter, which completes only inside
     ``wait()``). On a failure of the job: :class:`RemoteFailure` with its message (the
     failed process, pipeline rank and action), and the group is recorded as abandoned.
-    After the transport's ``timeout``: :class:`StepTimeout` (posted to the job when
-    ``post``, so the other ranks fail at once too). A collective that fails by itself (a
-    peer process died): :class:`PipelineError`, also posted when ``post``."""
-    deadline = time.monotonic() + transport.timeout
+    A collective that fails by itself — the group's own timeout expired (as before: the
+    wait is not shortened for a replica that is only slow), or a peer process died —:
+    :class:`PipelineError` naming it and the group, posted to the job when ``post`` (so
+    the other ranks fail at once too). Should the backend not report that, a
+    :class:`StepTimeout` a few seconds after the group's timeout ends the wait."""
+    deadline = time.monotonic() + _timeout(group, transport) + 5.0
     nap = 2e-5
     while not work.is_completed():
         try:
@@ -150,8 +163,9 @@ def wait_collective(
             raise RemoteFailure(_abandon(group, transport, what, str(exc)),
                                 exc.failure) from None
         if time.monotonic() > deadline:
-            message = (f"process {dist.get_rank()} timed out after {transport.timeout:.1f} s "
-                       f"waiting for {what} on {_describe(group)}")
+            message = (f"process {dist.get_rank()} timed out after "
+                       f"{_timeout(group, transport) + 5.0:.1f} s waiting for {what} on "
+                       f"{_describe(group)}")
             if post:
                 transport.post_error(message)
             raise StepTimeout(_abandon(group, transport, what, message))
