@@ -158,3 +158,37 @@ def token_mean(rank: int, world: int) -> dict[str, Any]:
     report["refused"] = _refused(data_group, pipe)
     pipe.close()
     return report
+
+
+def slow_replica(rank: int, world: int) -> float:
+    """No failure, replica 0 late by :data:`DELAY` s: ``sync()`` on replica 1 waits for it
+    (polling, with the failure check) and every gradient equals one process's mean over
+    both replicas' batches. Returns how long ``sync()`` took here."""
+    import copy
+
+    from dualpipe.data_parallel import GradientSync
+
+    from .training_workers import assert_grads_close, layer_pairs, reference_step
+
+    _, pp_group, replica = _mesh(world)
+    layers = build_layers(seed=3)
+    ref = copy.deepcopy(layers)
+    mine = split_model(layers, "1f1b", group=pp_group)
+    pipe = Pipeline(mine, "1f1b", process_group=pp_group, timeout=60)
+    sync = GradientSync(pipe)
+    chunks = 4
+    batches = [make_batch("mlp", 2 * chunks, seed=4 + r) for r in range(2)]
+    (x,), y = batches[replica]
+    inputs, labels = my_share(pipe, x, y)
+    pipe.step(*inputs, num_chunks=chunks, criterion=criterion, labels=labels)
+    if replica == 0:
+        time.sleep(DELAY)
+    t0 = time.monotonic()
+    sync()
+    took = time.monotonic() - t0
+    for (xr,), yr in batches:
+        reference_step(ref, xr, yr, chunks, scale=0.5)
+    assert_grads_close(layer_pairs(mine, ref))
+    dist.barrier()
+    pipe.close()
+    return took

@@ -14,7 +14,7 @@ import pytest
 
 from dualpipe.testing import run_distributed
 
-from .failure_domain_workers import FAILING, fsdp, gradient_sync, token_mean
+from .failure_domain_workers import FAILING, fsdp, gradient_sync, slow_replica, token_mean
 
 TIMEOUT = 60.0
 """The run's bound (and the default group's timeout; the groups new_group and
@@ -80,3 +80,10 @@ def test_token_mean_count_waiting_for_a_failed_replica() -> None:
     for r in (reports[0], reports[2]):  # their data-parallel group was not touched
         assert r["refused"] == "", r
     del other
+
+
+def test_a_late_replica_is_waited_for() -> None:
+    """The control: no failure, replica 0 late by a second; replica 1's sync() waits for it
+    and the gradients are exact."""
+    took = run_distributed(slow_replica, 4, timeout=TIMEOUT)
+    assert took[2] > 0.5 and took[3] > 0.5, took
