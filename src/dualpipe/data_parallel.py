@@ -93,9 +93,8 @@ class GradientSync:
     def sync(self) -> None:
         """All-reduce the gradients of this rank's stages over the processes holding the
         same stages (a missing gradient counts as zero and is then set)."""
-        transport = self.pipe.transport
-        transport.check_error()  # this pipeline (or the job) failed: nothing to reduce
-        check_group(self.group, transport)  # once per sync: the store's record too
+        # (each all-reduce refuses to start if this pipeline failed: partial gradients)
+        check_group(self.group, self.pipe.transport)  # once per sync: the store's record
         bucket: list[torch.nn.Parameter] = []
         size = 0
         for p in self.params:

@@ -26,6 +26,7 @@ from .base import BaseTransport
 
 __all__ = [
     "ABANDONED",
+    "GRACE",
     "REBUILD",
     "abandoned_reason",
     "all_reduce",
@@ -122,6 +123,11 @@ def _abandon(group: dist.ProcessGroup | None, transport: BaseTransport, what: st
             f"left in flight: {REBUILD}]")
 
 
+GRACE = 0.3
+"""Seconds a collective may still take to complete once a failure of the job is known
+(the ranks that are alive may all have issued it: then nothing is left in flight)."""
+
+
 def _timeout(group: dist.ProcessGroup | None, transport: BaseTransport) -> float:
     """The group's own timeout in seconds (its backend's), else the pipeline's."""
     pg = _pg(group)
@@ -148,7 +154,9 @@ def wait_collective(
     The work must report completion by itself (``is_completed()``: NCCL's, gloo's
     all-reduce and all-gather; not gloo's reduce-scatter, which completes only inside
     ``wait()``). On a failure of the job: :class:`RemoteFailure` with its message (the
-    failed process, pipeline rank and action), and the group is recorded as abandoned.
+    failed process, pipeline rank and action) — once the collective completed (within
+    :data:`GRACE` seconds: the group is fine), else after that grace, and the group is
+    then recorded as abandoned.
     A collective that fails by itself — the group's own timeout expired (as before: the
     wait is not shortened for a replica that is only slow), or a peer process died —:
     :class:`PipelineError` naming it and the group, posted to the job when ``post`` (so
@@ -156,13 +164,19 @@ def wait_collective(
     :class:`StepTimeout` a few seconds after the group's timeout ends the wait."""
     deadline = time.monotonic() + _timeout(group, transport) + 5.0
     nap = 2e-5
+    failure: RemoteFailure | None = None
+    given_up = 0.0  # when the grace after a failure ends
     while not work.is_completed():
-        try:
-            transport.check_error()
-        except RemoteFailure as exc:
-            raise RemoteFailure(_abandon(group, transport, what, str(exc)),
-                                exc.failure) from None
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if failure is None:
+            try:
+                transport.check_error()
+            except RemoteFailure as exc:
+                failure, given_up = exc, now + GRACE
+        if failure is not None and now > given_up:
+            raise RemoteFailure(_abandon(group, transport, what, str(failure)),
+                                failure.failure) from None
+        if now > deadline:
             message = (f"process {dist.get_rank()} timed out after "
                        f"{_timeout(group, transport) + 5.0:.1f} s waiting for {what} on "
                        f"{_describe(group)}")
@@ -181,6 +195,22 @@ def wait_collective(
         if post:
             transport.post_error(message)
         raise PipelineError(f"{message}; {REBUILD}") from exc
+    if failure is not None:  # completed by every rank: the group is fine, the job is not
+        raise failure
+
+
+def _pipeline_error(transport: BaseTransport) -> str | None:
+    """The failure posted in ``transport``'s own pipeline (by this rank or another of its
+    ranks), if any: its gradients are then partial and must not be contributed."""
+    mine: str | None = getattr(transport, "_own_error", None)
+    store = _store(transport)
+    key = getattr(transport, "key", None)
+    if mine is not None or store is None or key is None:
+        return mine
+    try:
+        return store.get(f"{key}/error").decode() if store.check([f"{key}/error"]) else None
+    except Exception:  # noqa: BLE001 - no store: the failure watch's finding decides
+        return None
 
 
 def all_reduce(
@@ -195,14 +225,19 @@ def all_reduce(
     checked: bool = False,
 ) -> None:
     """``dist.all_reduce(tensor, op, group)``, in place, waited for with the job's failure
-    check (:func:`wait_collective`). A failure already known raises before anything is
-    issued, and so does a group some rank left a collective in flight on (``checked``:
-    the caller looked in the store already; this process's record is still read).
+    check (:func:`wait_collective`). A failure of this rank's own pipeline raises before
+    anything is issued (its values are partial), and so does a group some rank left a
+    collective in flight on (``checked``: the caller looked in the store already; this
+    process's record is still read). A failure of another pipeline does not: the
+    all-reduce is issued, so that the ranks that are alive complete it together and leave
+    the group usable, and the failure is raised after (:data:`GRACE`).
 
     On a device backend with ``host=False`` the collective is left to the stream (the
     host does not wait, as ``dist.all_reduce`` does); a CPU tensor's collective (gloo)
     always blocks the host, so it is always waited for this way."""
-    transport.check_error()
+    own = _pipeline_error(transport)
+    if own is not None:
+        raise RemoteFailure(own)
     check_group(group, None if checked else transport)
     op = dist.ReduceOp.SUM if op is None else op
     if tensor.device.type != "cpu" and not host:
