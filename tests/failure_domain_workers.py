@@ -192,3 +192,42 @@ def slow_replica(rank: int, world: int) -> float:
     dist.barrier()
     pipe.close()
     return took
+
+
+def patched_methods(rank: int, world: int) -> list[str]:
+    """Inside ``polled_collectives`` (with a pipeline's transport), the reduce-scatter,
+    all-gather and all-reduce FSDP2 would issue give the same values bit for bit as outside
+    (the reduce-scatter runs as an all-reduce there), an ``async_op`` caller gets a work
+    whose ``wait()`` checks failures, and the ``ProcessGroup`` methods are restored on
+    exit."""
+    from dualpipe.transport.guarded import polled_collectives
+
+    before = {n: getattr(dist.ProcessGroup, n) for n in
+              ("allreduce", "all_gather_single", "reduce_scatter_single")}
+    pipe = Pipeline(split_model(build_layers(seed=3, n=4), "1f1b"), "1f1b", timeout=60)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(world * 5, generator=g)
+    out = []
+
+    def collectives() -> list[torch.Tensor]:
+        got = []
+        for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+            part = torch.zeros(5)
+            dist.reduce_scatter_single(part, x.clone(), op=op)
+            got.append(part)
+        full = torch.zeros(world * 5)
+        work = dist.all_gather_single(full, x[:5].clone(), async_op=True)
+        out.append(type(work).__name__)
+        assert work is not None
+        work.wait()
+        summed = x.clone()
+        dist.all_reduce(summed)
+        return [*got, full, summed]
+
+    plain = collectives()
+    with polled_collectives(pipe.transport, "a test"):
+        inside = collectives()
+    assert all(torch.equal(a, b) for a, b in zip(plain, inside, strict=True))
+    assert {n: getattr(dist.ProcessGroup, n) for n in before} == before
+    pipe.close()
+    return out

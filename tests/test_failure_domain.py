@@ -14,7 +14,14 @@ import pytest
 
 from dualpipe.testing import run_distributed
 
-from .failure_domain_workers import FAILING, fsdp, gradient_sync, slow_replica, token_mean
+from .failure_domain_workers import (
+    FAILING,
+    fsdp,
+    gradient_sync,
+    patched_methods,
+    slow_replica,
+    token_mean,
+)
 
 TIMEOUT = 60.0
 """The run's bound (and the default group's timeout; the groups new_group and
@@ -87,3 +94,9 @@ def test_a_late_replica_is_waited_for() -> None:
     and the gradients are exact."""
     took = run_distributed(slow_replica, 4, timeout=TIMEOUT)
     assert took[2] > 0.5 and took[3] > 0.5, took
+
+
+def test_the_polled_collectives_give_the_same_values() -> None:
+    kinds = run_distributed(patched_methods, 3, timeout=TIMEOUT)  # AVG over 3: exact too
+    for k in kinds:  # outside: gloo's work; inside: the failure-checked one
+        assert k[0] != "_PolledWork" and k[1] == "_PolledWork", k

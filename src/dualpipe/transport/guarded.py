@@ -297,68 +297,74 @@ def _issue(pg: dist.ProcessGroup, transport: BaseTransport, what: str) -> None:
     check_group(pg)
 
 
-def _allreduce(pg: dist.ProcessGroup, *args: Any, **kwargs: Any) -> Any:
-    original = _saved["allreduce"]
-    inside = _inside(args[0]) if len(args) == 2 and isinstance(args[0], list) and \
-        isinstance(args[1], dist.AllreduceOptions) and not kwargs else None
-    if inside is None:
-        return original(pg, *args, **kwargs)
-    transport, what = inside
-    what = f"{what} (all-reduce)"
-    _issue(pg, transport, what)
-    return _PolledWork(original(pg, *args), transport, what, pg)
+def _replacements(originals: dict[str, Any]) -> dict[str, Callable[..., Any]]:
+    """The ``ProcessGroup`` methods FSDP2's collectives reach (through ``dist.all_reduce``,
+    ``dist.all_gather_single`` and ``dist.reduce_scatter_single``, which wait for the work
+    they return unless asked for ``async_op``), as installed while a thread is inside
+    :func:`polled_collectives`; each calls ``originals`` (captured: a call from another
+    thread may arrive while the last thread leaves)."""
+    allreduce = originals["allreduce"]
+
+    def all_reduce_method(pg: dist.ProcessGroup, *args: Any, **kwargs: Any) -> Any:
+        inside = _inside(args[0]) if len(args) == 2 and isinstance(args[0], list) and \
+            isinstance(args[1], dist.AllreduceOptions) and not kwargs else None
+        if inside is None:
+            return allreduce(pg, *args, **kwargs)
+        transport, what = inside
+        what = f"{what} (all-reduce)"
+        _issue(pg, transport, what)
+        return _PolledWork(allreduce(pg, *args), transport, what, pg)
+
+    out: dict[str, Callable[..., Any]] = {"allreduce": all_reduce_method}
+    gather = originals.get("all_gather_single")
+    if gather is not None:
+        def all_gather_method(pg: dist.ProcessGroup, *args: Any, **kwargs: Any) -> Any:
+            inside = _inside(list(args[:2])) if len(args) == 3 and not kwargs else None
+            if inside is None:
+                return gather(pg, *args, **kwargs)
+            transport, what = inside
+            what = f"{what} (all-gather)"
+            _issue(pg, transport, what)
+            return _PolledWork(gather(pg, *args), transport, what, pg)
+
+        out["all_gather_single"] = all_gather_method
+    scatter = originals.get("reduce_scatter_single")
+    if scatter is not None:
+        def reduce_scatter_method(pg: dist.ProcessGroup, *args: Any, **kwargs: Any) -> Any:
+            """gloo's reduce-scatter reports completion only inside ``wait()``, where
+            nothing could check for failures: it runs as an all-reduce of a copy of the
+            input (which reports completion) and the copy of this rank's part into the
+            output — the same values bit for bit (gloo reduce-scatters that way)."""
+            inside = None
+            if len(args) == 3 and not kwargs and isinstance(args[2], dist.ReduceScatterOptions):
+                output, inp, _ = args
+                if output.numel() * pg.size() == inp.numel() and inp.is_contiguous():
+                    inside = _inside([output, inp])
+            if inside is None:
+                return scatter(pg, *args, **kwargs)
+            transport, what = inside
+            what = f"{what} (reduce-scatter)"
+            _issue(pg, transport, what)
+            output, inp, opts = args
+            full = inp.detach().clone()
+            all_opts = dist.AllreduceOptions()
+            all_opts.reduceOp = opts.reduceOp
+            all_opts.timeout = opts.timeout
+            work = allreduce(pg, [full], all_opts)
+            part = full.view(pg.size(), -1)[pg.rank()].view_as(output)
+
+            def copy_out() -> None:
+                with torch.no_grad():
+                    output.copy_(part)
+
+            return _PolledWork(work, transport, what, pg, then=copy_out)
+
+        out["reduce_scatter_single"] = reduce_scatter_method
+    return out
 
 
-def _all_gather_single(pg: dist.ProcessGroup, *args: Any, **kwargs: Any) -> Any:
-    original = _saved["all_gather_single"]
-    inside = _inside(list(args[:2])) if len(args) == 3 and not kwargs else None
-    if inside is None:
-        return original(pg, *args, **kwargs)
-    transport, what = inside
-    what = f"{what} (all-gather)"
-    _issue(pg, transport, what)
-    return _PolledWork(original(pg, *args), transport, what, pg)
-
-
-def _reduce_scatter_single(pg: dist.ProcessGroup, *args: Any, **kwargs: Any) -> Any:
-    """gloo's reduce-scatter reports completion only inside ``wait()``, where nothing
-    could check for failures: it runs as an all-reduce of a copy of the input (which
-    reports completion) and the copy of this rank's part into the output — the same
-    values bit for bit (gloo reduce-scatters that way)."""
-    original = _saved["reduce_scatter_single"]
-    inside = None
-    if len(args) == 3 and not kwargs and isinstance(args[2], dist.ReduceScatterOptions):
-        output, inp, _ = args
-        if output.numel() * pg.size() == inp.numel() and inp.is_contiguous():
-            inside = _inside([output, inp])
-    if inside is None:
-        return original(pg, *args, **kwargs)
-    transport, what = inside
-    what = f"{what} (reduce-scatter)"
-    _issue(pg, transport, what)
-    output, inp, opts = args
-    full = inp.detach().clone()
-    all_opts = dist.AllreduceOptions()
-    all_opts.reduceOp = opts.reduceOp
-    all_opts.timeout = opts.timeout
-    work = _saved["allreduce"](pg, [full], all_opts)
-    part = full.view(pg.size(), -1)[pg.rank()].view_as(output)
-
-    def copy_out() -> None:
-        with torch.no_grad():
-            output.copy_(part)
-
-    return _PolledWork(work, transport, what, pg, then=copy_out)
-
-
-_METHODS: dict[str, Callable[..., Any]] = {
-    "allreduce": _allreduce,
-    "all_gather_single": _all_gather_single,
-    "reduce_scatter_single": _reduce_scatter_single,
-}
-"""The ``ProcessGroup`` methods FSDP2's collectives reach (through ``dist.all_reduce``,
-``dist.all_gather_single`` and ``dist.reduce_scatter_single``, which wait for the work
-they return unless asked for ``async_op``), replaced while a thread is inside."""
+_METHODS = ("allreduce", "all_gather_single", "reduce_scatter_single")
+"""The ``ProcessGroup`` methods replaced while a thread is inside (those that exist)."""
 
 
 @contextlib.contextmanager
@@ -372,8 +378,9 @@ def polled_collectives(transport: BaseTransport, what: str) -> Iterator[None]:
     me = threading.get_ident()
     with _lock:
         if not _active:
-            for name, replacement in _METHODS.items():
-                _saved[name] = getattr(dist.ProcessGroup, name)
+            _saved.update({name: getattr(dist.ProcessGroup, name) for name in _METHODS
+                           if hasattr(dist.ProcessGroup, name)})
+            for name, replacement in _replacements(_saved).items():
                 setattr(dist.ProcessGroup, name, replacement)
         _active.setdefault(me, []).append((transport, what))
     try:
