@@ -188,10 +188,13 @@ def wait_collective(
     try:
         work.wait()  # at once: completed; raises what the collective hit
     except Exception as exc:  # noqa: BLE001 - reported below
-        transport.check_error(fresh=True)  # a posted failure explains it: that first
         message = (f"process {dist.get_rank()}: {what} failed on {_describe(group)}: "
                    f"{type(exc).__name__}: {exc}")
-        _record(_pg(group), message)
+        _record(_pg(group), message)  # gloo closed the group's connections: broken
+        try:
+            transport.check_error(fresh=True)  # a posted failure explains it: that first
+        except RemoteFailure as known:
+            raise RemoteFailure(f"{known} [{message}; {REBUILD}]", known.failure) from exc
         if post:
             transport.post_error(message)
         raise PipelineError(f"{message}; {REBUILD}") from exc
@@ -291,7 +294,7 @@ def _inside(tensors: list[Any]) -> tuple[BaseTransport, str] | None:
     return stack[-1]
 
 
-def _issue(pg: dist.ProcessGroup, transport: BaseTransport, what: str) -> None:
+def _issue(pg: dist.ProcessGroup, transport: BaseTransport) -> None:
     """Before a collective: a known failure, or a group left with one in flight, raises."""
     transport.check_error()
     check_group(pg)
@@ -312,7 +315,7 @@ def _replacements(originals: dict[str, Any]) -> dict[str, Callable[..., Any]]:
             return allreduce(pg, *args, **kwargs)
         transport, what = inside
         what = f"{what} (all-reduce)"
-        _issue(pg, transport, what)
+        _issue(pg, transport)
         return _PolledWork(allreduce(pg, *args), transport, what, pg)
 
     out: dict[str, Callable[..., Any]] = {"allreduce": all_reduce_method}
@@ -324,7 +327,7 @@ def _replacements(originals: dict[str, Any]) -> dict[str, Callable[..., Any]]:
                 return gather(pg, *args, **kwargs)
             transport, what = inside
             what = f"{what} (all-gather)"
-            _issue(pg, transport, what)
+            _issue(pg, transport)
             return _PolledWork(gather(pg, *args), transport, what, pg)
 
         out["all_gather_single"] = all_gather_method
@@ -344,7 +347,7 @@ def _replacements(originals: dict[str, Any]) -> dict[str, Callable[..., Any]]:
                 return scatter(pg, *args, **kwargs)
             transport, what = inside
             what = f"{what} (reduce-scatter)"
-            _issue(pg, transport, what)
+            _issue(pg, transport)
             output, inp, opts = args
             full = inp.detach().clone()
             all_opts = dist.AllreduceOptions()
