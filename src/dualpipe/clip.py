@@ -12,6 +12,8 @@ import torch.distributed as dist
 
 from .runtime.pipeline import Pipeline
 from .stages import local_stages, owned_parameters, unique_parameters
+from .transport.base import BaseTransport
+from .transport.guarded import all_reduce
 
 __all__ = ["grad_norm", "clip_grad_norm_"]
 
@@ -34,16 +36,22 @@ def _is_dtensor(g: torch.Tensor) -> bool:
     return api is not None and isinstance(g, api[0])
 
 
-def _reduce(value: torch.Tensor, infinite: bool, group: dist.ProcessGroup | None) -> torch.Tensor:
+_WHAT = "the all-reduce of the gradient norm (clip_grad_norm_/grad_norm)"
+
+
+def _reduce(value: torch.Tensor, infinite: bool, group: dist.ProcessGroup | None,
+            transport: BaseTransport) -> torch.Tensor:
     """All-reduce a float64 scalar over ``group``: the sum, or (``infinite``) the maximum
     with NaN kept — gloo's MAX, like Python's ``max``, drops a NaN; torch's norm
-    propagates it, and so does this."""
+    propagates it, and so does this. Waited for with the pipeline's failure check (a
+    failure anywhere in the job ends the wait at once, naming the failed rank)."""
     if not infinite:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        all_reduce(value, group, transport, _WHAT, op=dist.ReduceOp.SUM, host=False,
+                   post=True)
         return value
     nan = torch.isnan(value)
     both = torch.stack([torch.where(nan, torch.zeros_like(value), value), nan.to(value.dtype)])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(both, group, transport, _WHAT, op=dist.ReduceOp.MAX, host=False, post=True)
     return torch.where(both[1] > 0, torch.full_like(value, math.nan), both[0])
 
 
@@ -58,7 +66,8 @@ def _part(g: torch.Tensor, p: float, acc: torch.Tensor) -> torch.Tensor:
     return acc + torch.linalg.vector_norm(g, p).to(acc.device, torch.float64) ** p
 
 
-def _dtensor_parts(grads: list[Any], p: float, device: torch.device) -> torch.Tensor:
+def _dtensor_parts(grads: list[Any], p: float, device: torch.device,
+                   transport: BaseTransport) -> torch.Tensor:
     """The ``p``-norm share (sum of powers, or max) of DTensor gradients, complete: each
     gradient's local shards are combined over the mesh dimensions it is sharded along
     (one collective per distinct set of such dimensions); replicated dimensions hold the
@@ -82,7 +91,7 @@ def _dtensor_parts(grads: list[Any], p: float, device: torch.device) -> torch.Te
     total = torch.zeros((), dtype=torch.float64, device=device)
     for groups, acc in by_groups.values():
         for group in groups:
-            acc = _reduce(acc, infinite, group)
+            acc = _reduce(acc, infinite, group, transport)
         acc = acc.to(device)
         total = torch.maximum(total, acc) if infinite else total + acc
     return total
@@ -120,11 +129,11 @@ def grad_norm(
     for g in plain:
         total = _part(g, p, total)
     if data_group is not None:
-        total = _reduce(total, infinite, data_group)
+        total = _reduce(total, infinite, data_group, pipe.transport)
     if sharded:
-        complete = _dtensor_parts(sharded, p, device)
+        complete = _dtensor_parts(sharded, p, device, pipe.transport)
         total = torch.maximum(total, complete) if infinite else total + complete
-    total = _reduce(total, infinite, pipe.group)
+    total = _reduce(total, infinite, pipe.group, pipe.transport)
     if not infinite:
         total = total ** (1.0 / p)
     return total.float()

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from .runtime.pipeline import Pipeline
 from .stages import is_mirrored, local_stages, unique_parameters
+from .transport.guarded import all_reduce, check_group
 
 __all__ = ["GradientSync"]
 
@@ -24,6 +25,14 @@ class GradientSync:
 
     Build the pipeline with ``sync_mirrored_grads=False`` (DualPipe) so the copies are not
     summed twice. The constructor is collective over the world (it creates the groups).
+
+    The all-reduces are waited for with the pipeline's failure check: a failure anywhere
+    in the job (one failure domain, ``docs/runtime.md``) ends :meth:`sync` within about a
+    second with :class:`~dualpipe.errors.RemoteFailure` naming the failed rank, even while
+    it waits for a replica that will never join. An all-reduce left in flight that way
+    makes the group unusable (the error says so): build a new ``GradientSync`` (new
+    groups). A pipeline rebuilt after a failure needs a new ``GradientSync`` too, or
+    ``sync.pipe = new_pipeline`` when no collective was left in flight.
 
     Args:
         pipe: this process's pipeline.
@@ -84,6 +93,8 @@ class GradientSync:
     def sync(self) -> None:
         """All-reduce the gradients of this rank's stages over the processes holding the
         same stages (a missing gradient counts as zero and is then set)."""
+        # (each all-reduce refuses to start if this pipeline failed: partial gradients)
+        check_group(self.group, self.pipe.transport)  # once per sync: the store's record
         bucket: list[torch.nn.Parameter] = []
         size = 0
         for p in self.params:
@@ -102,7 +113,9 @@ class GradientSync:
         flat = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
         )
-        dist.all_reduce(flat, group=self.group)
+        all_reduce(flat, self.group, self.pipe.transport,
+                   f"GradientSync's all-reduce of {len(params)} gradient(s)", host=False,
+                   post=True, checked=True)
         if self.average and self.replicas > 1:
             flat /= self.replicas
         offset = 0

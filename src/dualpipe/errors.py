@@ -23,7 +23,17 @@ class PipelineError(RuntimeError):
 
 
 class RemoteFailure(PipelineError):
-    """Another rank's failure, as read from the process group's store."""
+    """Another rank's failure, as read from the process group's store.
+
+    Attributes:
+        failure: the failure as that rank posted it (the message may add what this rank
+            was doing when it learned of it); passed on unchanged when this rank tells
+            its own pipeline.
+    """
+
+    def __init__(self, message: str, failure: str | None = None) -> None:
+        super().__init__(message)
+        self.failure = failure if failure is not None else message
 
 
 class ActionFailure(PipelineError):

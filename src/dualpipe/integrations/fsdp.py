@@ -31,10 +31,17 @@ weight gradients exist. This extension takes the reduction over:
 DualPipe's mirrored copies then sum their local gradient shards (both copies hold the
 same shard: checked at construction). Anything this cannot run exactly is refused at
 construction or at the first step with an error that says what to do.
+
+On gloo (CPU) FSDP2's collectives of a step (all-gathers and reductions) are waited for
+with the pipeline's failure check (:func:`dualpipe.transport.guarded.polled_collectives`):
+a failure anywhere in the job ends a collective that waits for a replica that will never
+join it within about a second, with the failed rank's message; that group is then left
+with a collective in flight and refused from then on (build new process groups).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +51,7 @@ from torch import nn
 from ..runtime.extension import Extension, PipelineInfo
 from ..runtime.plan import ExecutionPlan, PlannedStep
 from ..schedules.actions import Op
+from ..transport.guarded import check_group, polled_collectives
 
 __all__ = ["FSDPExtension", "extension_for", "set_prefetch", "stage_param_groups"]
 
@@ -207,6 +215,9 @@ class FSDPExtension(Extension):
         step's compute (see :func:`set_prefetch`)."""
         self._training = False
         self._next: dict[int, PlannedStep | None] = {}
+        self.transport = getattr(pipeline.pipeline, "transport", None)
+        self.process_groups = _process_groups(stages)
+        self._polled = contextlib.ExitStack()  # the step's collectives: failure-checked
         _refuse(pipeline, self.stages)
         for stage in self.stages:
             self._wants_reshard(stage)  # refuses reshard_after_forward=<int> now
@@ -229,6 +240,13 @@ class FSDPExtension(Extension):
                 "module instead (before building the pipeline)"
             )
         self._training = training
+        if self.transport is not None:
+            for group in self.process_groups:  # one left with a collective in flight
+                check_group(group, self.transport)
+            # a replica that failed never joins: FSDP2's collectives of the step wait with
+            # the job's failure check (gloo; device streams are left alone)
+            self._polled.enter_context(
+                polled_collectives(self.transport, "an FSDP2 collective of the step"))
         for stage in self.stages:
             stage.reduced = False
             stage.saved = [
@@ -254,12 +272,18 @@ class FSDPExtension(Extension):
             return
         stage.reduced = True
         self._restore(stage)
-        _reduce(stage)
+        if self.transport is None:
+            _reduce(stage)
+            return
+        with polled_collectives(self.transport, "FSDP2's gradient reduction of "
+                                f"pipeline.module[{stage_index}]"):
+            _reduce(stage)
 
     def after_step(self, training: bool) -> None:
         """Restore settings; reshard what inference left unsharded; check every stage
         reduced in a training step."""
         self._next = {}
+        self._polled.close()
         missing = [s.index for s in self.stages if training and not s.reduced]
         for stage in self.stages:
             _settle(stage)  # (none expected: every prefetch was for an action that ran)
@@ -278,6 +302,7 @@ class FSDPExtension(Extension):
         failed step's unreduced gradients (no communication: an all-gather started
         ahead is dropped, not waited for)."""
         self._next = {}
+        self._polled.close()
         for stage in self.stages:
             _drop_pending(stage)
             if not stage.reduced and stage.saved:
@@ -416,6 +441,19 @@ def _drop_pending(stage: _Stage) -> None:
     step: the peers may never join them); their results are never used."""
     for g in stage.groups:
         g._all_gather_result = None
+
+
+def _process_groups(stages: list[_Stage]) -> list[Any]:
+    """Every process group the stages' FSDP2 parameter groups communicate on (each once)."""
+    out: list[Any] = []
+    for stage in stages:
+        for g in stage.groups:
+            for name in ("shard_process_group", "reduce_scatter_process_group",
+                         "replicate_process_group"):
+                pg = getattr(g.mesh_info, name, None)
+                if pg is not None and all(pg is not q for q in out):
+                    out.append(pg)
+    return out
 
 
 def _reduce(stage: _Stage) -> None:

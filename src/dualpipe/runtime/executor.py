@@ -120,7 +120,8 @@ class Executor:
         "invalid step arguments"): tell the other ranks at once, naming this rank, and
         complete whatever of the step they posted."""
         self.transport.begin_step(step)
-        self.transport.post_error(f"rank {self.rank}: {what}: {exc}")
+        self.transport.post_error(exc.failure if isinstance(exc, RemoteFailure)
+                                  else f"rank {self.rank}: {what}: {exc}")
         self.abandon(exc)
 
     def _run(self, schedule: Schedule, data: StepData, number: int, record: bool | str
@@ -222,7 +223,8 @@ class Executor:
         or one that came from another rank — is not replaced) and complete every
         message of the step still open on either side, so nothing of it is left posted."""
         self.transport.post_error(
-            f"rank {self.rank} failed in step {self.transport.step}: "
+            exc.failure if isinstance(exc, RemoteFailure)  # another rank's: as posted
+            else f"rank {self.rank} failed in step {self.transport.step}: "
             f"{type(exc).__name__}: {exc}"
         )
         self.transport.drain_failed_step(min(self.transport.timeout, DRAIN_SECONDS))

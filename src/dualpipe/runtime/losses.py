@@ -9,6 +9,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..transport.base import BaseTransport
+from ..transport.guarded import all_reduce
+
 __all__ = ["LOSS_REDUCTIONS", "reduced_criterion", "share_losses", "count_labels"]
 
 
@@ -83,12 +86,15 @@ def share_losses(
     num_streams: int,
     group: dist.ProcessGroup | None,
     device: torch.device,
+    transport: BaseTransport | None = None,
 ) -> torch.Tensor | None:
     """Collective over the pipeline group: every micro-batch's loss of the step (stream 0's
     first, as float32), on every rank; None on every rank if no rank computed losses.
 
     ``losses`` are this rank's per-micro-batch losses of ``stream`` (None where no stream
-    ends or no criterion was given). Exact: each value is added to zeros only."""
+    ends or no criterion was given). Exact: each value is added to zeros only. With the
+    pipeline's ``transport``, the all-reduce is waited for with its failure check (a rank
+    that failed after its step never joins it)."""
     n = chunks_per_stream * num_streams
     buf = torch.zeros(n + 1, dtype=torch.float64, device=device)
     if losses is not None and stream is not None:
@@ -96,7 +102,11 @@ def share_losses(
             device, torch.float64
         )
         buf[n] = 1.0
-    dist.all_reduce(buf, group=group)
+    if transport is None:
+        dist.all_reduce(buf, group=group)
+    else:
+        all_reduce(buf, group, transport, "the all-reduce of the step's losses "
+                   "(broadcast_loss)", post=True)
     if buf[n].item() == 0.0:
         return None
     return buf[:n].to(torch.float32)

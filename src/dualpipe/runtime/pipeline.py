@@ -20,6 +20,7 @@ from ..schedules.layout import dualpipe_layout
 from ..schedules.registry import layout_for
 from ..schedules.schedule import Schedule
 from ..schedules.validate import validate
+from ..transport.guarded import all_reduce
 from ..transport.process_group import Transport
 from ..transport.protocol import PipelineIdentity, handshake
 from .declared import Declared, declared
@@ -486,7 +487,8 @@ class Pipeline(nn.Module):
         loss = torch.stack(result.losses) if result.losses else None
         if broadcast_loss:
             loss = share_losses(loss, end, schedule.chunks_per_stream,
-                                self.layout.num_streams, self.group, self.transport.device)
+                                self.layout.num_streams, self.group, self.transport.device,
+                                self.transport)
         if end is None:
             return loss, None
         outputs: Any = None
@@ -563,7 +565,9 @@ class Pipeline(nn.Module):
             self.transport.forget_note(f"tokens/{self._step_number - 1}")
         if self.data_group is not None:
             buf = torch.tensor([float(total)], dtype=torch.float64, device=self.device)
-            dist.all_reduce(buf, group=self.data_group)
+            # waited for with the failure check: a replica that failed never joins
+            all_reduce(buf, self.data_group, self.transport,
+                       "the all-reduce of the step's label count over data_group")
             total = int(buf.item())
         self.last_token_count = total
         return total
