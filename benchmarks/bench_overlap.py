@@ -189,15 +189,21 @@ def _step_runner(cfg: dict[str, Any], name: str, pp: Any, ep: Any, pp_rank: int,
     pipe = Pipeline(mine, auto if auto is not None else schedule, process_group=pp,
                     timeout=cfg["timeout"], pairs=False if name.endswith("_fb") else None)
     kw: dict[str, Any] = {"num_chunks": chunks} if auto is None else {}
-    if pp_rank == 0:
-        if schedule == "1f1b":
-            return lambda record=False: pipe.step(x, record=record, **kw)
-        return lambda record=False: pipe.step(x, criterion=criterion, labels=(y,),
-                                              record=record, **kw)
-    if schedule == "1f1b":
-        return lambda record=False: pipe.step(criterion=criterion, labels=(y,), record=record,
-                                              **kw)
-    return lambda record=False: (pipe.step(record=record, **kw), pipe)[1]
+    # inputs enter on pipeline rank 0; the loss is on rank 0 too (V shape), on rank 1 for
+    # 1F1B (a rank's two stages as one)
+    first, last = pp_rank == 0, pp_rank == (1 if schedule == "1f1b" else 0)
+    if first:
+        kw["inputs"] = (x,)
+    if last:
+        kw.update(criterion=criterion, labels=(y,))
+
+    def run(record: bool = False) -> Any:
+        inputs = kw.get("inputs", ())
+        rest = {k: v for k, v in kw.items() if k != "inputs"}
+        pipe.step(*inputs, record=record, **rest)
+        return pipe
+
+    return run
 
 
 STEP_ROWS = ["dualpipev_overlap", "dualpipev_overlap_fb", "dualpipev_sequential",

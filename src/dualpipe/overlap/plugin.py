@@ -112,8 +112,12 @@ def _finish_backward(run: StepRun, a: ActionPlan, task: BackwardTask,
                      leaves: list[Tensor]) -> None:
     if a.action.op is Op.INPUT:
         run.deferred[_key(a)] = task.weight if task.split else None
-    else:
-        task.weight.run()  # a full backward: whatever the waits did not absorb
+    else:  # a full backward: whatever the waits did not absorb, one part's at a time
+        t0 = time.perf_counter()
+        while task.weight.run_one():
+            t1 = time.perf_counter()
+            task.waiter.log("weight", "weight", t0, t1)
+            t0 = t1
     run.finish_backward(a, leaves, _input_grads(task, leaves))
 
 
