@@ -137,6 +137,24 @@ def moe_pipeline(rank: int, mesh: DeviceMesh, schedule: str, chunks: int, ckpt: 
 
 
 
+def _failing_step(pipe: Pipeline, pp_rank: int, ep_rank: int) -> tuple[str, float]:
+    """One DualPipeV step of 4 micro-batches expected to fail: the error this process
+    got (``"no error"`` if none) and how long the step took."""
+    import time
+
+    from dualpipe.errors import PipelineError
+
+    x, y = _data(ep_rank, 4)
+    t0 = time.monotonic()
+    try:
+        pipe.step(*((x,) if pp_rank == 0 else ()), num_chunks=4, criterion=_criterion,
+                  labels=(y,) if pp_rank == 0 else ())
+        message = "no error"
+    except PipelineError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    return message, time.monotonic() - t0
+
+
 class _Exploding(MoEStage):
     """Raises in its first computation part on the process that ``boom`` names."""
 
@@ -152,9 +170,7 @@ def failure_reaches_the_job(rank: int, world: int) -> tuple[str, float]:
     """2 pipelines x 2 expert-parallel ranks; process 2's part raises in the first step.
     Returns this process's error and how long its step took. The other pipeline's ranks
     wait in all-to-alls with the failed process: they must hear of it, not time out."""
-    import time
 
-    from dualpipe.errors import PipelineError
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
@@ -165,15 +181,7 @@ def failure_reaches_the_job(rank: int, world: int) -> tuple[str, float]:
     stages = [_Exploding(ep) for _ in range(layout.num_stages)]
     mine = [copy.deepcopy(stages[k]) for k in layout.rank_stages[pp_rank]]
     pipe = Pipeline(mine, "dualpipev", process_group=pp, timeout=60)
-    x, y = _data(ep_rank, 4)
-    t0 = time.monotonic()
-    try:
-        pipe.step(*((x,) if pp_rank == 0 else ()), num_chunks=4, criterion=_criterion,
-                  labels=(y,) if pp_rank == 0 else ())
-        message = "no error"
-    except PipelineError as exc:
-        message = f"{type(exc).__name__}: {exc}"
-    elapsed = time.monotonic() - t0
+    message, elapsed = _failing_step(pipe, pp_rank, ep_rank)
     pipe.close()
     torch.distributed.barrier()  # process 0 hosts the store: it stays until all are done
     return message, elapsed
@@ -223,9 +231,7 @@ def failure_inside_a_pair(rank: int, world: int, kind: str) -> tuple[str, float,
     schedule written by hand, while every rank still has work in the step; ``"late"``:
     in ``I0.2+I0.3``, the step's last). Returns this process's error, how long its step
     took and the kinds of pair of its schedule."""
-    import time
 
-    from dualpipe.errors import PipelineError
     from dualpipe.schedules import parse_step
     from dualpipe.schedules.schedule import Schedule
 
@@ -255,15 +261,7 @@ def failure_inside_a_pair(rank: int, world: int, kind: str) -> tuple[str, float,
         schedule = Schedule("dualpipev", layout, base.chunks_per_stream, rows)
         label = "B1.2+B0.1" if rank == 0 else "-"
     pipe = Pipeline(mine, schedule, process_group=pp, timeout=60, extensions=[_Arm(label)])
-    x, y = _data(ep_rank, 4)
-    t0 = time.monotonic()
-    try:
-        pipe.step(*((x,) if pp_rank == 0 else ()), num_chunks=4, criterion=_criterion,
-                  labels=(y,) if pp_rank == 0 else ())
-        message = "no error"
-    except PipelineError as exc:
-        message = f"{type(exc).__name__}: {exc}"
-    elapsed = time.monotonic() - t0
+    message, elapsed = _failing_step(pipe, pp_rank, ep_rank)
     _ArmedStage.armed = False
     plan = pipe.executor.last_plan
     kinds = sorted({s.kind.value for s in plan.schedule.steps[pp_rank]

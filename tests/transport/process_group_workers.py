@@ -10,6 +10,19 @@ import torch
 from dualpipe.transport.process_group import Transport
 
 
+def _start_watch(transport: Transport, rank: int) -> None:
+    """Begin step 1 and swap one message each way (the failure watch starts with the
+    first message)."""
+    transport.begin_step(1)
+    if rank == 0:
+        transport.send([torch.ones(4)], 1, 0)
+        transport.wait(transport.recv([torch.zeros(4)], 1, 1), "a message")
+    else:
+        buf = torch.zeros(4)
+        transport.wait(transport.recv([buf], 0, 0), "a message")
+        transport.send([buf], 0, 1)
+    transport.drain_sends("sends")
+
 def check_delivered_tensors_released(rank: int, world: int, large: bool) -> list[bool]:
     """Rank 0 sends three messages to rank 1 (which sends nothing back), over two steps.
     Once the sends are completed, nothing of the transport holds their tensors, and no
@@ -76,16 +89,7 @@ def polling_costs_no_store_request(rank: int, world: int) -> tuple[int, float]:
 
     transport = Transport(None, [0, 1], rank, torch.device("cpu"), timeout=30.0)
     transport.key = "dualpipe/poll-test"
-    transport.begin_step(1)
-    # one message each way starts the failure watch (it starts with the first message)
-    if rank == 0:
-        transport.send([torch.ones(4)], 1, 0)
-        transport.wait(transport.recv([torch.zeros(4)], 1, 1), "a message")
-    else:
-        buf = torch.zeros(4)
-        transport.wait(transport.recv([buf], 0, 0), "a message")
-        transport.send([buf], 0, 1)
-    transport.drain_sends("sends")
+    _start_watch(transport, rank)
     dist.barrier()
     if rank == 1:
         time.sleep(0.5)
@@ -137,16 +141,7 @@ def waiting_part_polls_cheaply(rank: int, world: int, fresh: bool) -> dict[str, 
 
     transport = Transport(None, [0, 1], rank, torch.device("cpu"), timeout=30.0)
     transport.key = f"dualpipe/wait-test-{fresh}"
-    transport.begin_step(1)
-    # one message each way starts the failure watch (it starts with the first message)
-    if rank == 0:
-        transport.send([torch.ones(4)], 1, 0)
-        transport.wait(transport.recv([torch.zeros(4)], 1, 1), "a message")
-    else:
-        buf = torch.zeros(4)
-        transport.wait(transport.recv([buf], 0, 0), "a message")
-        transport.send([buf], 0, 1)
-    transport.drain_sends("sends")
+    _start_watch(transport, rank)
     dist.barrier()
     store = transport.store
     assert store is not None
