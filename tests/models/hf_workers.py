@@ -308,7 +308,7 @@ def expert_parallel_case(family: str, chunks: int) -> dict[str, Any]:
             assert p.grad[own].abs().sum() > 0 and p.grad[other].abs().sum() == 0, n
             spread += 1
     assert spread > 0
-    hf_ep.sync_expert_parallel_grads(lm, ep)
+    hf_ep.sync_expert_parallel_grads(lm, ep, pipe)
     total = torch.zeros((), dtype=torch.float64)
     if losses is not None:
         total += losses.double().sum()

@@ -133,7 +133,7 @@ def train_hf_moe_rank(rank: int, world: int, opts: MoEOptions) -> MoERankResult:
         else:
             losses, _ = pipe.step(num_chunks=opts.chunks, record=record)
         step_s = time.perf_counter() - t0
-        hf_ep.sync_expert_parallel_grads(lm, ep)
+        hf_ep.sync_expert_parallel_grads(lm, ep, pipe)
         total = torch.zeros(2, dtype=torch.float64)
         total[0] = losses.double().sum() if losses is not None else 0.0
         total[1] = step_s

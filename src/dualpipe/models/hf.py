@@ -30,6 +30,7 @@ from ..schedules.registry import layout_for
 from ..schedules.schedule import Schedule
 from ..split import StageModule, param_counts, partition
 from ..stages import COUNTED_ELSEWHERE, unique_parameters
+from ..transport.guarded import all_reduce
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -835,6 +836,7 @@ class _TiedGradSum(Extension):
         assert spec.cross_rank_tie is not None
         self.group = info.group
         self.device = info.device
+        self.pipeline = info.pipeline
         self.param: nn.Parameter | None = None
         embed_rank, head_rank = spec.cross_rank_tie
         for module in info.modules:
@@ -872,7 +874,11 @@ class _TiedGradSum(Extension):
             delta = p.grad.detach().clone()
             if self.before is not None:
                 delta -= self.before
-        dist.all_reduce(delta, group=self.group)
+        transport = getattr(self.pipeline, "transport", None)
+        if transport is None:
+            dist.all_reduce(delta, group=self.group)
+        else:  # a failure elsewhere in the job ends the wait (one failure domain)
+            all_reduce(delta, self.group, transport, "the tied embedding's gradient sum")
         if p is not None:
             total = delta if self.before is None else self.before + delta
             p.grad = total

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..overlap import AllToAll, PartedStage
 from ..schedules.schedule import Schedule
+from ..transport.guarded import all_reduce
 from .hf import CausalLM, CausalLMStage, _prepare, _Spec
 
 __all__ = ["ExpertParallelStage", "split_causal_lm_ep", "sync_expert_parallel_grads",
@@ -210,12 +211,19 @@ def split_causal_lm_ep(
     return CausalLM(stages, schedule, layout, rank, spec.config, spec)
 
 
-def sync_expert_parallel_grads(lm: CausalLM, ep_group: dist.ProcessGroup) -> None:
+def sync_expert_parallel_grads(lm: CausalLM, ep_group: dist.ProcessGroup,
+                               pipe: Any = None) -> None:
     """Sum every gradient of this rank's stages over ``ep_group`` (collective over it):
     the shared weights' gradients of the ``ep`` shares of the batch, and each expert's
     gradient from the rank that ran it (the others hold zeros there). Afterwards every
-    expert-parallel rank holds the gradient of the whole batch."""
+    expert-parallel rank holds the gradient of the whole batch. With ``pipe`` (the
+    rank's :class:`~dualpipe.Pipeline`) the all-reduces wait with the job's failure
+    check: a failure anywhere in the job ends them at once, naming the failed rank."""
+    transport = getattr(pipe, "transport", None)
     for p in lm.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, group=ep_group)
+        if transport is None:
+            dist.all_reduce(p.grad, group=ep_group)
+        else:
+            all_reduce(p.grad, ep_group, transport, "the expert-parallel gradient sum")
