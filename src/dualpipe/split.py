@@ -30,6 +30,7 @@ __all__ = [
     "measure_layer_times",
     "split_stages",
     "split_model",
+    "pipeline_position",
 ]
 
 
@@ -216,6 +217,36 @@ def split_stages(
     return [StageModule(k, [(i, layers[i]) for i in r]) for k, r in enumerate(ranges)]
 
 
+def pipeline_position(
+    schedule: str | Schedule | Layout,
+    rank: int | None = None,
+    num_ranks: int | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[Layout, int]:
+    """The layout of ``schedule`` (a name, a :class:`~dualpipe.schedules.Schedule` or a
+    :class:`~dualpipe.schedules.layout.Layout`) and this process's pipeline rank in it:
+    ``rank`` and ``num_ranks`` default to this process's rank in ``group`` and its size.
+
+    Raises:
+        ValueError: ``num_ranks`` is not the schedule's, or ``rank`` is outside it.
+    """
+    if isinstance(schedule, Schedule):
+        layout = schedule.layout
+    elif isinstance(schedule, Layout):
+        layout = schedule
+    else:
+        if num_ranks is None:
+            num_ranks = dist.get_world_size(group)
+        layout = layout_for(schedule, num_ranks)
+    if num_ranks is not None and num_ranks != layout.num_ranks:
+        raise ValueError(f"the schedule is for {layout.num_ranks} ranks, not {num_ranks}")
+    if rank is None:
+        rank = dist.get_rank(group)
+    if not 0 <= rank < layout.num_ranks:
+        raise ValueError(f"rank {rank} is outside a pipeline of {layout.num_ranks} ranks")
+    return layout, rank
+
+
 def split_model(
     layers: Sequence[nn.Module],
     schedule: str | Schedule | Layout = "dualpipev",
@@ -254,19 +285,6 @@ def split_model(
         num_ranks: pipeline size (default: the size of ``group``).
         group: the pipeline's process group (default: the world), used for the defaults.
     """
-    if isinstance(schedule, Schedule):
-        layout = schedule.layout
-    elif isinstance(schedule, Layout):
-        layout = schedule
-    else:
-        if num_ranks is None:
-            num_ranks = dist.get_world_size(group)
-        layout = layout_for(schedule, num_ranks)
-    if num_ranks is not None and num_ranks != layout.num_ranks:
-        raise ValueError(f"the schedule is for {layout.num_ranks} ranks, not {num_ranks}")
-    if rank is None:
-        rank = dist.get_rank(group)
-    if not 0 <= rank < layout.num_ranks:
-        raise ValueError(f"rank {rank} is outside a pipeline of {layout.num_ranks} ranks")
+    layout, rank = pipeline_position(schedule, rank, num_ranks, group)
     stages = split_stages(layers, layout.num_stages, costs)
     return [stages[k] for k in layout.rank_stages[rank]]

@@ -26,9 +26,8 @@ from torch import nn
 from ..runtime.extension import Extension, PipelineInfo, register_extension
 from ..runtime.pipeline import Pipeline
 from ..schedules.layout import Layout
-from ..schedules.registry import layout_for
 from ..schedules.schedule import Schedule
-from ..split import StageModule, param_counts, partition
+from ..split import StageModule, param_counts, partition, pipeline_position
 from ..stages import COUNTED_ELSEWHERE, unique_parameters
 from ..transport.guarded import all_reduce
 
@@ -570,16 +569,6 @@ def _tie_ranks(
     )
 
 
-def _layout(
-    schedule: str | Schedule, num_ranks: int | None, group: dist.ProcessGroup | None
-) -> Layout:
-    if isinstance(schedule, Schedule):
-        return schedule.layout
-    if num_ranks is None:
-        num_ranks = dist.get_world_size(group)
-    return layout_for(schedule, num_ranks)
-
-
 def _pipeline_layers(model: Any) -> list[nn.Module]:
     """``[embed_tokens, layers..., head]``: the model as consecutive pipeline layers."""
     head = _Head(model.model.norm, model.get_output_embeddings())
@@ -596,13 +585,7 @@ def _prepare(
     fresh_rotary: bool = False,
 ) -> tuple[Layout, int, list[nn.Module], list[range], _Spec]:
     _check_model(model)
-    layout = _layout(schedule, num_ranks, group)
-    if num_ranks is not None and num_ranks != layout.num_ranks:
-        raise ValueError(f"the schedule is for {layout.num_ranks} ranks, not {num_ranks}")
-    if rank is None:
-        rank = dist.get_rank(group)
-    if not 0 <= rank < layout.num_ranks:
-        raise ValueError(f"rank {rank} is outside a pipeline of {layout.num_ranks} ranks")
+    layout, rank = pipeline_position(schedule, rank, num_ranks, group)
     layers = _pipeline_layers(model)
     if isinstance(costs, str):
         if costs != "params":
