@@ -92,11 +92,8 @@ class Costs:
 
 def chains(step: Step) -> tuple[str, ...]:
     """What a step runs part by part, in the engine's order (:func:`interleave`'s
-    ``chains``): a pair's backward first, else the pair's order; ``()`` for a ``W``."""
-    letters = [a.op.value for a in step_actions(step) if a.op is not Op.WEIGHT]
-    if isinstance(step, Overlap) and step.kind is PairKind.FB:
-        letters.reverse()
-    return tuple(letters)
+    ``chains``): an F&B pair's backward first, else the pair's order; ``()`` for a ``W``."""
+    return tuple(a.op.value for a in _engine_order(step) if a.op is not Op.WEIGHT)
 
 
 def step_duration(step: Step, costs: Costs) -> float:
@@ -137,6 +134,7 @@ class _Pending:
 
 
 def _engine_order(step: Step) -> tuple[Action, ...]:
+    """The step's actions in the order the engine runs their parts."""
     acts = step_actions(step)
     if isinstance(step, Overlap) and step.kind is PairKind.FB:
         return acts[::-1]

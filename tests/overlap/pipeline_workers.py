@@ -13,8 +13,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from dualpipe.runtime.extension import Extension
 from dualpipe.runtime.pipeline import Pipeline
 from dualpipe.runtime.plan import PlannedStep
-from dualpipe.schedules.actions import Op, Overlap
+from dualpipe.schedules.actions import Op, Overlap, parse_step
 from dualpipe.schedules.registry import generate, layout_for
+from dualpipe.schedules.schedule import Schedule
 
 from ..runtime.kernels_workers import OriginalHook
 from .parted_models import DIM, MoEStage, expert_owner
@@ -171,7 +172,6 @@ def failure_reaches_the_job(rank: int, world: int) -> tuple[str, float]:
     Returns this process's error and how long its step took. The other pipeline's ranks
     wait in all-to-alls with the failed process: they must hear of it, not time out."""
 
-
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
     pp_rank, ep_rank = rank // 2, rank % 2
@@ -225,16 +225,22 @@ class _Arm(Extension):
         _ArmedStage.armed = str(step.label) == self.label
 
 
+def _rank0_rewritten(old: str, new: str) -> Schedule:
+    """DualPipeV on 2 ranks, 4 micro-batches, with ``old`` in rank 0's list written as
+    ``new`` (a pair made by hand)."""
+    base = generate("dualpipev", 2, 4)
+    row0 = " ".join(str(s) for s in base.steps[0])
+    assert old in row0, row0
+    rows = (tuple(parse_step(t) for t in row0.replace(old, new).split()), base.steps[1])
+    return Schedule("dualpipev", base.layout, base.chunks_per_stream, rows)
+
+
 def failure_inside_a_pair(rank: int, world: int, kind: str) -> tuple[str, float, list[str]]:
     """A part raises inside a pair of two forwards (``kind="FF"``: process 2, in
     ``F1.0+F0.1``) or two backwards (``"BB"``: process 0, in ``B1.2+B0.1`` of a
     schedule written by hand, while every rank still has work in the step; ``"late"``:
     in ``I0.2+I0.3``, the step's last). Returns this process's error, how long its step
     took and the kinds of pair of its schedule."""
-
-    from dualpipe.schedules import parse_step
-    from dualpipe.schedules.schedule import Schedule
-
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
     pp, ep = mesh.get_group("pp"), mesh.get_group("ep")
     pp_rank, ep_rank = rank // 2, rank % 2
@@ -246,19 +252,10 @@ def failure_inside_a_pair(rank: int, world: int, kind: str) -> tuple[str, float,
         schedule: str | Schedule = "dualpipev"
         label = "F1.0+F0.1" if rank == 2 else "-"
     elif kind == "late":  # the last pair of the step, after pipeline rank 1 finished
-        base = generate("dualpipev", 2, 4)
-        row0 = " ".join(str(s) for s in base.steps[0]).replace(
-            "I0.2 W0.2 I0.3 W0.3", "I0.2+I0.3 W0.2 W0.3")
-        rows = (tuple(parse_step(t) for t in row0.split()), base.steps[1])
-        schedule = Schedule("dualpipev", layout, base.chunks_per_stream, rows)
+        schedule = _rank0_rewritten("I0.2 W0.2 I0.3 W0.3", "I0.2+I0.3 W0.2 W0.3")
         label = "I0.2+I0.3" if rank == 0 else "-"
     else:
-        base = generate("dualpipev", 2, 4)
-        row0 = " ".join(str(s) for s in base.steps[0])
-        assert "B1.2 F1.3+B0.1 B1.3" in row0, row0
-        row0 = row0.replace("B1.2 F1.3+B0.1 B1.3", "B1.2+B0.1 F1.3 B1.3")
-        rows = (tuple(parse_step(t) for t in row0.split()), base.steps[1])
-        schedule = Schedule("dualpipev", layout, base.chunks_per_stream, rows)
+        schedule = _rank0_rewritten("B1.2 F1.3+B0.1 B1.3", "B1.2+B0.1 F1.3 B1.3")
         label = "B1.2+B0.1" if rank == 0 else "-"
     pipe = Pipeline(mine, schedule, process_group=pp, timeout=60, extensions=[_Arm(label)])
     message, elapsed = _failing_step(pipe, pp_rank, ep_rank)
